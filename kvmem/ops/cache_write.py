@@ -1,0 +1,36 @@
+"""``kvmem::cache_write``: scatter new K/V tokens into their pages."""
+
+from __future__ import annotations
+
+import torch
+
+from kvmem import backends
+from kvmem.ops import _validate
+
+
+@torch.library.custom_op("kvmem::cache_write", mutates_args=("k_cache", "v_cache"))
+def _cache_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    backends.select(backends.Call.cache_write(k, k_cache)).cache_write(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_cache_write_op.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping):
+    return None
+
+
+def cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                slot_mapping: torch.Tensor, *, check: bool = True) -> None:
+    """Write ``k``/``v`` into the paged caches in place.
+
+    Parameters
+    ----------
+    k, v: [num_tokens, num_kv_heads, head_dim], the caches' dtype, unit last stride
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim] (stride-generic)
+    slot_mapping: [num_tokens] int64, ``block * block_size + offset``; -1 skips a token
+    check: validate slot values (range, no duplicates; one device->host sync)
+    """
+    _validate.cache_write_structure(k, v, k_cache, v_cache, slot_mapping)
+    if check:
+        _validate.cache_write_values(k_cache, slot_mapping)
+    torch.ops.kvmem.cache_write(k, v, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,68 @@
+"""The dispatcher: order, forcing, explanations, one log line per fallback."""
+
+import logging
+
+import pytest
+import torch
+
+import kvmem
+from cases import make_case
+from kvmem import _ext, backends
+
+CPU_BUILT = _ext.has_kernel("paged_attention", "cpu")
+
+
+def call_for(case, **kw):
+    return backends.Call.paged_attention(case.q, case.k_cache, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _auto(monkeypatch):
+    monkeypatch.delenv("KVMEM_BACKEND", raising=False)
+    backends._select.cache_clear()
+    backends._logged.clear()
+
+
+def test_explain_names_every_backend():
+    case = make_case([2], [5], head_dim=16)
+    why = backends.explain(call_for(case))
+    assert list(why) == ["cuda", "triton", "cpu", "reference"]
+    assert why["cuda"].startswith("rejected: runs on cuda tensors")
+    assert why["triton"].startswith("rejected: runs on cuda tensors")
+    expected = "cpu" if CPU_BUILT else "reference"
+    assert why[expected] == "selected"
+    if not CPU_BUILT:
+        assert "pip install --no-build-isolation" in why["cpu"]
+
+
+@pytest.mark.skipif(not CPU_BUILT, reason="C++ extension not built")
+def test_fallback_logs_once(caplog):
+    case = make_case([2], [5], head_dim=16)
+    kw = dict(k_scale=torch.tensor(0.5), v_scale=torch.tensor(2.0))
+    with caplog.at_level(logging.WARNING, logger="kvmem"):
+        for _ in range(3):
+            out = kvmem.paged_attention(*case.args(), **case.kwargs, **kw)
+    lines = [r for r in caplog.records if "falls back" in r.getMessage()]
+    assert len(lines) == 1 and "from cpu to reference" in lines[0].getMessage()
+    ref = kvmem.ops.reference.paged_attention(*case.args(), **case.kwargs, **kw)[0]
+    torch.testing.assert_close(out, ref)
+    assert backends.explain(call_for(case, k_scale=kw["k_scale"]))["cpu"].startswith("rejected: feature")
+
+
+def test_forced_backend(monkeypatch):
+    case = make_case([2], [5], head_dim=16)
+    monkeypatch.setenv("KVMEM_BACKEND", "reference")
+    assert backends.select(call_for(case)).name == "reference"
+    monkeypatch.setenv("KVMEM_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="KVMEM_BACKEND=cuda cannot run paged_attention"):
+        kvmem.paged_attention(*case.args(), **case.kwargs)
+    monkeypatch.setenv("KVMEM_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="KVMEM_BACKEND must be one of"):
+        kvmem.paged_attention(*case.args(), **case.kwargs)
+
+
+def test_missing_extension_message():
+    if CPU_BUILT:
+        pytest.skip("extension is built")
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        _ext.get_op("paged_attention")

@@ -1,0 +1,24 @@
+"""Per-dtype tolerances: the one place every backend test takes them from.
+
+Backends and the reference both compute in fp32 from the same low-precision inputs; what differs
+is summation order (fp32 noise) and the final rounding of ``out`` to its dtype (one ulp of the
+output dtype relative to values of order 1). lse stays fp32 for every dtype.
+"""
+
+import torch
+
+OUT = {
+    torch.float32: dict(atol=3e-5, rtol=3e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+LSE = dict(atol=5e-5, rtol=5e-5)
+# The reference checked against dense SDPA (both fp32 math, different kernels).
+DENSE = dict(atol=2e-5, rtol=2e-5)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, what: str = "out", **override):
+    """``torch.testing.assert_close`` with kvmem's tolerances for ``expected``'s dtype."""
+    tol = dict(LSE if what == "lse" else OUT[expected.dtype])
+    tol.update(override)
+    torch.testing.assert_close(actual, expected, equal_nan=False, msg=lambda m: f"{what}: {m}", **tol)
