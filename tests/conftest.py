@@ -1,10 +1,20 @@
 import os
 import sys
+from collections import defaultdict
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # cases.py, tolerances.py
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on CPU; must be set before any @triton.jit runs.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Wall-time budget per test module on the 2-core CI box, in seconds (the whole run must stay
+# under 30 minutes). A module over budget fails the session: trim it rather than raise this.
+BUDGET_S = {"test_triton.py": 600, "test_cpu_kernels.py": 300}
+DEFAULT_BUDGET_S = 180
+_spent = defaultdict(float)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -12,6 +22,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    _spent[os.path.basename(report.nodeid.split("::")[0])] += report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    over = {m: t for m, t in _spent.items() if t > BUDGET_S.get(m, DEFAULT_BUDGET_S)}
+    if over and not torch.cuda.is_available():
+        for m, t in over.items():
+            print(f"\nkvmem: test module {m} took {t:.0f}s, over its budget of "
+                  f"{BUDGET_S.get(m, DEFAULT_BUDGET_S)}s (tests/conftest.py)")
+        session.exitstatus = 1
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,1 @@
+"""Benchmark helpers and ``python -m kvmem.bench`` (grows with the benchmark issue)."""

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# kvmem quickstart: sets everything up itself (a virtualenv in .venv, torch, the C++ extension),
+# then runs the main job or the tests.
+#
+#   bash run.sh demo [args]   the main job: kernel demo (agreement with the reference + timings)
+#   bash run.sh test [args]   the test suite (pytest; Triton kernels run in the interpreter on CPU)
+#
+# Environment: PYTHON (default python3), KVMEM_VENV (default .venv),
+#   KVMEM_TORCH (default torch==2.13.0; an already-installed torch in the venv is kept),
+#   KVMEM_TRITON (default triton==3.9.0).
+set -euo pipefail
+cd "$(dirname "$0")"
+cmd="${1:-}"; shift || true
+case "$cmd" in demo|test|setup) ;; *) echo "usage: bash run.sh demo|test|setup [args]" >&2; exit 2;; esac
+
+PY="${PYTHON:-python3}"
+VENV="${KVMEM_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+stamp="$VENV/.kvmem-deps"
+want="deps-v1 ${KVMEM_TORCH:-torch==2.13.0} ${KVMEM_TRITON:-triton==3.9.0}"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python -m pip install -q --upgrade pip
+  python -c "import torch" 2>/dev/null || python -m pip install -q "${KVMEM_TORCH:-torch==2.13.0}"
+  python -m pip install -q setuptools wheel ninja pybind11 numpy safetensors tqdm \
+    pytest hypothesis pytest-benchmark expecttest "${KVMEM_TRITON:-triton==3.9.0}"
+  echo "$want" > "$stamp"
+fi
+# Build the C++ extension in place (ninja rebuilds only what changed). Never build-isolated:
+# isolation would pull a multi-GB CUDA torch.
+MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation --no-deps -e . >/dev/null
+
+case "$cmd" in
+  setup) echo "kvmem is set up in $VENV" ;;
+  demo) exec python -m kvmem.demo "$@" ;;
+  test)
+    export KVMEM_REQUIRE_EXT=1
+    set +e
+    python -m pytest -q tests "$@"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi
+    exit "$rc" ;;
+esac

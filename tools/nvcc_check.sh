@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Compile-check every CUDA source with nvcc for sm_80 and sm_90a (compile only: nothing runs).
+# Usage: bash tools/nvcc_check.sh [python]   (python: one with torch, for its headers)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${1:-python3}"
+if ! command -v nvcc >/dev/null 2>&1; then
+  echo "nvcc_check: nvcc not found, skipping CUDA compile check"
+  exit 0
+fi
+mapfile -t sources < <(find csrc -name '*.cu' | sort)
+if [ "${#sources[@]}" -eq 0 ]; then
+  echo "nvcc_check: no .cu sources yet"
+  exit 0
+fi
+includes=$("$PY" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
+pyinc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+out=$(mktemp -d)
+fail=0
+for src in "${sources[@]}"; do
+  for arch in "-gencode=arch=compute_80,code=sm_80" "-gencode=arch=compute_90a,code=sm_90a"; do
+    if nvcc -c "$src" -o "$out/x.o" -std=c++17 -O3 $arch -Icsrc $includes -I"$pyinc" \
+         -DKVMEM_WITH_CUDA --expt-relaxed-constexpr -U__CUDA_NO_HALF_OPERATORS__ \
+         -U__CUDA_NO_HALF_CONVERSIONS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ -Xptxas=-v \
+         >"$out/log" 2>&1; then
+      echo "nvcc_check: ok   $src ${arch##*code=}"
+    else
+      echo "nvcc_check: FAIL $src ${arch##*code=}"; cat "$out/log"; fail=1
+    fi
+  done
+done
+rm -rf "$out"
+exit $fail
