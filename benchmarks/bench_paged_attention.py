@@ -53,7 +53,7 @@ def main(argv=None):
     for label, batch_size, ctx, q_len in cases(a.quick):
         b = paged_batch(batch_size, ctx, q_len, 32, 8, 128, a.block_size, dtype, dev)
         causal = q_len > 1
-        call = backends.Call.paged_attention(b.q, b.k_cache)
+        call = backends.Call.paged_attention(b.q, b.k_cache, b.v_cache, b.max_seqlen_q)
         name = backends.select(call).name
         kv_fn = lambda: kvmem.paged_attention(*b.args(), check=False)  # noqa: E731
         q, k, v = b.dense()

@@ -20,13 +20,20 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
-from kvmem import _ext
+from kvmem import _ext, verified
 from kvmem.ops import reference
 
 logger = logging.getLogger("kvmem")
 
 OPS = ("cache_write", "paged_attention", "merge_states")
 FEATURES = ("window", "softcap", "sink_logits", "kv_scale")
+DECODE_MAX_Q = 16  # longest query segment a decode-style (one row per query token) kernel takes
+
+
+def _aligned_16(t: torch.Tensor) -> bool:
+    if t.data_ptr() % 16:
+        return False
+    return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
 
 
 @dataclass(frozen=True)
@@ -42,13 +49,18 @@ class Call:
     num_kv_heads: int = 0
     cache_dtype: Optional[torch.dtype] = None
     features: FrozenSet[str] = field(default_factory=frozenset)
+    decode: bool = True  # every query segment is short (<= DECODE_MAX_Q): a decode-style kernel fits
+    aligned: bool = True  # rows of q and the caches start on 16-byte boundaries
 
     @staticmethod
-    def paged_attention(q, k_cache, window=None, softcap=None, sink_logits=None, k_scale=None) -> "Call":
+    def paged_attention(q, k_cache, v_cache=None, max_seqlen_q=1, window=None, softcap=None,
+                        sink_logits=None, k_scale=None) -> "Call":
         feats = {name for name, v in (("window", window), ("softcap", softcap),
                                       ("sink_logits", sink_logits), ("kv_scale", k_scale)) if v is not None}
+        tensors = (q, k_cache) if v_cache is None else (q, k_cache, v_cache)
         return Call("paged_attention", q.device.type, q.dtype, q.shape[-1], k_cache.shape[1],
-                    q.shape[1], k_cache.shape[2], k_cache.dtype, frozenset(feats))
+                    q.shape[1], k_cache.shape[2], k_cache.dtype, frozenset(feats),
+                    max_seqlen_q <= DECODE_MAX_Q, all(_aligned_16(t) for t in tensors))
 
     @staticmethod
     def cache_write(k, k_cache) -> "Call":
@@ -161,11 +173,40 @@ class CpuBackend(CompiledBackend):
 
 
 class CudaBackend(CompiledBackend):
-    """Hand-written CUDA kernels, csrc/cuda (issue "Paged KV core 3/3")."""
+    """Hand-written CUDA kernels, csrc/cuda. Chosen by default only for configurations that the
+    committed verified record (kvmem/verified/cuda.json, written by benchmarks/gpu_check.sh) lists
+    as passing on this GPU architecture; ``KVMEM_BACKEND=cuda`` forces it."""
 
     name = "cuda"
     device_type = "cuda"
     unsupported_features = frozenset({"kv_scale"})
+    head_dims = (64, 80, 96, 112, 128, 256)
+    dtypes = (torch.float16, torch.bfloat16)
+
+    def rejects(self, call):
+        why = super().rejects(call)
+        if why is not None:
+            return why
+        if call.op == "paged_attention":
+            if call.dtype not in self.dtypes:
+                return ("fallback", f"paged_attention kernels are built for fp16/bf16, not {call.dtype}")
+            if call.head_dim not in self.head_dims:
+                return ("fallback", f"head_dim {call.head_dim} not in the built {self.head_dims}")
+            if not call.decode:
+                return ("fallback", f"query segments longer than {DECODE_MAX_Q} (prefill) go to the prefill kernels")
+            if not call.aligned:
+                return ("fallback", "q/cache rows not 16-byte aligned")
+        if _forced() != "cuda":
+            arch = _cuda_arch()
+            if not verified.is_verified("cuda", arch, call):
+                return ("inapplicable", f"not in the verified record for {arch} "
+                                        "(run benchmarks/gpu_check.sh; KVMEM_BACKEND=cuda forces it)")
+        return None
+
+
+def _cuda_arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
 
 
 class TritonBackend(Backend):

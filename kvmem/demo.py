@@ -55,7 +55,7 @@ def main(argv=None):
         batch = paged_batch(**shp, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype, device=dev)
         ref, _ = reference.paged_attention(*batch.args(), scale=128 ** -0.5)
         causal = shp["q_len"] > 1
-        call = backends.Call.paged_attention(batch.q, batch.k_cache)
+        call = backends.Call.paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.max_seqlen_q)
         print(f"{label}: {shp}, 32 q / 8 kv heads, d=128, page 16")
         for name, why in backends.explain(call).items():
             print(f"  {name:9} {why}")

@@ -32,7 +32,7 @@ def _paged_attention_op(
     v_scale: Optional[torch.Tensor],
 ) -> None:
     """Op schema (window <= 0 and softcap <= 0 mean none). Writes out (and lse when given)."""
-    call = backends.Call.paged_attention(q, k_cache, window if window > 0 else None,
+    call = backends.Call.paged_attention(q, k_cache, v_cache, max_seqlen_q, window if window > 0 else None,
                                          softcap if softcap > 0 else None, sink_logits, k_scale)
     backends.select(call).paged_attention(
         out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,

@@ -1,0 +1,126 @@
+// CUDA glue for kvmem_C::paged_attention: split-K decode kernel (csrc/kernels/paged_decode.cuh).
+// Handles any query segment length correctly (each query token is its own row), but is meant for
+// decode and short speculative segments; the dispatcher sends long prefill elsewhere.
+#include "cuda/cuda_utils.h"
+#include "kernels/paged_decode.cuh"
+
+namespace kvmem {
+namespace cuda {
+namespace {
+
+constexpr int kNumWarps = 4;
+constexpr int kMinKeysPerSplit = 128;
+constexpr int kMaxSplits = 128;
+
+template <typename T, int D, int G_MAX>
+void launch(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cudaStream_t stream) {
+  auto kernel = paged_decode_kernel<T, D, G_MAX, kNumWarps>;
+  const int threads = kNumWarps * 32;
+  const int units = q.size(0) * p.num_kv_heads * p.head_chunks;
+  // Split count by occupancy: enough CTAs to fill every SM, never splits of < kMinKeysPerSplit keys.
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  const int sms = sm_count();
+  const int target = std::max(1, per_sm) * sms;
+  int splits = (target + units - 1) / std::max(units, 1);
+  const int by_len = static_cast<int>((max_seqlen_k + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+  splits = std::max(1, std::min({splits, by_len, kMaxSplits}));
+  p.num_splits = splits;
+  at::Tensor partial_out, partial_lse;
+  if (splits > 1) {
+    partial_out = at::empty({q.size(0), p.num_heads, splits, D}, q.options().dtype(at::kFloat));
+    partial_lse = at::empty({q.size(0), p.num_heads, splits}, q.options().dtype(at::kFloat));
+    p.partial_out = partial_out.data_ptr<float>();
+    p.partial_lse = partial_lse.data_ptr<float>();
+  }
+  dim3 grid(splits, p.num_kv_heads * p.head_chunks, q.size(0));
+  kernel<<<grid, threads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    paged_decode_reduce_kernel<T, D><<<dim3(q.size(0), p.num_heads), D, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int D>
+void launch_group(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cudaStream_t s) {
+  // G_MAX query heads per CTA: the smallest of {1, 2, 4, 8} holding the group (larger groups
+  // are cut into chunks of 8).
+  const int g = p.group;
+  if (g <= 1) { p.head_chunks = 1; launch<T, D, 1>(p, max_seqlen_k, q, s); }
+  else if (g <= 2) { p.head_chunks = 1; launch<T, D, 2>(p, max_seqlen_k, q, s); }
+  else if (g <= 4) { p.head_chunks = 1; launch<T, D, 4>(p, max_seqlen_k, q, s); }
+  else { p.head_chunks = (g + 7) / 8; launch<T, D, 8>(p, max_seqlen_k, q, s); }
+}
+
+}  // namespace
+
+void paged_attention(at::Tensor& out,                              // [T, Hq, D]
+                     const std::optional<at::Tensor>& lse,         // [T, Hq] fp32
+                     const at::Tensor& q,                          // [T, Hq, D]
+                     const at::Tensor& k_cache,                    // [num_blocks, block_size, Hkv, D]
+                     const at::Tensor& v_cache,                    // [num_blocks, block_size, Hkv, D]
+                     const at::Tensor& block_table,                // [B, max_blocks] int32
+                     const at::Tensor& seq_lens,                   // [B] int32
+                     const at::Tensor& cu_seqlens_q,               // [B + 1] int32
+                     int64_t max_seqlen_q, int64_t max_seqlen_k,   // host upper bounds
+                     double scale, bool causal, int64_t window, double softcap,
+                     const std::optional<at::Tensor>& sink_logits  // [Hq] fp32
+) {
+  (void)max_seqlen_q;
+  constexpr const char* kName = "kvmem_C::paged_attention (CUDA)";
+  TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && out.is_cuda(), kName, ": tensors must be on CUDA");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(), kName, ": q, caches and out must share a dtype");
+  TORCH_CHECK(aligned_16(q) && aligned_16(k_cache) && aligned_16(v_cache), kName,
+              ": q and caches need 16-byte aligned rows");
+  TORCH_CHECK(block_table.stride(1) == 1 && seq_lens.is_contiguous() && cu_seqlens_q.is_contiguous(), kName,
+              ": metadata must be contiguous");
+  const c10::cuda::OptionalCUDAGuard guard(q.device());
+  PagedDecodeParams p{};
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.sink_logits = sink_logits.has_value() ? sink_logits->data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  p.q_stride_t = q.stride(0); p.q_stride_h = q.stride(1);
+  p.k_stride_b = k_cache.stride(0); p.k_stride_s = k_cache.stride(1); p.k_stride_h = k_cache.stride(2);
+  p.v_stride_b = v_cache.stride(0); p.v_stride_s = v_cache.stride(1); p.v_stride_h = v_cache.stride(2);
+  p.o_stride_t = out.stride(0); p.o_stride_h = out.stride(1);
+  p.lse_stride_t = lse.has_value() ? lse->stride(0) : 0;
+  p.lse_stride_h = lse.has_value() ? lse->stride(1) : 0;
+  p.table_stride_b = block_table.stride(0);
+  p.num_seqs = seq_lens.size(0);
+  p.num_heads = q.size(1);
+  p.num_kv_heads = k_cache.size(2);
+  p.group = p.num_heads / p.num_kv_heads;
+  p.block_size = k_cache.size(1);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window = static_cast<int>(window);
+  p.causal = causal;
+  if (q.size(0) == 0) return;
+  cudaStream_t stream = current_stream();
+  const int64_t D = q.size(2);
+  dispatch_half_types(q.scalar_type(), kName, [&](auto tag) {
+    using T = decltype(tag);
+    switch (D) {
+      case 64: launch_group<T, 64>(p, max_seqlen_k, q, stream); break;
+      case 80: launch_group<T, 80>(p, max_seqlen_k, q, stream); break;
+      case 96: launch_group<T, 96>(p, max_seqlen_k, q, stream); break;
+      case 112: launch_group<T, 112>(p, max_seqlen_k, q, stream); break;
+      case 128: launch_group<T, 128>(p, max_seqlen_k, q, stream); break;
+      case 256: launch_group<T, 256>(p, max_seqlen_k, q, stream); break;
+      default: TORCH_CHECK(false, kName, ": head_dim must be one of 64, 80, 96, 112, 128, 256; got ", D);
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace kvmem
+
+TORCH_LIBRARY_IMPL(kvmem_C, CUDA, m) { m.impl("paged_attention", &kvmem::cuda::paged_attention); }

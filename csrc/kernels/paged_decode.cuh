@@ -1,0 +1,304 @@
+// Split-K paged attention for short query segments (decode, speculative verification).
+// Device code only: templates on raw pointers, no torch headers.
+//
+// One CTA handles one query token t, one KV head (and up to G_MAX of its query heads), and one
+// split of that token's visible key range:
+//   grid = (num_splits, num_kv_heads * head_chunks, num_tokens), block = NUM_WARPS * 32.
+// Each K/V row is read once per CTA with 16-byte loads and used by all the CTA's query heads.
+// Math (base-2 online softmax, per query head g):
+//   s_j   = scale * q_g . k_j                (softcap c: s_j = c * tanh(s_j / c))
+//   m     = max_j s_j,  l = sum_j exp(s_j - m),  acc = sum_j exp(s_j - m) * v_j
+//   out_g = acc / l,    lse_g = m + log(l)  (natural log; -inf and out = 0 when no key)
+// Splits write (out_s, lse_s) in fp32; paged_decode_reduce merges them exactly and adds the sink:
+//   lse = log(sum_s exp(lse_s) + exp(sink_g)),  out = sum_s exp(lse_s - lse) * out_s.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "kernels/vec_utils.cuh"
+
+namespace kvmem {
+
+struct PagedDecodeParams {
+  const void* q;                 // [T, Hq, D]
+  const void* k_cache;           // [num_blocks, block_size, Hkv, D]
+  const void* v_cache;           // [num_blocks, block_size, Hkv, D]
+  const int32_t* block_table;    // [B, max_blocks]
+  const int32_t* seq_lens;       // [B]
+  const int32_t* cu_seqlens_q;   // [B + 1]
+  const float* sink_logits;      // [Hq] or nullptr
+  void* out;                     // [T, Hq, D] (when num_splits == 1)
+  float* lse;                    // [T, Hq] or nullptr
+  float* partial_out;            // [T, Hq, num_splits, D] fp32 (when num_splits > 1)
+  float* partial_lse;            // [T, Hq, num_splits] fp32 (when num_splits > 1)
+  int64_t q_stride_t, q_stride_h;                    // elements
+  int64_t k_stride_b, k_stride_s, k_stride_h;        // elements
+  int64_t v_stride_b, v_stride_s, v_stride_h;        // elements
+  int64_t o_stride_t, o_stride_h;                    // elements
+  int64_t lse_stride_t, lse_stride_h;                // elements
+  int64_t table_stride_b;                            // elements
+  int num_seqs, num_heads, num_kv_heads, group, head_chunks, block_size, num_splits;
+  float scale, softcap;  // softcap <= 0: none
+  int window;            // <= 0: none
+  bool causal;
+};
+
+// Index b of the sequence owning token t: cu[b] <= t < cu[b + 1] (segments may be empty).
+__device__ __forceinline__ int sequence_of_token(const int32_t* cu, int num_seqs, int t) {
+  int lo = 0, hi = num_seqs - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (__ldg(cu + mid) <= t) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename T, int D, int G_MAX, int NUM_WARPS>
+struct DecodeShape {
+  static constexpr int VEC = 16 / sizeof(T);                 // elements per 16-byte load
+  static constexpr int NVEC = D / VEC;                       // 16-byte vectors per row
+  static constexpr int TPK = NVEC >= 32 ? 32 : (NVEC > 8 ? 16 : (NVEC > 4 ? 8 : (NVEC > 2 ? 4 : 2)));
+  static constexpr int VPT = (NVEC + TPK - 1) / TPK;         // vectors per thread
+  static constexpr int KPW = 32 / TPK;                       // keys per warp in flight
+  static constexpr int SLOTS = NUM_WARPS * KPW;              // keys per CTA step
+  static constexpr int UNROLL = 2;                           // steps whose loads are in flight
+  static_assert(D % VEC == 0, "head_dim must be a multiple of the 16-byte vector");
+};
+
+template <typename T, int D, int G_MAX, int NUM_WARPS>
+__global__ void __launch_bounds__(NUM_WARPS * 32)
+paged_decode_kernel(const PagedDecodeParams p) {
+  using S = DecodeShape<T, D, G_MAX, NUM_WARPS>;
+  constexpr int VEC = S::VEC, TPK = S::TPK, VPT = S::VPT, KPW = S::KPW, U = S::UNROLL;
+  constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
+  const int split = blockIdx.x;
+  const int kvh = blockIdx.y / p.head_chunks;
+  const int chunk = blockIdx.y % p.head_chunks;
+  const int t = blockIdx.z;
+  const int h0 = kvh * p.group + chunk * G_MAX;
+  const int ng = min(G_MAX, p.group - chunk * G_MAX);
+
+  const int b = sequence_of_token(p.cu_seqlens_q, p.num_seqs, t);
+  const int q_start = p.cu_seqlens_q[b];
+  const int q_len = p.cu_seqlens_q[b + 1] - q_start;
+  const int kv_len = p.seq_lens[b];
+  const int pos = kv_len - q_len + (t - q_start);
+  const int hi = p.causal ? pos + 1 : kv_len;
+  const int lo = p.window > 0 ? max(0, pos - p.window + 1) : 0;
+  const int n = max(0, hi - lo);
+  const int per_split = (n + p.num_splits - 1) / p.num_splits;
+  const int start = lo + split * per_split;
+  const int end = min(hi, start + per_split);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slot = warp * KPW + lane / TPK;  // which key of a CTA step this thread works on
+  const int tl = lane % TPK;                 // which vectors of the row
+
+  // q for this thread's vectors, pre-scaled into base 2 when there is no softcap.
+  const float qmul = p.softcap > 0.f ? p.scale : p.scale * LOG2E;
+  float q[G_MAX][VPT * VEC];
+  const T* qbase = static_cast<const T*>(p.q) + (int64_t)t * p.q_stride_t;
+#pragma unroll
+  for (int g = 0; g < G_MAX; ++g)
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int vi = tl + v * TPK;
+      float tmp[VEC];
+      if (g < ng && vi < S::NVEC) {
+        load_vec<T, VEC>(qbase + (int64_t)(h0 + g) * p.q_stride_h + vi * VEC, tmp);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) tmp[e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) q[g][v * VEC + e] = tmp[e] * qmul;
+    }
+
+  float m[G_MAX], l[G_MAX], acc[G_MAX][VPT * VEC];
+#pragma unroll
+  for (int g = 0; g < G_MAX; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VPT * VEC; ++e) acc[g][e] = 0.f;
+  }
+
+  const T* kbase = static_cast<const T*>(p.k_cache) + (int64_t)kvh * p.k_stride_h;
+  const T* vbase = static_cast<const T*>(p.v_cache) + (int64_t)kvh * p.v_stride_h;
+  const int32_t* table = p.block_table + (int64_t)b * p.table_stride_b;
+
+  for (int j0 = start; j0 < end; j0 += U * S::SLOTS) {
+    // Issue every K and V load of U steps first (several 16-byte loads in flight per thread).
+    uint4 kraw[U][VPT], vraw[U][VPT];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u * S::SLOTS + slot;
+      valid[u] = j < end;
+      int64_t koff = 0, voff = 0;
+      if (valid[u]) {
+        const int64_t blk = __ldg(table + j / p.block_size);
+        const int64_t off = j % p.block_size;
+        koff = blk * p.k_stride_b + off * p.k_stride_s;
+        voff = blk * p.v_stride_b + off * p.v_stride_s;
+      }
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        const int vi = tl + v * TPK;
+        if (valid[u] && vi < S::NVEC) {
+          kraw[u][v] = ldg_stream(reinterpret_cast<const uint4*>(kbase + koff + vi * VEC));
+          vraw[u][v] = ldg_stream(reinterpret_cast<const uint4*>(vbase + voff + vi * VEC));
+        } else {
+          kraw[u][v] = make_uint4(0, 0, 0, 0);
+          vraw[u][v] = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+    // Scores of the U keys for every head: partial dots, then a reduction over the TPK lanes.
+    float s[U][G_MAX];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[VPT * VEC];
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) unpack_vec<T, VEC>(kraw[u][v], kf + v * VEC);
+#pragma unroll
+      for (int g = 0; g < G_MAX; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < VPT * VEC; ++e) d = fmaf(q[g][e], kf[e], d);
+#pragma unroll
+        for (int off = TPK / 2; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+        if (p.softcap > 0.f) d = p.softcap * tanhf(d / p.softcap) * LOG2E;
+        s[u][g] = valid[u] ? d : -INFINITY;
+      }
+    }
+    // Online softmax update with the U keys, then accumulate their values.
+#pragma unroll
+    for (int g = 0; g < G_MAX; ++g) {
+      float mt = m[g];
+#pragma unroll
+      for (int u = 0; u < U; ++u) mt = fmaxf(mt, s[u][g]);
+      if (mt == -INFINITY) continue;
+      const float alpha = exp2f(m[g] - mt);  // m = -inf -> 0
+      l[g] *= alpha;
+#pragma unroll
+      for (int e = 0; e < VPT * VEC; ++e) acc[g][e] *= alpha;
+      m[g] = mt;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float pr = exp2f(s[u][g] - mt);  // invalid key: exp2(-inf) = 0, its v is 0
+        l[g] += pr;
+        float vf[VPT * VEC];
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) unpack_vec<T, VEC>(vraw[u][v], vf + v * VEC);
+#pragma unroll
+        for (int e = 0; e < VPT * VEC; ++e) acc[g][e] = fmaf(pr, vf[e], acc[g][e]);
+      }
+    }
+  }
+
+  // Merge the KPW key slots of each warp (lanes with equal tl), then the warps through smem.
+#pragma unroll
+  for (int off = TPK; off < 32; off <<= 1) {
+#pragma unroll
+    for (int g = 0; g < G_MAX; ++g) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[g], off);
+      const float lo_ = __shfl_xor_sync(0xffffffffu, l[g], off);
+      const float mn = fmaxf(m[g], mo);
+      const float a = mn == -INFINITY ? 0.f : exp2f(m[g] - mn);
+      const float c = mn == -INFINITY ? 0.f : exp2f(mo - mn);
+      l[g] = l[g] * a + lo_ * c;
+#pragma unroll
+      for (int e = 0; e < VPT * VEC; ++e) {
+        const float ao = __shfl_xor_sync(0xffffffffu, acc[g][e], off);
+        acc[g][e] = acc[g][e] * a + ao * c;
+      }
+      m[g] = mn;
+    }
+  }
+  __shared__ float sm_m[NUM_WARPS][G_MAX], sm_l[NUM_WARPS][G_MAX];
+  __shared__ float sm_acc[NUM_WARPS][G_MAX][D];
+  if (lane < TPK) {
+#pragma unroll
+    for (int g = 0; g < G_MAX; ++g) {
+      if (lane == 0) {
+        sm_m[warp][g] = m[g];
+        sm_l[warp][g] = l[g];
+      }
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        const int vi = tl + v * TPK;
+        if (vi < S::NVEC)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) sm_acc[warp][g][vi * VEC + e] = acc[g][v * VEC + e];
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int idx = threadIdx.x; idx < ng * D; idx += NUM_WARPS * 32) {
+    const int g = idx / D, d = idx % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
+    float lsum = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < NUM_WARPS; ++w) {
+        const float wgt = exp2f(sm_m[w][g] - mx);
+        lsum += sm_l[w][g] * wgt;
+        o += sm_acc[w][g][d] * wgt;
+      }
+    }
+    // lse of this split in natural log; -inf when it saw no key.
+    float lse = lsum > 0.f ? (mx + log2f(lsum)) * LN2 : -INFINITY;
+    o = lsum > 0.f ? o / lsum : 0.f;
+    const int h = h0 + g;
+    if (p.num_splits == 1) {
+      if (p.sink_logits != nullptr) {
+        const float sink = p.sink_logits[h];
+        const float tot = lse == -INFINITY ? sink : fmaxf(lse, sink) + log1pf(expf(-fabsf(lse - sink)));
+        o *= lse == -INFINITY ? 0.f : expf(lse - tot);
+        lse = tot;
+      }
+      T* out = static_cast<T*>(p.out) + (int64_t)t * p.o_stride_t + (int64_t)h * p.o_stride_h;
+      out[d] = from_float<T>(o);
+      if (p.lse != nullptr && d == 0) p.lse[(int64_t)t * p.lse_stride_t + (int64_t)h * p.lse_stride_h] = lse;
+    } else {
+      const int64_t row = ((int64_t)t * p.num_heads + h) * p.num_splits + split;
+      p.partial_out[row * D + d] = o;
+      if (d == 0) p.partial_lse[row] = lse;
+    }
+  }
+}
+
+// Merge the splits of paged_decode_kernel: grid = (num_tokens, num_heads), block = D threads.
+template <typename T, int D>
+__global__ void paged_decode_reduce_kernel(const PagedDecodeParams p) {
+  const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  const int64_t row0 = ((int64_t)t * p.num_heads + h) * p.num_splits;
+  float mx = p.sink_logits != nullptr ? p.sink_logits[h] : -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.partial_lse[row0 + s]);
+  float total = 0.f, o = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float ls = p.partial_lse[row0 + s];
+      if (ls == -INFINITY) continue;  // empty split: its out is 0, never read
+      const float w = expf(ls - mx);
+      total += w;
+      if (d < D) o += w * p.partial_out[(row0 + s) * D + d];
+    }
+    if (p.sink_logits != nullptr) total += expf(p.sink_logits[h] - mx);
+  }
+  const float lse = total > 0.f ? mx + logf(total) : -INFINITY;
+  if (d < D) {
+    T* out = static_cast<T*>(p.out) + (int64_t)t * p.o_stride_t + (int64_t)h * p.o_stride_h;
+    out[d] = from_float<T>(total > 0.f ? o / total : 0.f);
+  }
+  if (p.lse != nullptr && d == 0) p.lse[(int64_t)t * p.lse_stride_t + (int64_t)h * p.lse_stride_h] = lse;
+}
+
+}  // namespace kvmem
