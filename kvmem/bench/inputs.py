@@ -47,6 +47,28 @@ class PagedBatch:
         pairs = self.q_len * self.ctx - (self.q_len * (self.q_len - 1) / 2 if causal else 0)
         return 4.0 * self.batch * hq * d * pairs
 
+    def dense_mask(self, causal: bool = True):
+        """How a dense peer expresses kvmem's bottom-right causal mask on :meth:`dense` tensors.
+
+        Returns
+        -------
+        (is_causal, mask)
+            ``(False, None)`` when every query sees every key (not causal, or one query per
+            sequence), ``(True, None)`` when ``q_len == ctx`` (top-left and bottom-right
+            alignment coincide), else ``(False, mask)`` with a boolean ``[q_len, ctx]`` mask,
+            True where a key is visible.
+        """
+        if not causal or self.q_len == 1:
+            return False, None
+        if self.q_len == self.ctx:
+            return True, None
+        mask = torch.ones(self.q_len, self.ctx, dtype=torch.bool, device=self.q.device)
+        return False, mask.tril(self.ctx - self.q_len)
+
+    def tokens(self, out_bhsd: torch.Tensor) -> torch.Tensor:
+        """A dense output ``[B, Hq, q_len, D]`` in kvmem's token layout ``[B * q_len, Hq, D]``."""
+        return out_bhsd.transpose(1, 2).reshape(self.q.shape)
+
 
 def paged_batch(batch: int, ctx: int, q_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
                 block_size: int = 16, dtype=torch.float32, device="cpu", seed: int = 0) -> PagedBatch:

@@ -48,3 +48,28 @@ def copy_bandwidth(device="cpu", nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), device=device, reps=5)
     return 2 * src.numel() * 4 / t
+
+
+def matmul_rate(device="cpu", dtype=torch.float32, n: int = 2048) -> float:
+    """Measured dense matmul rate in FLOP/s: an ``n x n @ n x n`` product in ``dtype``.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        Where to run.
+    dtype : torch.dtype
+        Operand dtype (the harness uses bf16 on GPU and fp32 on CPU).
+    n : int
+        Matrix side; large enough that the product is compute-bound.
+
+    Returns
+    -------
+    float
+        ``2 n^3 / t`` for the median time ``t``.
+    """
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    t = median_time(lambda: torch.mm(a, b, out=out), device=device, reps=5)
+    return 2.0 * n ** 3 / t

@@ -1,0 +1,283 @@
+"""The implementations the harness times on one :class:`~kvmem.bench.inputs.PagedBatch`.
+
+kvmem's own backends (each forced through ``KVMEM_BACKEND`` while it runs) and the peers:
+torch SDPA per backend on a contiguous copy, FlexAttention, and FlashInfer / flash-attn when
+they are importable. A builder returns ``(impls, skipped)``: what can run, and
+``(name, reason)`` for what cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import kvmem
+from kvmem import backends
+
+Skipped = List[Tuple[str, str]]
+
+
+@dataclass
+class Impl:
+    """One timed implementation.
+
+    Attributes
+    ----------
+    name : str
+        Label in the table, e.g. ``kvmem[cpu]`` or ``sdpa[math]``.
+    fn : callable
+        Runs the attention once and returns its output.
+    tokens : callable
+        Maps ``fn()``'s output to kvmem's ``[num_tokens, Hq, D]`` layout (for the correctness guard).
+    kvmem : bool
+        True for kvmem's own backends, False for peers.
+    env : str or None
+        ``KVMEM_BACKEND`` value to hold while ``fn`` runs.
+    note : str
+        Extra detail shown in the table (auto-selected, GQA by repeat, eager, ...).
+    """
+
+    name: str
+    fn: Callable[[], torch.Tensor]
+    tokens: Callable[[torch.Tensor], torch.Tensor]
+    kvmem: bool = False
+    env: Optional[str] = None
+    note: str = ""
+
+    def context(self):
+        """The context to run ``fn`` in (the forced kvmem backend, warnings silenced)."""
+        return _running(self.env)
+
+
+@contextlib.contextmanager
+def _running(env: Optional[str]):
+    old = os.environ.get("KVMEM_BACKEND")
+    if env is not None:
+        os.environ["KVMEM_BACKEND"] = env
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if env is not None:
+            if old is None:
+                os.environ.pop("KVMEM_BACKEND", None)
+            else:
+                os.environ["KVMEM_BACKEND"] = old
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (short, for a skip reason)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
+
+
+def kvmem_impls(b, *, causal: bool = True, include_reference: bool = False,
+                only: Optional[List[str]] = None) -> Tuple[List[Impl], Skipped]:
+    """kvmem's backends for this batch.
+
+    Parameters
+    ----------
+    b : PagedBatch
+    causal : bool
+    include_reference : bool
+        Also time the pure-PyTorch reference backend (slow; excluded by default).
+    only : list of str, optional
+        Force exactly these backends (even ones ``explain`` rejects unforced, e.g. an unverified
+        CUDA build); a backend that refuses even when forced is reported as skipped.
+
+    Returns
+    -------
+    (impls, skipped)
+    """
+    call = backends.Call.paged_attention(b.q, b.k_cache, b.v_cache, b.max_seqlen_q)
+    saved = os.environ.pop("KVMEM_BACKEND", None)  # explain the automatic choice
+    try:
+        verdicts = backends.explain(call)
+    finally:
+        if saved is not None:
+            os.environ["KVMEM_BACKEND"] = saved
+    out = torch.empty_like(b.q)
+    scale = b.q.shape[-1] ** -0.5
+    impls, skipped = [], []
+    names = only if only else list(verdicts)
+    for name in names:
+        verdict = verdicts.get(name, "rejected: unknown backend")
+        if only:
+            try:
+                with _running(name):
+                    backends.select(call)
+            except (RuntimeError, ValueError) as e:
+                skipped.append((f"kvmem[{name}]", str(e)[:160]))
+                continue
+        elif verdict.startswith("rejected"):
+            skipped.append((f"kvmem[{name}]", verdict))
+            continue
+        elif name == "reference" and not include_reference:
+            skipped.append(("kvmem[reference]", "excluded (pass --include-reference)"))
+            continue
+        def fn():
+            return kvmem.paged_attention(*b.args(), scale=scale, causal=causal, out=out, check=False)
+        impls.append(Impl(f"kvmem[{name}]", fn, lambda o: o, kvmem=True, env=name,
+                          note="auto" if verdict == "selected" else ""))
+    return impls, skipped
+
+
+def _sdpa_backends(device_type: str):
+    from torch.nn.attention import SDPBackend
+
+    if device_type == "cuda":
+        return [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]
+    return [("default", None), ("math", SDPBackend.MATH)]
+
+
+def sdpa_impls(b, dense, *, causal: bool = True) -> Tuple[List[Impl], Skipped]:
+    """torch SDPA, one entry per SDPA backend that accepts the call (``sdpa_kernel``).
+
+    GQA goes through ``enable_gqa=True``; a backend that refuses it gets K/V repeated to the
+    query heads (``repeat_interleave``, done once outside the timing).
+    """
+    from torch.nn.attention import sdpa_kernel
+
+    q, k, v = dense
+    is_causal, mask = b.dense_mask(causal)
+    group = q.shape[1] // k.shape[1]
+    repeated = None
+    impls, skipped = [], []
+    for label, backend in _sdpa_backends(q.device.type):
+        ctx = (lambda bk=backend: sdpa_kernel([bk])) if backend is not None else contextlib.nullcontext
+
+        def make(kk, vv, gqa, ctx=ctx):
+            def fn():
+                with ctx():
+                    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=is_causal,
+                                                          enable_gqa=gqa)
+            return fn
+
+        fn, note, errors = None, "", []
+        for attempt in ("gqa", "repeat"):
+            if attempt == "repeat":
+                if group == 1:
+                    break
+                if repeated is None:
+                    repeated = (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
+                cand, note = make(*repeated, False), "K/V repeated for GQA"
+            else:
+                cand = make(k, v, group > 1)
+            try:
+                with _running(None):
+                    cand()
+                fn = cand
+                break
+            except RuntimeError as e:
+                errors.append(first_line(e))
+        if fn is None:
+            skipped.append((f"sdpa[{label}]", "refuses the call: " + "; ".join(errors)))
+        else:
+            impls.append(Impl(f"sdpa[{label}]", fn, b.tokens, note=note))
+    return impls, skipped
+
+
+def flex_impls(b, dense, *, causal: bool = True, compile: bool = True) -> Tuple[List[Impl], Skipped]:
+    """FlexAttention with a block mask for the (bottom-right) causal mask; compiled or eager."""
+    name = "flex" if compile else "flex[eager]"
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        return [], [(name, f"not available in torch {torch.__version__} ({e})")]
+    q, k, v = dense
+    offset = b.ctx - b.q_len
+    block_mask = None
+    try:
+        if causal and b.q_len > 1:
+            def mask_mod(bi, h, qi, ki):
+                return ki <= qi + offset
+
+            with _running(None):
+                block_mask = create_block_mask(mask_mod, None, None, b.q_len, b.ctx, device=q.device)
+        attn = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+    except Exception as e:  # noqa: BLE001 - any failure here means "skip with the reason"
+        return [], [(name, first_line(e))]
+
+    def fn():
+        return attn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return [Impl(name, fn, b.tokens, note="" if compile else "not compiled")], []
+
+
+def flashinfer_impls(b, *, causal: bool = True) -> Tuple[List[Impl], Skipped]:
+    """FlashInfer's paged decode / prefill wrappers on kvmem's own pages (NHD layout), if installed."""
+    try:
+        import flashinfer
+    except ImportError:
+        return [], [("flashinfer", "not installed")]
+    if b.q.device.type != "cuda":
+        return [], [("flashinfer", "CUDA only")]
+    try:
+        dev, page = b.q.device, b.k_cache.shape[1]
+        hq, hkv, d = b.q.shape[1], b.k_cache.shape[2], b.q.shape[2]
+        per_seq = b.block_table.shape[1]
+        indices = b.block_table.reshape(-1).contiguous()
+        indptr = torch.arange(b.batch + 1, dtype=torch.int32, device=dev) * per_seq
+        last = torch.full((b.batch,), b.ctx - (per_seq - 1) * page, dtype=torch.int32, device=dev)
+        ws = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+        if b.q_len == 1:
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+            w.plan(indptr, indices, last, hq, hkv, d, page, q_data_type=b.q.dtype)
+        else:
+            w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+            w.plan(b.cu_seqlens_q, indptr, indices, last, hq, hkv, d, page, causal=causal,
+                   q_data_type=b.q.dtype)
+        kv = (b.k_cache, b.v_cache)
+        return [Impl("flashinfer", lambda: w.run(b.q, kv), lambda o: o, note="paged")], []
+    except Exception as e:  # noqa: BLE001
+        return [], [("flashinfer", first_line(e))]
+
+
+def flash_attn_impls(b, dense, *, causal: bool = True) -> Tuple[List[Impl], Skipped]:
+    """flash-attn: ``flash_attn_with_kvcache`` on the pages when it takes this page size,
+    else ``flash_attn_func`` on the contiguous copy. Only when installed."""
+    try:
+        from flash_attn import flash_attn_func, flash_attn_with_kvcache
+    except ImportError:
+        return [], [("flash-attn", "not installed")]
+    if b.q.device.type != "cuda":
+        return [], [("flash-attn", "CUDA only")]
+    qb = b.q.view(b.batch, b.q_len, *b.q.shape[1:])
+    flat = lambda o: o.reshape(b.q.shape)  # noqa: E731
+
+    def paged():
+        return flash_attn_with_kvcache(qb, b.k_cache, b.v_cache, cache_seqlens=b.seq_lens,
+                                       block_table=b.block_table, causal=causal)
+    try:
+        with _running(None):
+            paged()
+        return [Impl("flash-attn", paged, flat, note="paged")], []
+    except Exception as e:  # noqa: BLE001 - older releases need pages of 256
+        why = first_line(e)
+    q, k, v = (t.transpose(1, 2).contiguous() for t in dense)  # [B, S, H, D]
+    if b.q_len not in (1, b.ctx):
+        return [], [("flash-attn", f"paged call refused ({why}); dense top-left causal differs")]
+
+    def contiguous():
+        return flash_attn_func(q, k, v, causal=causal and b.q_len > 1)
+    return [Impl("flash-attn", contiguous, flat, note=f"contiguous (paged refused: {why[:60]})")], []
+
+
+def peer_impls(b, *, causal: bool = True, flex_compile: bool = True) -> Tuple[List[Impl], Skipped]:
+    """Every peer this environment can import, on the same data as ``b``."""
+    dense = b.dense()
+    impls, skipped = [], []
+    for found, skip in (sdpa_impls(b, dense, causal=causal),
+                        flex_impls(b, dense, causal=causal, compile=flex_compile),
+                        flashinfer_impls(b, causal=causal),
+                        flash_attn_impls(b, dense, causal=causal)):
+        impls += found
+        skipped += skip
+    return impls, skipped

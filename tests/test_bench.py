@@ -1,0 +1,175 @@
+"""The benchmark harness ``python -m kvmem.bench`` (run in-process through ``main(argv)``)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from kvmem import backends
+from kvmem.bench import harness, peers
+from kvmem.bench.harness import main
+from kvmem.bench.inputs import paged_batch
+from kvmem.bench.peers import Impl
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+ROW_KEYS = {"case", "impl", "kvmem", "ms", "gbps", "tflops", "pct", "ratio", "max_diff", "status", "note"}
+TINY = ["--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--page-size", "8", "--quick", "--device", "cpu"]
+
+
+def _cpu_backend_runs() -> bool:
+    b = paged_batch(1, 16, 1, 4, 2, 32)
+    return backends.BY_NAME["cpu"].rejects(backends.Call.paged_attention(b.q, b.k_cache, b.v_cache, 1)) is None
+
+
+def _load(out_dir, mode):
+    files = glob.glob(os.path.join(str(out_dir), f"{mode}_cpu_float32_*.json"))
+    assert len(files) == 1, files
+    with open(files[0]) as f:
+        return json.load(f), files[0]
+
+
+def _check_payload(data, mode, rate_key):
+    assert data["mode"] == mode
+    assert {"machine", "limits", "rows", "skipped", "config", "date"} <= set(data)
+    assert {"cpu", "torch", "triton", "gpu", "driver", "kvmem_build"} <= set(data["machine"])
+    limits = data["limits"]
+    assert limits["copy_gbps"] > 0 and limits["read_gbps"] > 0 and limits["matmul_tflops"] > 0
+    assert limits["matmul_dtype"] == "float32"
+    assert data["rows"], "no implementation was timed"
+    for r in data["rows"]:
+        assert ROW_KEYS <= set(r), r
+        assert r["ms"] > 0 and r[rate_key] > 0 and r["pct"] > 0 and r["ratio"] > 0
+        assert r["status"] == "OK", r  # every implementation here matches the reference
+    impls = {r["impl"] for r in data["rows"]}
+    assert {"sdpa[default]", "sdpa[math]"} <= impls
+    assert "kvmem[reference]" not in impls  # excluded unless --include-reference
+    skipped = {s["impl"]: s["reason"] for s in data["skipped"]}
+    assert skipped["flashinfer"] == "not installed" or "flashinfer" in impls
+    assert skipped["flash-attn"] == "not installed" or "flash-attn" in impls
+    if _cpu_backend_runs():
+        assert "kvmem[cpu]" in impls
+    else:  # the C++ backend is not built: the harness still runs, and says why
+        assert "kvmem[cpu]" in skipped
+    for case in {r["case"] for r in data["rows"]}:
+        peer = [r["ratio"] for r in data["rows"] if r["case"] == case and not r["kvmem"]]
+        assert max(peer) == pytest.approx(1.0)  # the best peer is the unit
+
+
+def test_decode_quick(tmp_path, capsys):
+    assert main(["decode", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    data, path = _load(tmp_path, "decode")
+    _check_payload(data, "decode", "gbps")
+    assert all(r["q_len"] == 1 for r in data["rows"])
+    assert data["limits"]["decode_limit"] == "read_gbps"
+    assert os.path.exists(path[:-5] + ".png") == HAS_MPL
+    out = capsys.readouterr().out
+    assert "GB/s" in out and "x best peer" in out and "GPU none" in out
+
+
+def test_prefill_quick(tmp_path, capsys):
+    assert main(["prefill", "--quick", "--device", "cpu", "--out", str(tmp_path), "--no-plot"]) == 0
+    data, path = _load(tmp_path, "prefill")
+    _check_payload(data, "prefill", "tflops")
+    assert all(r["q_len"] == r["ctx"] for r in data["rows"])
+    assert not os.path.exists(path[:-5] + ".png")
+    assert "TFLOP/s" in capsys.readouterr().out
+
+
+def test_chunked_prefill_masks_agree(tmp_path):
+    """q_len < ctx: the dense peers need kvmem's bottom-right causal mask to agree."""
+    argv = ["prefill", *TINY, "--context", "40", "--q-len", "12", "--batch", "2", "--out", str(tmp_path),
+            "--no-plot", "--include-reference"]
+    assert main(argv) == 0
+    data, _ = _load(tmp_path, "prefill")
+    assert [(r["batch"], r["ctx"], r["q_len"]) for r in data["rows"]][0] == (2, 40, 12)
+    assert "kvmem[reference]" in {r["impl"] for r in data["rows"]}
+    assert all(r["status"] == "OK" for r in data["rows"]), data["rows"]
+
+
+def test_wrong_output_is_flagged(tmp_path, monkeypatch):
+    def bad_peers(b, **kw):
+        return [Impl("zeros", lambda: torch.zeros_like(b.q), lambda o: o)], []
+
+    def bad_kvmem(b, **kw):
+        return [Impl("kvmem[bad]", lambda: torch.ones_like(b.q), lambda o: o, kvmem=True)], []
+
+    monkeypatch.setattr(peers, "peer_impls", bad_peers)
+    assert main(["decode", *TINY, "--context", "32", "--out", str(tmp_path), "--no-plot"]) == 0
+    data, path = _load(tmp_path, "decode")
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert rows["zeros"]["status"] == "WRONG" and rows["zeros"]["max_diff"] > 1e-3
+    assert all(r["ratio"] is None for r in rows.values())  # no correct peer to compare with
+    os.remove(path)
+    monkeypatch.setattr(peers, "kvmem_impls", bad_kvmem)
+    assert main(["decode", *TINY, "--context", "32", "--out", str(tmp_path), "--no-plot"]) == 1
+
+
+@pytest.mark.parametrize("command,what", [("generate", "HF integration"), ("memory", "memory bank")])
+def test_not_available_yet(command, what, capsys, tmp_path):
+    assert main([command, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "not available yet" in out and what in out
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "required"),
+    (["decode", "--batch", "0"], "positive integer"),
+    (["decode", "--context", "x"], "positive integer"),
+    (["prefill", "--dtype", "int8"], "invalid choice"),
+    (["decode", "--heads", "6", "--kv-heads", "4"], "multiple of --kv-heads"),
+    (["decode", "--q-len", "4"], "--q-len is for prefill"),
+    (["decode", "--backends", "cpu,nope"], "unknown"),
+    (["decode", "--device", "tpu"], "--device"),
+    (["bogus"], "invalid choice"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_without_cuda(capsys):
+    with pytest.raises(SystemExit):
+        main(["decode", "--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cases():
+    assert harness.cases("decode", "cpu") == harness.SWEEPS["decode", "cpu"]
+    assert all(b * c >= 1 << 17 for b, c, _ in harness.SWEEPS["decode", "cuda"])
+    assert harness.cases("prefill", "cpu", quick=True) == [(1, 128, 128), (2, 256, 256)]
+    assert harness.cases("decode", "cpu", batch=[1, 2], context=[64]) == [(1, 64, 1), (2, 64, 1)]
+    assert harness.cases("prefill", "cuda", context=[100], q_len=30) == [(1, 100, 30)]
+
+
+def test_reference_output_chunks_agree():
+    b = paged_batch(2, 48, 20, 4, 2, 16, block_size=8)
+    whole = harness.reference_output(b)
+    chunked = harness.reference_output(b, max_bytes=4 * 48 * 12 * 3)  # 3 query rows per chunk
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def no_cpu_backend(monkeypatch):
+    """As if the C++ extension were not built (the dispatcher's choice cache is reset around it)."""
+    monkeypatch.setattr(backends.CpuBackend, "rejects", lambda self, call: ("inapplicable", "kvmem._C not built"))
+    backends._select.cache_clear()
+    yield
+    monkeypatch.undo()
+    backends._select.cache_clear()
+
+
+def test_runs_without_the_extension(tmp_path, no_cpu_backend):
+    assert main(["decode", *TINY, "--context", "32", "--out", str(tmp_path), "--no-plot"]) == 0
+    data, _ = _load(tmp_path, "decode")
+    assert not [r for r in data["rows"] if r["kvmem"]]
+    assert {r["impl"] for r in data["rows"]} >= {"sdpa[default]", "sdpa[math]"}
+    assert "kvmem._C not built" in {s["impl"]: s["reason"] for s in data["skipped"]}["kvmem[cpu]"]
