@@ -26,7 +26,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   python -c "import torch" 2>/dev/null || python -m pip install -q "${KVMEM_TORCH:-torch==2.13.0}"
   python -m pip install -q setuptools wheel ninja pybind11 numpy safetensors tqdm \
-    pytest hypothesis pytest-benchmark expecttest "${KVMEM_TRITON:-triton==3.9.0}"
+    matplotlib pytest hypothesis pytest-benchmark expecttest "${KVMEM_TRITON:-triton==3.9.0}"
   echo "$want" > "$stamp"
 fi
 # Build the C++ extension in place (ninja rebuilds only what changed). Never build-isolated:

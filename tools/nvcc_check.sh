@@ -15,7 +15,7 @@ if [ "${#sources[@]}" -eq 0 ]; then
 fi
 includes=$("$PY" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
 pyinc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-# A CPU torch lacks one generated c10/cuda header: add a shim only when it is missing.
+# Flags as torch.utils.cpp_extension passes them. A CPU torch lacks one generated c10/cuda header: add a shim only when it is missing.
 shim=""
 if ! "$PY" -c "import torch.utils.cpp_extension as c, os, sys; sys.exit(not any(os.path.exists(os.path.join(p, 'c10/cuda/impl/cuda_cmake_macros.h')) for p in c.include_paths()))"; then
   shim="-Itools/nvcc_shim"
@@ -25,8 +25,8 @@ fail=0
 for src in "${sources[@]}"; do
   for arch in "-gencode=arch=compute_80,code=sm_80" "-gencode=arch=compute_90a,code=sm_90a"; do
     if nvcc -c "$src" -o "$out/x.o" -std=c++17 -O3 $arch -Icsrc $includes $shim -I"$pyinc" \
-         -DKVMEM_WITH_CUDA --expt-relaxed-constexpr -U__CUDA_NO_HALF_OPERATORS__ \
-         -U__CUDA_NO_HALF_CONVERSIONS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ -Xptxas=-v \
+         -DKVMEM_WITH_CUDA --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF2_OPERATORS__ \
+         -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -Xptxas=-v \
          >"$out/log" 2>&1; then
       echo "nvcc_check: ok   $src ${arch##*code=}"
     else
