@@ -7,7 +7,8 @@
 #
 # Environment: PYTHON (default python3), KVMEM_VENV (default .venv),
 #   KVMEM_TORCH (default torch==2.13.0; an already-installed torch in the venv is kept),
-#   KVMEM_TRITON (default triton==3.9.0).
+#   KVMEM_TRITON (default triton==3.9.0), KVMEM_NUMPY (default numpy; triton 3.6's interpreter
+#   needs numpy<2.4), KVMEM_SKIP_EXT=1 (don't build the C++ extension).
 set -euo pipefail
 cd "$(dirname "$0")"
 cmd="${1:-}"; shift || true
@@ -21,11 +22,11 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 stamp="$VENV/.kvmem-deps"
-want="deps-v1 ${KVMEM_TORCH:-torch==2.13.0} ${KVMEM_TRITON:-triton==3.9.0}"
+want="deps-v2 ${KVMEM_TORCH:-torch==2.13.0} ${KVMEM_TRITON:-triton==3.9.0} ${KVMEM_NUMPY:-numpy}"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   python -c "import torch" 2>/dev/null || python -m pip install -q "${KVMEM_TORCH:-torch==2.13.0}"
-  python -m pip install -q setuptools wheel ninja pybind11 numpy safetensors tqdm \
+  python -m pip install -q setuptools wheel ninja pybind11 "${KVMEM_NUMPY:-numpy}" safetensors tqdm \
     matplotlib pytest hypothesis pytest-benchmark expecttest "${KVMEM_TRITON:-triton==3.9.0}"
   echo "$want" > "$stamp"
 fi

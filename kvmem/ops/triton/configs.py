@@ -1,0 +1,304 @@
+"""Launch configurations of kvmem's Triton kernels: config lists, heuristics, the autotuning
+cache, and the enumeration of every constexpr combination the launchers can choose (used by
+``tools/aot_compile_triton.py``).
+
+Autotuning is opt-in (``KVMEM_TRITON_AUTOTUNE=1``) because benchmarking synchronises the host
+and cannot run during CUDA-graph capture; without it (and always under ``TRITON_INTERPRET=1``)
+the heuristic config is used. The tuning cache is keyed on (kernel, dtype, head dim, GQA group,
+page size, query-length bucket).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 112, 128, 256)
+MAX_PAGE_SIZE = 256
+SEARCH_BLOCK = 128  # sequences scanned per step when a prefill program looks up its sequence
+DECODE_ROWS = (16, 64)  # padded (query x head-in-group) rows of a decode program
+MAX_DECODE_SPLITS = 32
+MIN_TILES_PER_SPLIT = 4
+CTAS_PER_SM = 2
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, next_pow2(head_dim))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def _is_fp32(dtype) -> bool:
+    return dtype in (torch.float32, "fp32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture
+# ---------------------------------------------------------------------------------------------
+
+ARCHS = (80, 90)  # config families: sm80-class (mma.sync, <= 163 KiB smem) and sm90+ (wgmma)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def arch_of(device) -> int:
+    """Config family of ``device``: 90 for compute capability >= 9.0, else 80 (also on CPU)."""
+    if getattr(device, "type", "cpu") == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        major, _ = _capability(idx)
+        return 90 if major >= 9 else 80
+    return 80
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill
+# ---------------------------------------------------------------------------------------------
+
+SMALL_Q = 64  # max_seqlen_q at or below which prefill prefers its small-BLOCK_M config
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); first = default, second = small-query default.
+# Chosen so that no variant spills registers (checked by tools/aot_compile_triton.py).
+_PREFILL = {
+    (80, 16, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (80, 16, 128): [(128, 32, 8, 3), (64, 32, 4, 3)],
+    (80, 16, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    (90, 16, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (90, 16, 128): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (90, 16, 256): [(128, 32, 8, 2), (64, 32, 4, 3)],
+    # fp32 uses exact (FMA) dots: small tiles keep registers and compile time down.
+    (80, 32, 64): [(32, 16, 4, 2)],
+    (80, 32, 128): [(32, 16, 8, 2)],
+    (80, 32, 256): [(16, 16, 8, 2)],
+    (90, 32, 64): [(32, 16, 4, 2)],
+    (90, 32, 128): [(32, 16, 8, 2)],
+    (90, 32, 256): [(16, 16, 8, 2)],
+}
+
+# (BLOCK_N, num_warps, num_stages) by (arch, dtype bits, BLOCK_D, ROWS); first = default. The
+# 64-row tile (G x q_len > 16: large groups, speculative steps) gets a single config.
+_DECODE = {
+    (80, 16, 64, 16): [(64, 4, 3), (128, 4, 2)],
+    (80, 16, 128, 16): [(64, 4, 3), (32, 4, 4)],
+    (80, 16, 256, 16): [(32, 4, 3), (64, 8, 2)],
+    (80, 16, 64, 64): [(64, 8, 3)],
+    (80, 16, 128, 64): [(64, 8, 3)],
+    (80, 16, 256, 64): [(32, 8, 3)],
+    (90, 16, 64, 16): [(64, 4, 3), (128, 4, 2)],
+    (90, 16, 128, 16): [(64, 4, 3), (32, 4, 4)],
+    (90, 16, 256, 16): [(32, 4, 3), (64, 8, 2)],
+    (90, 16, 64, 64): [(64, 8, 3)],
+    (90, 16, 128, 64): [(64, 8, 3)],
+    (90, 16, 256, 64): [(32, 8, 3)],
+    (80, 32, 64, 16): [(32, 4, 2)],
+    (80, 32, 128, 16): [(32, 8, 2)],
+    (80, 32, 256, 16): [(16, 4, 2)],
+    (80, 32, 64, 64): [(32, 8, 2)],
+    (90, 32, 64, 16): [(32, 4, 2)],
+    (90, 32, 128, 16): [(32, 8, 2)],
+    (90, 32, 256, 16): [(16, 4, 2)],
+    (90, 32, 64, 64): [(32, 8, 2)],
+}
+
+
+def _bits(dtype) -> int:
+    return 32 if _is_fp32(dtype) else 16
+
+
+def prefill_configs(dtype, bd: int, arch: int = 80) -> List[PrefillConfig]:
+    """Deliberately small candidate list for (dtype, BLOCK_D, arch)."""
+    return [PrefillConfig(*c) for c in _PREFILL[(90 if arch >= 90 else 80, _bits(dtype), bd)]]
+
+
+def prefill_heuristic(dtype, bd: int, arch: int, max_seqlen_q: int) -> PrefillConfig:
+    cands = prefill_configs(dtype, bd, arch)
+    return cands[1] if (max_seqlen_q <= SMALL_Q and len(cands) > 1) else cands[0]
+
+
+def prefill_key(dtype, head_dim, group, page_size, max_seqlen_q, arch) -> Tuple:
+    return ("prefill", str(dtype), head_dim, group, page_size, max_seqlen_q <= SMALL_Q, arch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------
+
+
+MAX_DECODE_Q = 8  # longest multi-token step (speculative decoding) sent to the decode kernel
+
+
+def use_decode(max_seqlen_q: int, group: int) -> bool:
+    """Split-K decode for single-token steps and for short multi-token steps (speculative
+    decoding): its tile packs (query, head-in-group) rows, so each K/V tile is loaded once per
+    KV head; it is used while those rows fit DECODE_ROWS[-1]."""
+    return max_seqlen_q <= 1 or (max_seqlen_q <= MAX_DECODE_Q and max_seqlen_q * group <= DECODE_ROWS[-1])
+
+
+def decode_row_options(dtype, bd: int) -> Tuple[int, ...]:
+    """ROWS values decode may use for (dtype, BLOCK_D): fp32 with BLOCK_D >= 128 sticks to 16
+    rows (more row chunks) because a 64-row exact-fp32 (FMA) tile spills registers."""
+    if _is_fp32(dtype) and bd >= 128:
+        return DECODE_ROWS[:1]
+    return DECODE_ROWS
+
+
+def decode_rows(n_rows: int, dtype=torch.float16, bd: int = 128) -> int:
+    opts = decode_row_options(dtype, bd)
+    for r in opts:
+        if n_rows <= r:
+            return r
+    return opts[-1]
+
+
+def decode_configs(dtype, bd: int, arch: int = 80, rows: int = 16) -> List[DecodeConfig]:
+    return [DecodeConfig(*c) for c in _DECODE[(90 if arch >= 90 else 80, _bits(dtype), bd, rows)]]
+
+
+def decode_heuristic(dtype, bd: int, arch: int, rows: int) -> DecodeConfig:
+    return decode_configs(dtype, bd, arch, rows)[0]
+
+
+def decode_key(dtype, head_dim, group, page_size, rows, arch) -> Tuple:
+    return ("decode", str(dtype), head_dim, group, page_size, rows, arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 132
+
+
+def decode_num_splits(num_seqs: int, programs_per_seq: int, max_seqlen_k: int, block_n: int,
+                      device: torch.device) -> int:
+    """Enough splits to give ~CTAS_PER_SM programs per SM, each with >= MIN_TILES_PER_SPLIT
+    key tiles of the longest sequence (shorter sequences may get empty splits)."""
+    base = max(1, num_seqs * programs_per_seq)
+    want = -(-num_sms(device) * CTAS_PER_SM // base)
+    tiles = -(-max(1, max_seqlen_k) // block_n)
+    cap = max(1, tiles // MIN_TILES_PER_SPLIT)
+    return max(1, min(want, cap, MAX_DECODE_SPLITS))
+
+
+def reduce_block_h(bd: int) -> int:
+    """Heads per program of the small memory-bound kernels (decode reduce, merge, cache write)."""
+    return max(1, 1024 // bd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning cache
+# ---------------------------------------------------------------------------------------------
+
+_TUNED: Dict[Tuple, object] = {}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("KVMEM_TRITON_AUTOTUNE", "0") in ("1", "true", "True") and not interpreting()
+
+
+def tuned(kind: str, key: Tuple, candidates: List, heuristic, launch: Callable, device) -> object:
+    """The cached best config for ``key``, benchmarking ``candidates`` with ``launch`` on the
+    first call (GPU, autotuning enabled, not capturing a graph); otherwise ``heuristic``."""
+    del kind
+    if key in _TUNED:
+        return _TUNED[key]
+    if (not autotune_enabled() or getattr(device, "type", "cpu") != "cuda" or len(candidates) <= 1
+            or torch.cuda.is_current_stream_capturing()):
+        return heuristic
+    import triton.testing
+
+    best, best_t = heuristic, float("inf")
+    for c in candidates:
+        try:
+            t = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=25)
+        except Exception:  # e.g. out of shared memory on a smaller GPU
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    _TUNED[key] = best
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Enumeration for ahead-of-time compilation
+# ---------------------------------------------------------------------------------------------
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class AotVariant:
+    kernel: str  # "prefill" | "decode" | "decode_reduce" | "merge_states" | "cache_write"
+    dtype: str  # element type of q/out (attention), of out (merge), of the cache (cache write)
+    constexprs: Tuple[Tuple[str, object], ...]
+    num_warps: int
+    num_stages: int
+    src_dtype: Optional[str] = None  # cache write: element type of k/v
+
+    @property
+    def name(self) -> str:
+        ce = ",".join(f"{k}={v}" for k, v in self.constexprs)
+        src = f"{self.src_dtype}->" if self.src_dtype else ""
+        return f"{self.kernel}[{src}{self.dtype}; {ce}; w{self.num_warps} s{self.num_stages}]"
+
+
+def aot_variants(arch: int = 80) -> Iterator[AotVariant]:
+    """Every (kernel, dtype, constexprs, num_warps, num_stages) that the launchers or the tuner
+    can pick on ``arch`` for the supported dtypes and head dims, with and without softcap.
+    Head dim, page size and group size are runtime arguments: they only pick BLOCK_D (next
+    power of two of the head dim) and decode's ROWS. Causal, window, sink and lse are runtime
+    flags (uniform branches outside the key loop, or masks inside it)."""
+    bds = sorted({block_d(hd) for hd in SUPPORTED_HEAD_DIMS})
+    for dtype in SUPPORTED_DTYPES:
+        dn = DTYPE_NAMES[dtype]
+        fp32 = dtype == torch.float32
+        for bd in bds:
+            for softcap in (False, True):
+                for c in prefill_configs(dtype, bd, arch):
+                    yield AotVariant("prefill", dn, (
+                        ("BLOCK_D", bd), ("BLOCK_M", c.block_m), ("BLOCK_N", c.block_n),
+                        ("SOFTCAP", softcap), ("FP32", fp32), ("SEARCH_BLOCK", SEARCH_BLOCK)),
+                        c.num_warps, c.num_stages)
+                for rows in decode_row_options(dtype, bd):
+                    for c in decode_configs(dtype, bd, arch, rows):
+                        yield AotVariant("decode", dn, (
+                            ("BLOCK_D", bd), ("ROWS", rows), ("BLOCK_N", c.block_n), ("SOFTCAP", softcap),
+                            ("FP32", fp32)), c.num_warps, c.num_stages)
+        for bd in bds:
+            bh = reduce_block_h(bd)
+            yield AotVariant("decode_reduce", dn, (("BLOCK_H", bh), ("BLOCK_D", bd)), 4, 3)
+            yield AotVariant("merge_states", dn, (("BLOCK_H", bh), ("BLOCK_D", bd)), 4, 3)
+            # The launchers accept any k/v dtype, but caches are written in their own dtype.
+            yield AotVariant("cache_write", dn, (("BLOCK_H", bh), ("BLOCK_D", bd)), 4, 3, src_dtype=dn)

@@ -1,0 +1,542 @@
+"""Triton kernels vs the fp32 reference (``kvmem.ops.reference``), under the Triton interpreter.
+
+Shapes are tiny so the whole module runs in a few minutes on a CPU. Every case poisons what the
+kernels must not touch: unused slots of referenced pages hold NaN, block-table entries outside
+the pages holding visible keys are -1 or point at an all-NaN page, and outputs are NaN before
+the call. ``test_gpu_full_product`` (marked ``gpu``) re-runs a large product compiled on a real
+GPU, in a subprocess without the interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+import zlib
+
+if not os.environ.get("KVMEM_TRITON_GPU_CHECK"):
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest
+import torch
+
+from kvmem.ops import reference as ref
+from kvmem.ops import triton as kt
+
+pa = importlib.import_module("kvmem.ops.triton.paged_attention")
+cfgs = importlib.import_module("kvmem.ops.triton.configs")
+
+TOL = {
+    torch.float32: dict(atol=2e-4, rtol=2e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+LSE_TOL = dict(atol=2e-4, rtol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problem builder
+# ---------------------------------------------------------------------------------------------
+
+
+def build(q_lens, kv_lens, *, D, bs, Hkv, G, dtype, causal=True, window=None, softcap=None,
+          sink=False, table="poison", layout="plain", q_layout="plain", seed=0, device="cpu"):
+    """A paged problem whose caches hold NaN wherever no visible key lives."""
+    gen = torch.Generator().manual_seed(seed)
+    B = len(q_lens)
+    Hq = Hkv * G
+    nblk = [-(-k // bs) for k in kv_lens]
+    max_blocks = max(nblk + [1]) + 2
+    num_blocks = sum(nblk) + 3  # one all-NaN poison page and spares
+    perm = torch.randperm(num_blocks, generator=gen)
+    poison = int(perm[-1])
+    bt = torch.full((B, max_blocks), -1 if table == "neg1" else poison, dtype=torch.int32)
+    shape = (num_blocks, bs, Hkv, D)
+    if layout == "kv_interleaved":  # k and v caches are views into one [N, 2, bs, Hkv, D] buffer
+        buf = torch.empty((num_blocks, 2, bs, Hkv, D), dtype=dtype)
+        kc, vc = buf[:, 0], buf[:, 1]
+    elif layout == "padded_heads":  # head stride D + 16
+        kc = torch.empty((num_blocks, bs, Hkv, D + 16), dtype=dtype)[..., :D]
+        vc = torch.empty((num_blocks, bs, Hkv, D + 16), dtype=dtype)[..., :D]
+    else:
+        kc = torch.empty(shape, dtype=dtype)
+        vc = torch.empty(shape, dtype=dtype)
+    kc.copy_(torch.randn(shape, generator=gen))
+    vc.copy_(torch.randn(shape, generator=gen))
+    real = torch.zeros(num_blocks, bs, dtype=torch.bool)  # slots holding a visible key
+    used = 0
+    for b in range(B):
+        lo, hi = ref.visible_key_range(kv_lens[b], q_lens[b], causal, window)
+        pages = perm[used: used + nblk[b]]
+        used += nblk[b]
+        if hi <= lo:
+            continue
+        for blk in range(lo // bs, (hi - 1) // bs + 1):  # only the needed pages are mapped
+            page = int(pages[blk])
+            bt[b, blk] = page
+            real[page, max(lo - blk * bs, 0): min(hi - blk * bs, bs)] = True
+    kc[~real] = math.nan  # every other slot (and the poison page) holds NaN
+    vc[~real] = math.nan
+    T = sum(q_lens)
+    if q_layout == "qkv":  # q is a view into a fused qkv projection output
+        q = torch.randn(T, Hq + 2 * Hkv, D, generator=gen).to(dtype)[:, :Hq]
+    else:
+        q = torch.randn(T, Hq, D, generator=gen).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    sl = torch.tensor(kv_lens, dtype=torch.int32)
+    sinks = (torch.randn(Hq, generator=gen) * 2).float() if sink else None
+    d = dict(q=q, k_cache=kc, v_cache=vc, block_table=bt, seq_lens=sl, cu_seqlens_q=cu,
+             max_seqlen_q=max(q_lens), max_seqlen_k=max(kv_lens), scale=D ** -0.5, causal=causal,
+             window=window, softcap=softcap, sink_logits=sinks)
+    if device != "cpu":
+        d = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()}
+    return d
+
+
+def reference(p):
+    return ref.paged_attention(
+        p["q"], p["k_cache"], p["v_cache"], p["block_table"], p["seq_lens"], p["cu_seqlens_q"],
+        p["max_seqlen_q"], p["max_seqlen_k"], scale=p["scale"], causal=p["causal"],
+        window=p["window"], softcap=p["softcap"], sink_logits=p["sink_logits"])
+
+
+def poisoned_outputs(p, out_layout="plain"):
+    T, Hq, D = p["q"].shape
+    if out_layout == "padded":
+        out = torch.full((T, Hq, D + 16), math.nan, dtype=p["q"].dtype, device=p["q"].device)[..., :D]
+    else:
+        out = torch.full((T, Hq, D), math.nan, dtype=p["q"].dtype, device=p["q"].device)
+    lse = torch.full((T, Hq), math.nan, dtype=torch.float32, device=p["q"].device)
+    return out, lse
+
+
+def args_of(p):
+    return (p["q"], p["k_cache"], p["v_cache"], p["block_table"], p["seq_lens"], p["cu_seqlens_q"],
+            p["max_seqlen_q"], p["max_seqlen_k"], p["scale"], p["causal"], p["window"] or 0,
+            p["softcap"] or 0.0, p["sink_logits"])
+
+
+def check(p, out, lse, tag=""):
+    o_ref, l_ref = reference(p)
+    tol = TOL[p["q"].dtype]
+    assert not torch.isnan(out).any(), f"{tag}: NaN in out"
+    torch.testing.assert_close(out.float().cpu(), o_ref.float().cpu(), **tol, msg=lambda m: f"{tag} out: {m}")
+    if lse is not None:
+        torch.testing.assert_close(lse.cpu(), l_ref.cpu(), **LSE_TOL, equal_nan=False,
+                                   msg=lambda m: f"{tag} lse: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# paged_attention through the public entry point (dispatches prefill / decode)
+# ---------------------------------------------------------------------------------------------
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# (id, q_lens, kv_lens, dict(D, bs, Hkv, G, dtype, ...)); pairwise-chosen over page size, GQA
+# group, head dim, dtype, prefix / no prefix, decode / mixed, window / softcap / sink, table
+# poisoning (-1 or an all-NaN page), and cache / q / out layouts.
+CASES = [
+    # prefill, no cached prefix
+    ("pf-f32-d64-bs16-g1", [5, 37], [5, 37], dict(D=64, bs=16, Hkv=2, G=1, dtype=F32)),
+    ("pf-f16-d80-bs8-g3", [19, 6], [19, 6], dict(D=80, bs=8, Hkv=1, G=3, dtype=F16, table="neg1")),
+    ("pf-bf16-d96-bs32-g4", [40], [40], dict(D=96, bs=32, Hkv=1, G=4, dtype=BF16)),
+    ("pf-f32-d112-bs1-g7", [11, 3], [11, 3], dict(D=112, bs=1, Hkv=1, G=7, dtype=F32)),
+    ("pf-f16-d256-bs128-g8", [21], [21], dict(D=256, bs=128, Hkv=1, G=8, dtype=F16)),
+    ("pf-bf16-d128-bs16-g1-long", [70], [70], dict(D=128, bs=16, Hkv=1, G=1, dtype=BF16)),
+    # prefill with a cached prefix (chunked prefill)
+    ("pfx-f32-d128-bs8-g3", [9, 20], [30, 25], dict(D=128, bs=8, Hkv=1, G=3, dtype=F32)),
+    ("pfx-bf16-d64-bs1-g8", [13], [40], dict(D=64, bs=1, Hkv=1, G=8, dtype=BF16, table="neg1")),
+    ("pfx-f16-d96-bs16-g7", [17, 2], [50, 33], dict(D=96, bs=16, Hkv=1, G=7, dtype=F16)),
+    ("pfx-f32-d256-bs32-g4", [12], [75], dict(D=256, bs=32, Hkv=1, G=4, dtype=F32)),
+    ("pfx-f16-d112-bs128-g1", [66, 5], [150, 5], dict(D=112, bs=128, Hkv=2, G=1, dtype=F16)),
+    ("pfx-bf16-d80-bs256-g3", [24], [290], dict(D=80, bs=256, Hkv=1, G=3, dtype=BF16)),
+    # sliding window (pages before the window are unmapped)
+    ("win-f16-d64-bs8-g4", [30], [30], dict(D=64, bs=8, Hkv=1, G=4, dtype=F16, window=7)),
+    ("win-f32-d80-bs1-g1-pfx", [10, 4], [45, 20], dict(D=80, bs=1, Hkv=2, G=1, dtype=F32, window=9,
+                                                        table="neg1")),
+    ("win-bf16-d128-bs16-g3-pfx", [35], [100], dict(D=128, bs=16, Hkv=1, G=3, dtype=BF16, window=20)),
+    ("win-f32-d64-bs32-g7-noncausal", [12], [60], dict(D=64, bs=32, Hkv=1, G=7, dtype=F32, window=16,
+                                                      causal=False)),
+    ("win1-f16-d96-bs8-g8", [9], [25], dict(D=96, bs=8, Hkv=1, G=8, dtype=F16, window=1)),
+    # softcap / sink / everything
+    ("cap-bf16-d80-bs32-g3", [18], [40], dict(D=80, bs=32, Hkv=1, G=3, dtype=BF16, softcap=2.0)),
+    ("cap-f32-d256-bs8-g1", [7, 9], [7, 30], dict(D=256, bs=8, Hkv=2, G=1, dtype=F32, softcap=5.0)),
+    ("sink-f32-d112-bs8-g7", [10], [26], dict(D=112, bs=8, Hkv=1, G=7, dtype=F32, sink=True)),
+    ("sink-f16-d64-bs128-g4", [15, 1], [15, 60], dict(D=64, bs=128, Hkv=1, G=4, dtype=F16, sink=True)),
+    ("all-f16-d96-bs1-g8", [14], [40], dict(D=96, bs=1, Hkv=1, G=8, dtype=F16, window=6, softcap=3.0,
+                                             sink=True)),
+    ("all-bf16-d128-bs16-g1", [33, 20], [70, 20], dict(D=128, bs=16, Hkv=2, G=1, dtype=BF16, window=10,
+                                                        softcap=4.0, sink=True, table="neg1")),
+    ("noncausal-f32-d128-bs16-g3", [6, 11], [20, 11], dict(D=128, bs=16, Hkv=1, G=3, dtype=F32,
+                                                           causal=False, sink=True)),
+    # decode (max_seqlen_q == 1): split-K with the heuristic split count
+    ("dec-f32-d64-bs16-g1", [1, 1, 1], [5, 40, 129], dict(D=64, bs=16, Hkv=2, G=1, dtype=F32)),
+    ("dec-f16-d128-bs1-g8", [1, 1], [17, 3], dict(D=128, bs=1, Hkv=1, G=8, dtype=F16)),
+    ("dec-bf16-d80-bs8-g3", [1], [300], dict(D=80, bs=8, Hkv=2, G=3, dtype=BF16, table="neg1")),
+    ("dec-f16-d256-bs32-g7", [1, 1], [100, 64], dict(D=256, bs=32, Hkv=1, G=7, dtype=F16)),
+    ("dec-f32-d112-bs128-g4", [1], [257], dict(D=112, bs=128, Hkv=1, G=4, dtype=F32, sink=True)),
+    ("dec-bf16-d96-bs256-g1", [1, 1], [600, 20], dict(D=96, bs=256, Hkv=3, G=1, dtype=BF16)),
+    ("dec-win-f16-d64-bs8-g4", [1, 1], [90, 5], dict(D=64, bs=8, Hkv=1, G=4, dtype=F16, window=24)),
+    ("dec-cap-sink-f32-d80-bs16-g3", [1], [70], dict(D=80, bs=16, Hkv=1, G=3, dtype=F32, softcap=2.0,
+                                                     sink=True, window=30)),
+    ("dec-g16-bf16-d128-bs16", [1], [40], dict(D=128, bs=16, Hkv=1, G=16, dtype=BF16)),
+    ("dec-g24-f16-d64-bs8", [1], [33], dict(D=64, bs=8, Hkv=1, G=24, dtype=F16, sink=True)),
+    # small multi-token steps (speculative decoding) take the packed decode path
+    ("spec-f16-d128-bs16-g4", [3, 4], [50, 20], dict(D=128, bs=16, Hkv=1, G=4, dtype=F16)),
+    ("spec-f32-d64-bs1-g8", [2, 5], [9, 31], dict(D=64, bs=1, Hkv=1, G=8, dtype=F32, window=11)),
+    ("spec-f32-d256-bs8-g7", [4], [19], dict(D=256, bs=8, Hkv=1, G=7, dtype=F32, sink=True)),
+    ("spec-chunks-f32-d128-bs16-g8", [1, 4], [33, 21], dict(D=128, bs=16, Hkv=2, G=8, dtype=F32, sink=True)),
+    ("spec-mix-bf16-d80-bs32-g3", [1, 6, 0, 1], [70, 40, 5, 2], dict(D=80, bs=32, Hkv=2, G=3, dtype=BF16,
+                                                                     softcap=3.0, table="neg1")),
+    # mixed batches: decodes + a prefill chunk (+ an empty sequence)
+    ("mix-bf16-d64-bs16-g4", [1, 12, 1], [40, 30, 7], dict(D=64, bs=16, Hkv=1, G=4, dtype=BF16)),
+    ("mix-f16-d80-bs8-g1", [1, 40, 0, 1], [50, 60, 10, 1], dict(D=80, bs=8, Hkv=2, G=1, dtype=F16)),
+    ("mix-f32-d96-bs32-g3", [1, 25], [100, 25], dict(D=96, bs=32, Hkv=1, G=3, dtype=F32, window=12,
+                                                     sink=True)),
+    ("mix-bf16-d112-bs1-g7", [18, 1, 1], [18, 9, 44], dict(D=112, bs=1, Hkv=1, G=7, dtype=BF16,
+                                                          table="neg1")),
+    # layouts: q from a fused qkv buffer, interleaved / padded caches, padded out
+    ("lay-qkv-f16-d64-bs16-g4", [9, 1], [30, 16], dict(D=64, bs=16, Hkv=2, G=4, dtype=F16, q_layout="qkv",
+                                                       layout="kv_interleaved")),
+    ("dec-lay-pad-f32-d128-bs8-g1", [1, 1], [23, 50], dict(D=128, bs=8, Hkv=2, G=1, dtype=F32,
+                                                       layout="padded_heads", q_layout="qkv")),
+    ("lay-pad-bf16-d96-bs32-g3", [20], [44], dict(D=96, bs=32, Hkv=2, G=3, dtype=BF16,
+                                                  layout="padded_heads")),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_paged_attention(case):
+    name, q_lens, kv_lens, kw = case
+    p = build(q_lens, kv_lens, seed=zlib.crc32(name.encode()) % 1000, **kw)
+    decode = cfgs.use_decode(max(q_lens), kw["G"])
+    assert decode == name.startswith(("dec", "spec")), "case does not exercise the kernel its name says"
+    out, lse = poisoned_outputs(p, "padded" if "lay-pad" in name else "plain")
+    kt.paged_attention(out, lse, *args_of(p))
+    check(p, out, lse, name)
+
+
+def test_paged_attention_without_lse():
+    p = build([5, 1], [20, 9], D=64, bs=8, Hkv=1, G=2, dtype=F16, sink=True)
+    out, _ = poisoned_outputs(p)
+    kt.paged_attention(out, None, *args_of(p))
+    check(p, out, None, "no-lse")
+    p = build([1, 1], [200, 9], D=64, bs=8, Hkv=1, G=2, dtype=F16, sink=True)
+    out, _ = poisoned_outputs(p)
+    a = args_of(p)
+    pa.launch_decode(out, None, *a[:8], a[8], a[9], a[10], a[11], a[12], num_splits=3)
+    check(p, out, None, "no-lse-split")
+
+
+# (id, q_lens, kv_lens, num_splits, dict) -- forced split counts, including more splits than
+# key tiles (empty splits write lse = -inf and must merge exactly).
+SPLIT_CASES = [
+    ("s2-f32-d64-bs16", [1, 1], [70, 3], 2, dict(D=64, bs=16, Hkv=1, G=2, dtype=F32)),
+    ("s5-f16-d128-bs1", [1], [150], 5, dict(D=128, bs=1, Hkv=1, G=4, dtype=F16)),
+    ("s16-empty-f32-d80-bs8", [1, 1], [20, 100], 16, dict(D=80, bs=8, Hkv=1, G=3, dtype=F32, sink=True)),
+    ("s7-empty-bf16-d256-bs32", [1], [40], 7, dict(D=256, bs=32, Hkv=1, G=7, dtype=BF16, softcap=3.0)),
+    ("s4-win-f16-d96-bs8", [1, 1], [130, 12], 4, dict(D=96, bs=8, Hkv=2, G=1, dtype=F16, window=40,
+                                                     table="neg1")),
+    ("s3-spec-f32-d112-bs128", [3, 1], [140, 2], 3, dict(D=112, bs=128, Hkv=1, G=8, dtype=F32,
+                                                         sink=True)),
+    ("s9-g24-f16-d64-bs16", [2], [90], 9, dict(D=64, bs=16, Hkv=1, G=24, dtype=F16, window=50)),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_decode_splits(case):
+    name, q_lens, kv_lens, splits, kw = case
+    p = build(q_lens, kv_lens, seed=zlib.crc32(name.encode()) % 1000, **kw)
+    out, lse = poisoned_outputs(p)
+    a = args_of(p)
+    pa.launch_decode(out, lse, *a[:8], a[8], a[9], a[10], a[11], a[12], num_splits=splits)
+    check(p, out, lse, name)
+
+
+def _all_prefill_configs():
+    seen = []
+    for arch in cfgs.ARCHS:
+        for bits, dtype in ((16, F16), (32, F32)):
+            for bd in (64, 128, 256):
+                for c in cfgs.prefill_configs(dtype, bd, arch):
+                    if (dtype, bd, c.block_m, c.block_n) not in [(s[0], s[1], s[2].block_m, s[2].block_n)
+                                                                 for s in seen]:
+                        seen.append((dtype, bd, c))
+    return seen
+
+
+PREFILL_CFGS = _all_prefill_configs()
+
+
+@pytest.mark.parametrize("dtype,bd,cfg", PREFILL_CFGS,
+                         ids=[f"{str(d)[6:]}-bd{b}-m{c.block_m}n{c.block_n}" for d, b, c in PREFILL_CFGS])
+def test_prefill_every_tile_shape(dtype, bd, cfg):
+    """Each (BLOCK_M, BLOCK_N) any launcher or the tuner can pick, with window + causal edges."""
+    D = {64: 64, 128: 112, 256: 256}[bd]
+    p = build([cfg.block_m + 3, 2], [cfg.block_m + 40, 2], D=D, bs=8, Hkv=1, G=2, dtype=dtype,
+              window=cfg.block_n + 5, seed=bd)
+    out, lse = poisoned_outputs(p)
+    a = args_of(p)
+    pa.launch_prefill(out, lse, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[8], a[9], a[10], a[11],
+                      a[12], cfg=cfg)
+    check(p, out, lse, f"cfg {cfg}")
+
+
+BOUNDARY_TILES = [(F32, 16, 16), (F32, 32, 16), (F16, 64, 32), (BF16, 128, 32), (F16, 128, 64)]
+
+
+@pytest.mark.parametrize("dtype,bm,bn", BOUNDARY_TILES, ids=[f"m{m}n{n}" for _, m, n in BOUNDARY_TILES])
+@pytest.mark.parametrize("windowed", [False, True], ids=["causal", "window"])
+def test_prefill_tile_boundaries(dtype, bm, bn, windowed):
+    """First query positions at every residue mod BLOCK_N, so the split between unmasked
+    interior tiles and masked edge tiles is checked at each off-by-one position."""
+    W = bm + bn + 5 if windowed else None
+    base = (W + bn) if windowed else 2 * bn
+    step = max(1, bn // 16)
+    residues = sorted(set(range(0, bn, step)) | {bn - 2, bn - 1, 1})
+    q_lens = [bm + 3] * len(residues)
+    kv_lens = [base + r + bm + 3 for r in residues]
+    p = build(q_lens, kv_lens, D=64, bs=16, Hkv=1, G=1, dtype=dtype, window=W, seed=bm + bn)
+    out, lse = poisoned_outputs(p)
+    a = args_of(p)
+    cfg = cfgs.PrefillConfig(bm, bn, 4, 2)
+    pa.launch_prefill(out, lse, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[8], a[9], a[10], a[11],
+                      a[12], cfg=cfg)
+    check(p, out, lse, f"boundaries {cfg} W={W}")
+
+
+def _all_decode_configs():
+    seen = []
+    for arch in cfgs.ARCHS:
+        for dtype in (F16, F32):
+            for bd in (64, 128, 256):
+                for rows in cfgs.decode_row_options(dtype, bd):
+                    for c in cfgs.decode_configs(dtype, bd, arch, rows):
+                        key = (dtype, bd, rows, c.block_n)
+                        if key not in [s[:4] for s in seen]:
+                            seen.append(key + (c,))
+    return seen
+
+
+DECODE_CFGS = _all_decode_configs()
+
+
+@pytest.mark.parametrize("dtype,bd,rows,bn,cfg", DECODE_CFGS,
+                         ids=[f"{str(d)[6:]}-bd{b}-r{r}-n{n}" for d, b, r, n, _ in DECODE_CFGS])
+def test_decode_every_tile_shape(dtype, bd, rows, bn, cfg):
+    D = {64: 64, 128: 96, 256: 256}[bd]
+    G = 4 if rows == 16 else 12  # 12 x 3 queries = 36 rows -> ROWS = 64
+    q_lens = [1, 1] if rows == 16 else [3, 1]
+    p = build(q_lens, [3 * bn + 5, 9], D=D, bs=16, Hkv=1, G=G, dtype=dtype, sink=True, seed=bn)
+    out, lse = poisoned_outputs(p)
+    a = args_of(p)
+    assert cfgs.decode_rows(G * max(q_lens), dtype, bd) == rows
+    pa.launch_decode(out, lse, *a[:8], a[8], a[9], a[10], a[11], a[12], cfg=cfg, num_splits=2)
+    check(p, out, lse, f"cfg {cfg}")
+
+
+# ---------------------------------------------------------------------------------------------
+# cache_write and merge_states
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,src_dtype,bs,D,Hkv,layout", [
+    (F16, F16, 16, 128, 2, "plain"),
+    (BF16, F32, 1, 80, 3, "qkv"),
+    (F32, F32, 256, 256, 1, "plain"),
+    (F16, F32, 8, 96, 5, "interleaved"),
+    (BF16, BF16, 32, 64, 8, "qkv"),
+])
+def test_cache_write(dtype, src_dtype, bs, D, Hkv, layout):
+    gen = torch.Generator().manual_seed(bs)
+    T = 11
+    num_blocks = max(6, -(-2 * T // bs))
+    if layout == "qkv":
+        qkv = torch.randn(T, 2 + 2 * Hkv, D, generator=gen).to(src_dtype)
+        k, v = qkv[:, 2: 2 + Hkv], qkv[:, 2 + Hkv:]
+    else:
+        k = torch.randn(T, Hkv, D, generator=gen).to(src_dtype)
+        v = torch.randn(T, Hkv, D, generator=gen).to(src_dtype)
+    if layout == "interleaved":
+        buf = torch.randn(num_blocks, 2, bs, Hkv, D, generator=gen).to(dtype)
+        kc, vc = buf[:, 0], buf[:, 1]
+    else:
+        kc = torch.randn(num_blocks, bs, Hkv, D, generator=gen).to(dtype)
+        vc = torch.randn(num_blocks, bs, Hkv, D, generator=gen).to(dtype)
+    slots = torch.randperm(num_blocks * bs, generator=gen)[:T].long()
+    slots[[2, 7]] = -1
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    ref.cache_write(k, v, kc_ref, vc_ref, slots)
+
+    def same(a, b):
+        if src_dtype == F32 and dtype == BF16:
+            # Triton's interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest
+            # even, like torch): allow one bf16 ulp there.
+            torch.testing.assert_close(a.float(), b.float(), atol=0, rtol=2 ** -7)
+        else:
+            assert torch.equal(a, b)
+
+    kt.cache_write(k, v, kc, vc, slots)
+    same(kc, kc_ref)
+    same(vc, vc_ref)
+    kc2, vc2 = kc_ref.clone(), vc_ref.clone()  # int32 slot mapping too
+    kt.cache_write(k, v, kc2, vc2, slots.int())
+    same(kc2, kc_ref)
+    same(vc2, vc_ref)
+
+
+@pytest.mark.parametrize("dtype,D,H", [(F32, 64, 3), (F16, 128, 8), (BF16, 80, 5), (F32, 256, 2)])
+def test_merge_states(dtype, D, H):
+    gen = torch.Generator().manual_seed(D)
+    T = 7
+    oa = torch.randn(T, H, D, generator=gen).to(dtype)
+    ob = torch.randn(T, H, D, generator=gen).to(dtype)
+    la = torch.randn(T, H, generator=gen) * 3
+    lb = torch.randn(T, H, generator=gen) * 3
+    la[0, :] = -math.inf  # a empty
+    oa[0] = math.nan
+    lb[1, :] = -math.inf  # b empty
+    ob[1] = math.nan
+    la[2, 0] = lb[2, 0] = -math.inf  # both empty
+    oa[2, 0] = ob[2, 0] = math.nan
+    la[3, :] = 80.0  # far apart
+    lb[3, :] = -80.0
+    lb_nc = torch.randn(H, T, generator=gen).t()  # non-contiguous lse
+    lb_nc.copy_(lb)
+    o_ref, l_ref = ref.merge_states(torch.nan_to_num(oa), la, torch.nan_to_num(ob), lb)
+    out = torch.full_like(oa, math.nan)
+    lse = torch.full_like(la, math.nan)
+    kt.merge_states(out, lse, oa, la, ob, lb_nc)
+    torch.testing.assert_close(out.float(), o_ref.float(), **TOL[dtype])
+    torch.testing.assert_close(lse, l_ref, **LSE_TOL)
+
+
+def test_supports():
+    assert kt.supports(F16, 128, 16, 32, 8) is None
+    assert kt.supports(BF16, 80, 1, 7, 1) is None
+    assert kt.supports(F32, 256, 256, 4, 4) is None
+    assert kt.supports(F16, 192, 16, 8, 8) is not None
+    assert kt.supports(F16, 128, 512, 8, 8) is not None
+    assert kt.supports(F16, 128, 16, 6, 4) is not None
+    assert kt.supports(torch.float64, 128, 16, 8, 8) is not None
+
+
+def test_autotune_cache(monkeypatch):
+    """The tuner benchmarks each candidate once per key (GPU only) and caches the winner."""
+    import triton.testing
+
+    calls = []
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), times[calls[-1]])[1])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv("KVMEM_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(cfgs, "interpreting", lambda: False)
+    monkeypatch.setattr(cfgs, "_TUNED", {})
+
+    class FakeCuda:
+        type = "cuda"
+
+    key = ("test", 1)
+    best = cfgs.tuned("prefill", key, ["a", "b", "c"], "a", calls.append, FakeCuda())
+    assert best == "b" and calls == ["a", "b", "c"]
+    assert cfgs.tuned("prefill", key, ["a", "b", "c"], "a", calls.append, FakeCuda()) == "b"
+    assert calls == ["a", "b", "c"]  # cached: no more benchmarking
+    # CPU / interpreter / disabled: the heuristic, nothing benchmarked
+    assert cfgs.tuned("prefill", ("other",), ["a", "b"], "a", calls.append, torch.device("cpu")) == "a"
+    monkeypatch.setenv("KVMEM_TRITON_AUTOTUNE", "0")
+    assert cfgs.tuned("prefill", ("other",), ["a", "b"], "a", calls.append, FakeCuda()) == "a"
+    assert calls == ["a", "b", "c"]
+
+
+def test_aot_enumeration_covers_launchers():
+    """Every config a launcher or the tuner can pick is in the AOT enumeration."""
+    for arch in cfgs.ARCHS:
+        names = {v.name for v in cfgs.aot_variants(arch)}
+        for dtype in cfgs.SUPPORTED_DTYPES:
+            dn = cfgs.DTYPE_NAMES[dtype]
+            for hd in cfgs.SUPPORTED_HEAD_DIMS:
+                bd = cfgs.block_d(hd)
+                for c in cfgs.prefill_configs(dtype, bd, arch):
+                    for sc in (False, True):
+                        assert (f"prefill[{dn}; BLOCK_D={bd},BLOCK_M={c.block_m},BLOCK_N={c.block_n},SOFTCAP={sc},"
+                                f"FP32={dtype == F32},SEARCH_BLOCK={cfgs.SEARCH_BLOCK}; w{c.num_warps} "
+                                f"s{c.num_stages}]") in names
+                for g in (1, 3, 4, 7, 8, 16, 24, 64):
+                    for ql in (1, 2, 4, 8):
+                        if not cfgs.use_decode(ql, g):
+                            continue
+                        rows = cfgs.decode_rows(g * ql, dtype, bd)
+                        for c in cfgs.decode_configs(dtype, bd, arch, rows):
+                            for sc in (False, True):
+                                assert (f"decode[{dn}; BLOCK_D={bd},ROWS={rows},BLOCK_N={c.block_n},SOFTCAP={sc},"
+                                        f"FP32={dtype == F32}; w{c.num_warps} s{c.num_stages}]") in names
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled, on a real GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def _gpu_full_product(dev="cuda", max_groups=None):
+    """Every dtype x head dim x page size x group x step kind x every config, compiled."""
+    arch = cfgs.arch_of(torch.device(dev))
+    n = 0
+    for dtype in (F16, BF16, F32):
+        for D in cfgs.SUPPORTED_HEAD_DIMS:
+            bd = cfgs.block_d(D)
+            for bs in (1, 8, 16, 32, 128, 256):
+                for G in (1, 3, 4, 7, 8):
+                    if max_groups is not None and n >= max_groups:
+                        return
+                    seed = n
+                    n += 1
+                    kinds = [
+                        ("prefill", [130, 17], [130, 300], dict(window=None, softcap=None, sink=False)),
+                        ("mixed", [1, 70, 1], [513, 90, 33], dict(window=64, softcap=30.0, sink=True)),
+                    ]
+                    for kind, ql, kl, extra in kinds:
+                        p = build(ql, kl, D=D, bs=bs, Hkv=2, G=G, dtype=dtype, seed=seed, device=dev, **extra)
+                        a = args_of(p)
+                        for c in cfgs.prefill_configs(dtype, bd, arch):
+                            out, lse = poisoned_outputs(p)
+                            pa.launch_prefill(out, lse, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[8],
+                                              a[9], a[10], a[11], a[12], cfg=c)
+                            check(p, out, lse, f"gpu {kind} {dtype} D{D} bs{bs} G{G} {c}")
+                    p = build([1, 1, 1], [1000, 37, 1], D=D, bs=bs, Hkv=2, G=G, dtype=dtype, seed=seed,
+                              device=dev, window=None if G % 2 else 200, sink=G == 7)
+                    a = args_of(p)
+                    rows = cfgs.decode_rows(G, dtype, bd)
+                    for c in cfgs.decode_configs(dtype, bd, arch, rows):
+                        for splits in (None, 1, 3, 40):
+                            out, lse = poisoned_outputs(p)
+                            pa.launch_decode(out, lse, *a[:8], a[8], a[9], a[10], a[11], a[12], cfg=c,
+                                             num_splits=splits)
+                            check(p, out, lse, f"gpu decode {dtype} D{D} bs{bs} G{G} {c} splits={splits}")
+                    # the public entry point (heuristic configs)
+                    out, lse = poisoned_outputs(p)
+                    kt.paged_attention(out, lse, *a)
+                    check(p, out, lse, f"gpu entry decode {dtype} D{D} bs{bs} G{G}")
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    print(f"gpu full product: {n} shape groups OK")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_full_product():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["KVMEM_TRITON_GPU_CHECK"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
+                         text=True, timeout=3600)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+
+
+if __name__ == "__main__":
+    if os.environ.get("KVMEM_TRITON_GPU_CHECK"):
+        _gpu_full_product()
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
