@@ -66,3 +66,22 @@ def test_missing_extension_message():
         pytest.skip("extension is built")
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
         _ext.get_op("paged_attention")
+
+
+def test_forced_triton_runs_through_public_ops(monkeypatch):
+    """KVMEM_BACKEND=triton with the interpreter: the public ops reach the Triton kernels."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu tests")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("KVMEM_BACKEND", "triton")
+    case = make_case([1, 3], [9, 20], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4, softcap=5.0, seed=5)
+    assert backends.select(call_for(case, softcap=5.0)).name == "triton"
+    out, lse = kvmem.paged_attention(*case.args(), **case.kwargs, return_lse=True)
+    ref, ref_lse = case.reference()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    k_cache = case.k_cache.clone()
+    kvmem.cache_write(torch.randn(2, 2, 64), torch.randn(2, 2, 64), k_cache, case.v_cache.clone(), torch.tensor([0, 5]))
+    o, l = kvmem.merge_states(out, lse, out, lse)
+    torch.testing.assert_close(o, out, atol=1e-5, rtol=1e-5)
