@@ -43,14 +43,19 @@ def run_and_compare(case, label=""):
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 7, 8])
 def test_paged_attention_product(dtype, head_dim, block_size, group):
+    """Every (dtype, head dim, page size, group) runs every mode; the feature sets rotate with
+    the parameters (two per mode), so each (mode, feature) pair meets every value of every other
+    dimension across the product while one test stays ~10 cases."""
     num_kv_heads = 2 if group < 7 else 1
+    names = list(FEATURES)
+    offset = DTYPES.index(dtype) + head_dim // 16 + block_size + group
     seed = 0
-    for mode, (q_lens, kv_lens) in MODES.items():
-        for feature, feats in FEATURES.items():
+    for i, (mode, (q_lens, kv_lens)) in enumerate(MODES.items()):
+        for feature in (names[(i + offset) % 5], names[(i + offset + 2) % 5]):
             seed += 1
             case = make_case(q_lens, kv_lens, num_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
                              head_dim=head_dim, block_size=block_size, dtype=dtype, strided=seed % 2 == 0,
-                             seed=seed, **feats)
+                             seed=seed, **FEATURES[feature])
             run_and_compare(case, f"{mode}/{feature}")
 
 
@@ -73,7 +78,8 @@ def test_long_prefill_tiles():
 @pytest.mark.parametrize("block_size", [1, 16, 128])
 def test_cache_write(dtype, block_size):
     g = torch.Generator().manual_seed(block_size)
-    num_blocks, hkv, d, t = 6, 3, 80, 40
+    hkv, d, t = 3, 80, 40
+    num_blocks = -(-2 * t // block_size)  # room for every token, half the slots stay NaN
     k_cache = torch.full((num_blocks, block_size, hkv, d), math.nan, dtype=dtype)
     v_cache = torch.full_like(k_cache, math.nan)
     packed = torch.randn(t, 2 * hkv + 4, d, generator=g).to(dtype)  # k, v as strided slices

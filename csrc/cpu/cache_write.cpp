@@ -1,0 +1,105 @@
+// Scatter this step's keys/values into the paged caches.
+//
+// Math: for token t with slot = slot_mapping[t] >= 0 (slot = block * block_size + offset):
+//   k_cache[slot / block_size, slot % block_size, :, :] = k[t]   (same for v);
+// slot == -1 (any negative slot) marks a padding token, which is skipped. Each (token, head) row
+// is a contiguous copy (memcpy when the dtypes match, an fp32 round trip otherwise); tokens are
+// spread over threads with at::parallel_for.
+
+#include <ATen/Parallel.h>
+
+#include <cstring>
+
+#include "cpu_utils.h"
+
+namespace kvmem {
+namespace cpu {
+namespace {
+
+template <typename Src, typename Dst>
+KVMEM_INLINE void copy_row(const Src* KVMEM_RESTRICT src, Dst* KVMEM_RESTRICT dst, int64_t n) {
+  if constexpr (std::is_same_v<Src, Dst>) {
+    std::memcpy(dst, src, sizeof(Dst) * n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = from_float<Dst>(to_float(src[i]));
+  }
+}
+
+template <typename Src, typename Dst>
+void cache_write_impl(const at::Tensor& k,            // [T, Hkv, D]
+                      const at::Tensor& v,            // [T, Hkv, D]
+                      at::Tensor& k_cache,            // [num_blocks, block_size, Hkv, D]
+                      at::Tensor& v_cache,            // [num_blocks, block_size, Hkv, D]
+                      const at::Tensor& slot_mapping  // [T] int64
+) {
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
+  const int64_t BS = k_cache.size(1);
+  const Src* kp = k.data_ptr<Src>();
+  const Src* vp = v.data_ptr<Src>();
+  Dst* kc = k_cache.data_ptr<Dst>();
+  Dst* vc = v_cache.data_ptr<Dst>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t ss = slot_mapping.stride(0);
+  const int64_t k_st = k.stride(0), k_sh = k.stride(1), v_st = v.stride(0), v_sh = v.stride(1);
+  const int64_t kc_sb = k_cache.stride(0), kc_ss = k_cache.stride(1), kc_sh = k_cache.stride(2);
+  const int64_t vc_sb = v_cache.stride(0), vc_ss = v_cache.stride(1), vc_sh = v_cache.stride(2);
+  // ~16 KiB of copies per task at least.
+  const int64_t row_bytes = 2 * H * D * int64_t(sizeof(Dst));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t slot = slots[t * ss];
+      if (slot < 0) continue;
+      const int64_t blk = slot / BS, off = slot % BS;
+      Dst* kd = kc + blk * kc_sb + off * kc_ss;
+      Dst* vd = vc + blk * vc_sb + off * vc_ss;
+      const Src* ks = kp + t * k_st;
+      const Src* vs = vp + t * v_st;
+      for (int64_t h = 0; h < H; ++h) {
+        copy_row(ks + h * k_sh, kd + h * kc_sh, D);
+        copy_row(vs + h * v_sh, vd + h * vc_sh, D);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void cache_write(const at::Tensor& k,            // [T, Hkv, D]
+                 const at::Tensor& v,            // [T, Hkv, D]
+                 at::Tensor& k_cache,            // [num_blocks, block_size, Hkv, D]
+                 at::Tensor& v_cache,            // [num_blocks, block_size, Hkv, D]
+                 const at::Tensor& slot_mapping  // [T] int64
+) {
+  constexpr const char* kName = "kvmem_C::cache_write";
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), kName,
+              ": k and v must both be [T, Hkv, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              kName, ": caches must both be [num_blocks, block_size, Hkv, D]");
+  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2), kName,
+              ": k/v [T, Hkv, D] do not match the caches' [.., .., Hkv, D]");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0) &&
+                  slot_mapping.scalar_type() == at::kLong,
+              kName, ": slot_mapping must be [T] int64");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && is_kvmem_float_type(k.scalar_type()), kName,
+              ": k and v must share a dtype (fp32, bf16 or fp16)");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                  is_kvmem_float_type(k_cache.scalar_type()),
+              kName, ": k_cache and v_cache must share a dtype (fp32, bf16 or fp16)");
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && k_cache.device().is_cpu() &&
+                  v_cache.device().is_cpu() && slot_mapping.device().is_cpu(),
+              kName, ": all tensors must be on the CPU");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k_cache.stride(3) == 1 &&
+                  v_cache.stride(3) == 1,
+              kName, ": the last dim of k, v and the caches must have unit stride");
+  if (k.size(0) == 0 || k.size(1) == 0 || k.size(2) == 0) return;
+  KVMEM_DISPATCH_FLOAT_TYPES(k.scalar_type(), kName, [&] {
+    using src_t = scalar_t;
+    KVMEM_DISPATCH_FLOAT_TYPES(k_cache.scalar_type(), kName, [&] {
+      cache_write_impl<src_t, scalar_t>(k, v, k_cache, v_cache, slot_mapping);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace kvmem

@@ -1,0 +1,89 @@
+// kvmem's compiled ops: the op schemas (TORCH_LIBRARY), their CPU kernels (TORCH_LIBRARY_IMPL) and,
+// when built by setup.py as the Python extension kvmem._C, a small pybind11 module with build info.
+//
+// The schemas are the contract the Python layer (kvmem/ops) is written against; CUDA kernels,
+// when compiled in (KVMEM_WITH_CUDA), register themselves for the CUDA dispatch key elsewhere.
+
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#include "cpu/cpu_utils.h"
+
+#ifndef KVMEM_CUDA_ARCHS
+#define KVMEM_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(kvmem_C, m) {
+  // k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D];
+  // slot_mapping: [T] int64 (block * block_size + offset, -1 skips the token).
+  m.def(
+      "cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor slot_mapping) -> ()");
+  // out: [T, Hq, D] (q's dtype); lse: [T, Hq] fp32 or None; q: [T, Hq, D];
+  // k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_table: [B, max_blocks] int32;
+  // seq_lens: [B] int32; cu_seqlens_q: [B + 1] int32; window <= 0: none; softcap <= 0: none;
+  // sink_logits: [Hq] fp32 or None.
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor(b!)? lse, Tensor q, Tensor k_cache, "
+      "Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_q, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, int window, "
+      "float softcap, Tensor? sink_logits) -> ()");
+  // out, out_a, out_b: [T, H, D] (one dtype); lse, lse_a, lse_b: [T, H] fp32.
+  m.def(
+      "merge_states(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, "
+      "Tensor out_b, Tensor lse_b) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kvmem_C, CPU, m) {
+  m.impl("cache_write", &kvmem::cpu::cache_write);
+  m.impl("paged_attention", &kvmem::cpu::paged_attention);
+  m.impl("merge_states", &kvmem::cpu::merge_states);
+}
+
+#ifdef KVMEM_PYTHON_MODULE
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kvmem compiled ops (registered as torch.ops.kvmem_C.*)";
+  m.def(
+      "build_info",
+      [] {
+        py::dict d;
+        d["torch_version"] = std::string(TORCH_VERSION);
+#ifdef KVMEM_WITH_CUDA
+        d["cuda"] = true;
+#else
+        d["cuda"] = false;
+#endif
+        d["cuda_archs"] = std::string(KVMEM_CUDA_ARCHS);
+#ifdef _OPENMP
+        d["openmp"] = true;
+#else
+        d["openmp"] = false;
+#endif
+#if defined(__VERSION__)
+#if defined(__clang__)
+        d["compiler"] = std::string("clang ") + __VERSION__;
+#elif defined(__GNUC__)
+        d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+        d["compiler"] = std::string(__VERSION__);
+#endif
+#elif defined(_MSC_FULL_VER)
+        d["compiler"] = std::string("msvc ") + std::to_string(_MSC_FULL_VER);
+#else
+        d["compiler"] = std::string("unknown");
+#endif
+        return d;
+      },
+      "How this extension was built: torch_version, cuda, cuda_archs, openmp, compiler.");
+  m.def(
+      "cpu_isa", [] { return std::string(kvmem::cpu::isa_name(kvmem::cpu::cpu_isa())); },
+      "The instruction set the CPU kernels dispatch to at runtime (baseline, avx2 or avx512; "
+      "the env var KVMEM_CPU_ISA can lower it).");
+}
+#endif  // KVMEM_PYTHON_MODULE
