@@ -134,57 +134,6 @@ class _PagedLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx) -> None:
         raise RuntimeError("kvmem: reorder a PagedKVCache as a whole (cache.reorder_cache), not per layer")
 
-    def release(self) -> None:
-        """Free every sequence and refuse further use (the pool's registered prompt blocks stay cached)."""
-        self.reset()
-        self._released = True
-
-    def reuse_prefix(self, rows_tokens: List[List[int]], pads: Optional[List[int]] = None) -> int:
-        """Start the rows from cached blocks of their prompts (before the first step).
-
-        Parameters
-        ----------
-        rows_tokens: per row, the prompt's real token ids (padding excluded)
-        pads: per row, how many padding columns precede them (left padding), default 0
-
-        Returns
-        -------
-        the number of leading columns now cached for every row (``get_seq_length()``); generate()
-        then feeds only the rest of the prompt. Each row's prompt blocks are registered for reuse
-        when the step that fills them is planned.
-        """
-        if self._seq_ids or self._seen or self._step is not None:
-            raise RuntimeError("kvmem: reuse_prefix must be called on an empty PagedKVCache")
-        if self._manager is None:
-            raise RuntimeError("kvmem: reuse_prefix needs allocated pools (a KVPool)")
-        pads = [0] * len(rows_tokens) if pads is None else list(pads)
-        m = self._manager
-        cached = []
-        for toks in rows_tokens:
-            sid = next(self._ids)
-            cached.append(m.add_sequence(sid, [int(t) for t in toks]))
-            self._seq_ids.append(sid)
-        while True:  # every row must hold exactly (cols - its padding) tokens
-            cols = min(p + c for p, c in zip(pads, cached)) if cached else 0
-            if cols < max(pads, default=0):  # a row's padding would have to be cached: no reuse
-                cols = 0
-            settled = True
-            for i, (sid, p, toks) in enumerate(zip(self._seq_ids, pads, rows_tokens)):
-                keep = max(0, cols - p)
-                if cached[i] <= keep:
-                    continue
-                try:
-                    m.truncate(sid, keep)
-                    cached[i] = keep
-                except ValueError:  # a sliding group already dropped what a query at `keep` sees
-                    m.free_sequence(sid)
-                    cached[i] = m.add_sequence(sid, [int(t) for t in toks[: keep + 1]])
-                    settled &= cached[i] == keep
-            if settled:
-                break
-        self._seen = cols
-        return cols
-
     def crop(self, tokens_to_remove: int) -> None:
         raise RuntimeError("kvmem: crop a PagedKVCache as a whole (cache.crop), not per layer")
 
