@@ -109,7 +109,7 @@ def test_wrong_output_is_flagged(tmp_path, monkeypatch):
     assert main(["decode", *TINY, "--context", "32", "--out", str(tmp_path), "--no-plot"]) == 1
 
 
-@pytest.mark.parametrize("command,what", [("generate", "HF integration"), ("memory", "memory bank")])
+@pytest.mark.parametrize("command,what", [("memory", "memory bank")])
 def test_not_available_yet(command, what, capsys, tmp_path):
     assert main([command, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -117,7 +117,29 @@ def test_not_available_yet(command, what, capsys, tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_generate_quick(tmp_path, capsys):
+    """HF default vs kvmem on a tiny random-weight Llama: rows, ratios, identical fp32 tokens."""
+    pytest.importorskip("transformers")
+    assert main(["generate", "--quick", "--device", "cpu", "--batch", "1", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "random tiny" in out and "x HF" in out
+    files = glob.glob(os.path.join(str(tmp_path), "generate_cpu_float32_*.json"))
+    assert len(files) == 1, files
+    with open(files[0]) as f:
+        data = json.load(f)
+    assert data["mode"] == "generate" and data["machine"]["cpus"] >= 1
+    rows = data["rows"]
+    assert [(r["impl"], r["batch"]) for r in rows] == [("hf_default", 1), ("kvmem", 1), ("hf_default", 2), ("kvmem", 2)]
+    for r in rows:
+        assert r["identical"] and r["max_rel_logit_err"] <= 1e-4
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["kv_bytes_held"] > 0
+    assert all(r["kv_bytes_reserved"] >= r["kv_bytes_held"] for r in rows if r["impl"] == "kvmem")
+    assert all(r["decode_x_hf"] > 0 for r in rows if r["impl"] == "kvmem")
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["generate", "--new-tokens", "1"], "--new-tokens"),
+    (["generate", "--batch", "0"], "--batch"),
     ([], "required"),
     (["decode", "--batch", "0"], "positive integer"),
     (["decode", "--context", "x"], "positive integer"),

@@ -664,3 +664,50 @@ def test_nn_decode_step_compiles_fullgraph():
         assert torch.allclose(out, ref, rtol=0, atol=1e-6)
         assert torch.equal(pools[0][0], k_eager) and torch.equal(pools[0][1], v_eager)
     assert counter.frame_count == 1
+
+
+# ----------------------------------------------------------------------------------------- devices
+def test_pools_follow_each_layers_device_lazily():
+    """Without device=, each layer's pools appear at its first update, on its keys' device (how a
+    model split over GPUs keeps its pools next to each layer); metadata moves per device."""
+    from kvmem.cache import KVCacheManager, LayerGroupSpec
+    from kvmem.integrations.hf import model_layer_devices
+
+    m = tiny_qwen2_sliding(window=16)
+    assert model_layer_devices(m) is None  # one device: nothing to split
+    cache = PagedKVCache(m.config, block_size=8, max_cache_len=64)
+    assert cache.pools == {}
+    ids = torch.randint(1, 128, (1, 20))
+    ref = gen(m, input_ids=ids, max_new_tokens=6)
+    patch(m, block_size=8)
+    try:
+        out = gen(m, input_ids=ids, max_new_tokens=6, past_key_values=cache)
+    finally:
+        unpatch(m)
+    assert_same_generation(out, ref)
+    assert sorted(cache.pools) == list(range(4)) and all(k.device.type == "cpu" for k, _ in cache.pools.values())
+    mgr = KVCacheManager(8, 4, [LayerGroupSpec("full", (0, 1))])
+    pools = mgr.make_pools(2, 16, torch.float32, {0: "cpu", 1: "cpu"}, layers=[1])
+    assert list(pools) == [1] and pools[1][0].shape == (8, 4, 2, 16)
+    mgr.add_sequence("a")
+    md = mgr.plan(["a"], [3]).for_layer(0)
+    assert md.to("cpu") is md and md.device == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_device_map_across_two_gpus():
+    """Layers split over cuda:0 and cuda:1 (device_map): pools on each layer's device, same tokens."""
+    m = tiny_llama(layers=4).to(torch.float32)
+    ids = torch.randint(1, 128, (2, 24))
+    ref = gen(m, input_ids=ids, max_new_tokens=12)
+    from accelerate import dispatch_model
+
+    dmap = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1,
+            "model.layers.3": 1, "model.norm": 1, "model.rotary_emb": 0, "lm_head": 1}
+    m = dispatch_model(m, device_map=dmap)
+    out = patched_generate(m, input_ids=ids.to("cuda:0"), max_new_tokens=12)
+    assert torch.equal(out.sequences.cpu(), ref.sequences)
+    devs = {i: k.device for i, (k, _) in out.past_key_values.pools.items()}
+    assert devs == {0: torch.device("cuda:0"), 1: torch.device("cuda:0"), 2: torch.device("cuda:1"),
+                    3: torch.device("cuda:1")}

@@ -2,7 +2,8 @@
 
     python -m kvmem.bench decode  [--batch 8 32] [--context 4096] [--quick] [--device cpu] ...
     python -m kvmem.bench prefill [--context 512 1024] [--q-len 256] ...
-    python -m kvmem.bench generate | memory      (not available yet)
+    python -m kvmem.bench generate [--prompts 1024 4096] [--batch 1 8] ...   (kvmem.bench.generate)
+    python -m kvmem.bench memory                 (not available yet)
 
 A run first measures this device's limits (copy bandwidth; read bandwidth on CPU; a dense
 matmul rate), then for each case times every kvmem backend that ``backends.explain`` says can
@@ -35,7 +36,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 MODES = ("decode", "prefill")
 NOT_YET = {
-    "generate": "not available yet: arrives with the HF integration issue",
     "memory": "not available yet: arrives with the memory bank issue",
 }
 
@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kvmem.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{decode,prefill,generate,memory}")
-    helps = {"decode": "one query per sequence: GB/s of K/V read", "prefill": "causal prefill: TFLOP/s", **NOT_YET}
+    helps = {"decode": "one query per sequence: GB/s of K/V read", "prefill": "causal prefill: TFLOP/s",
+             "generate": "HF generate(): default vs kvmem (see python -m kvmem.bench generate -h)", **NOT_YET}
     p.subcommands = {name: sub.add_parser(name, parents=[common], help=text, description=text)
                      for name, text in helps.items()}
     return p
@@ -260,6 +261,11 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> torch.devi
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m kvmem.bench``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["generate"]:  # its own options (model, prompts, new tokens): its own parser
+        from kvmem.bench import generate
+
+        return generate.main(argv[1:])
     p = build_parser()
     a = p.parse_args(argv)
     if a.command in NOT_YET:

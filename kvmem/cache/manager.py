@@ -567,22 +567,30 @@ class KVCacheManager:
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype = torch.float16,
-        device: Union[None, str, torch.device] = None,
+        device: Union[None, str, torch.device, Mapping[int, Union[str, torch.device]]] = None,
         fill: Optional[float] = None,
+        layers: Optional[Sequence[int]] = None,
     ) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-        """Allocate K/V pools for every layer: layer -> (k_cache, v_cache).
+        """Allocate K/V pools for every layer (or ``layers``): layer -> (k_cache, v_cache).
+
+        ``device`` is one device for all pools, or a mapping layer -> device (a model split over
+        several GPUs keeps each layer's pools next to its weights); default: the manager's.
 
         Returns
         -------
         dict of layer -> two tensors [num_blocks of the layer's group, block_size, num_kv_heads, head_dim]
         """
-        device = self.device if device is None else torch.device(device)
+        per_layer = isinstance(device, Mapping)
+        one = self.device if device is None or per_layer else torch.device(device)
         pools = {}
         for layer, g in sorted(self._layer_to_group.items()):
+            if layers is not None and layer not in layers:
+                continue
+            dev = torch.device(device.get(layer, one) or one) if per_layer else one
             shape = (self._allocators[g].num_blocks, self._block_size, num_kv_heads, head_dim)
             pair = tuple(
-                torch.empty(shape, dtype=dtype, device=device) if fill is None
-                else torch.full(shape, fill, dtype=dtype, device=device)
+                torch.empty(shape, dtype=dtype, device=dev) if fill is None
+                else torch.full(shape, fill, dtype=dtype, device=dev)
                 for _ in range(2)
             )
             pools[layer] = pair

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, Optional, Tuple
+from typing import Dict, Hashable, Optional, Tuple, Union
 
 import torch
 
@@ -71,6 +71,19 @@ class StepMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     window: Optional[int] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.block_table.device
+
+    def to(self, device: Union[str, torch.device]) -> "StepMetadata":
+        """The same metadata on ``device`` (self when already there; copies are non-blocking)."""
+        device = torch.device(device)
+        if self.block_table.device == device:
+            return self
+        mv = [t.to(device, non_blocking=True) for t in (self.block_table, self.seq_lens, self.cu_seqlens_q,
+                                                         self.slot_mapping)]
+        return StepMetadata(*mv, self.max_seqlen_q, self.max_seqlen_k, self.window)
 
 
 @dataclass

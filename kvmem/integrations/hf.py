@@ -16,7 +16,7 @@ import threading
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -61,7 +61,7 @@ class KvmemOptions:
                                 max_batch_size=rows, max_cache_len=max_cache_len, **kw)
         prompt = getattr(_prompt_tls, "prompt", None)
         rows_tokens, pads = _prompt_rows(prompt, max_batch_size, expand)
-        dtype, device = model.dtype, model.device
+        dtype, device = model.dtype, model_layer_devices(model) or model.device
         _, kv_heads, head_dim = families.kv_dims(model.config)
         groups = [LayerGroupSpec(n, layers, w)
                   for n, layers, w in families.group_layers(families.layer_windows(model.config))]
@@ -75,8 +75,9 @@ class KvmemOptions:
         pool = self.pool
         if pool is not None and pool.live is not None:
             pool.live.release()
-        if pool is None or pool.dtype != dtype or pool.device != torch.device(device) or \
-                (auto and not pool.fits(want)):
+        same_place = pool is not None and ((pool.layer_devices == device) if isinstance(device, dict) else
+                                           (pool.layer_devices is None and pool.device == torch.device(device)))
+        if pool is None or pool.dtype != dtype or not same_place or (auto and not pool.fits(want)):
             # auto-sized: room for this call and as much again of cached prompt blocks
             blocks = {k: 2 * v for k, v in want.items()} if auto else want
             pool = self.pool = KVPool(model.config, self.block_size, blocks, dtype, device)
@@ -85,6 +86,26 @@ class KvmemOptions:
         if rows_tokens:
             cache.reuse_prefix(rows_tokens, pads)
         return cache
+
+
+def model_layer_devices(model) -> Optional[Dict[int, torch.device]]:
+    """layer -> device of its attention weights when the model is split over several devices
+    (``device_map=...``), else None. Layers whose weights are offloaded (meta) use accelerate's
+    execution device."""
+    out: Dict[int, torch.device] = {}
+    for m in model.modules():
+        idx = getattr(m, "layer_idx", None)
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx in out:
+            continue
+        p = next(m.parameters(), None)
+        dev = None if p is None else p.device
+        if dev is None or dev.type == "meta":
+            hook = getattr(m, "_hf_hook", None)
+            ex = getattr(hook, "execution_device", None)
+            dev = None if ex is None else torch.device(ex)
+        if dev is not None:
+            out[idx] = dev
+    return out if len(set(out.values())) > 1 else None
 
 
 def _prompt_rows(prompt, batch: Optional[int], expand: int) -> Tuple[Optional[List[List[int]]], List[int]]:

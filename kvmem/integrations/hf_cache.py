@@ -43,6 +43,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvmem.cache import GroupUsage, KVCacheManager, LayerGroupSpec, page_bytes
+from kvmem.cache.metadata import StepMetadata
 from kvmem.integrations import families
 from kvmem.integrations._ops import KernelOps
 
@@ -156,7 +157,9 @@ class PagedKVCache(Cache):
         used when ``num_blocks`` is None
     max_batch_size, max_cache_len: size the pools for this many rows of up to this many tokens
         (``generate()`` passes them) when neither ``num_blocks`` nor ``memory`` is given
-    dtype, device: of the pools (default: those of the first keys written)
+    dtype, device: of the pools (default: those of the first keys written). Without ``device``
+        each layer's pools are allocated at its first ``update``, on its keys' device, so a model
+        split over several GPUs (``device_map="auto"``) keeps every layer's pools next to it.
     backend: ``"auto"`` or a kvmem backend name (``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``)
     pool: a ``KVPool`` to use instead of allocating pools (prefix caching across caches)
 
@@ -197,6 +200,8 @@ class PagedKVCache(Cache):
         self._max_cache_len = max_cache_len
         self._dtype = dtype
         self._device = None if device is None else torch.device(device)
+        self._pool_dtype: Optional[torch.dtype] = None
+        self._step_md: Dict[tuple, object] = {}  # per-device copies of this step's metadata/index
         self.ops = KernelOps(backend)
         self._manager: Optional[KVCacheManager] = None
         self._pools: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -211,6 +216,7 @@ class PagedKVCache(Cache):
                     self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.groups):
                 raise ValueError("PagedKVCache: the KVPool was made for another model or block size")
             self._manager, self._pools, self._ids = pool.manager, pool.pools, pool.ids
+            self._pool_dtype = pool.dtype
         super().__init__(layers=[_PagedLayer(self, i, w) for i, w in enumerate(self.windows)])
 
     # ------------------------------------------------------------------ description
@@ -301,7 +307,7 @@ class PagedKVCache(Cache):
             raise ValueError(f"PagedKVCache: built for {self.num_kv_heads} KV heads of dim {self.head_dim}, "
                              f"got num_heads={num_heads}, head_dim={head_dim}")
         if self._manager is None:
-            self._allocate(batch_size, 0, dtype, torch.device(device))
+            self._allocate(batch_size, 0, dtype, torch.device(device), eager=True)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Stash this layer's new keys/values for kvmem's attention function (which writes them).
@@ -477,16 +483,27 @@ class PagedKVCache(Cache):
                 step.pending[layer_idx] = (key, value)
                 raise
         md = step.plan.for_layer(layer_idx)
+        k_cache, v_cache = self._layer_pools(layer_idx, key.device)
+        if k_cache.device != md.device:  # a layer on another GPU: its own copy of the metadata, once a step
+            ck = (step.plan.layer_to_group[layer_idx], k_cache.device)
+            if ck not in self._step_md:
+                self._step_md[ck] = md.to(k_cache.device)
+            md = self._step_md[ck]
         if window != md.window:
             raise ValueError(
                 f"kvmem: layer {layer_idx} attends with sliding_window={window} but this PagedKVCache was built "
                 f"with window {md.window} for it (from the config's layer_types/sliding_window); was the cache made "
                 f"for another model?")
         B, Hq, S, D = query.shape
-        q = _tokens(query, step.index)
-        k = _tokens(key, step.index)
-        v = _tokens(value, step.index)
-        k_cache, v_cache = self._pools[layer_idx]
+        index = step.index
+        if index is not None and index.device != query.device:
+            ck = ("index", query.device)
+            if ck not in self._step_md:
+                self._step_md[ck] = index.to(query.device, non_blocking=True)
+            index = self._step_md[ck]
+        q = _tokens(query, index)
+        k = _tokens(key, index)
+        v = _tokens(value, index)
         if k.dtype != k_cache.dtype:
             raise TypeError(f"kvmem: layer {layer_idx} writes {k.dtype} keys into a {k_cache.dtype} PagedKVCache")
         self.ops.cache_write(k, v, k_cache, v_cache, md.slot_mapping)
@@ -496,9 +513,9 @@ class PagedKVCache(Cache):
         step.done.add(layer_idx)
         if len(step.done) == self.num_layers:
             self._seen += S  # the step is complete
-        if step.index is not None:
+        if index is not None:
             full = out.new_zeros(B * S, Hq, D)
-            full.index_copy_(0, step.index, out)
+            full.index_copy_(0, index, out)
             out = full
         return out.view(B, S, Hq, D)
 
@@ -514,11 +531,10 @@ class PagedKVCache(Cache):
                 f"kvmem: this PagedKVCache was built for a {self.model_type} model with {self.num_layers} layers, "
                 f"{self.num_kv_heads} KV heads and head_dim {self.head_dim} (keys [batch, {self.num_kv_heads}, "
                 f"tokens, {self.head_dim}]); got {got} for layer {layer_idx!r}. Is it a cache from another model?")
-        if self._manager is not None:
-            k_cache = self._pools[layer_idx][0]
-            if k.device != k_cache.device:
-                raise ValueError(f"kvmem: layer {layer_idx} keys are on {k.device}, "
-                                 f"the PagedKVCache on {k_cache.device}")
+        pair = self._pools.get(layer_idx)
+        if pair is not None and k.device != pair[0].device:
+            raise ValueError(f"kvmem: layer {layer_idx} keys are on {k.device}, "
+                             f"its PagedKVCache pools on {pair[0].device}")
 
     def _begin_step(self, key: torch.Tensor) -> _Step:
         self._finish_step()
@@ -571,7 +587,10 @@ class PagedKVCache(Cache):
             if any(n != S for n in nums):
                 index = new.reshape(-1).nonzero().flatten()
         plan = m.plan(self._seq_ids, nums)  # CacheFullError: nothing changed
+        self._step_md = {}
         if plan.copies:
+            for layer in range(self.num_layers):  # copy-on-write needs every layer's pools
+                self._layer_pools(layer, m.device)
             m.apply_copies(self._pools)
         step.plan, step.index, step.prev_lens = plan, index, prev
 
@@ -597,13 +616,25 @@ class PagedKVCache(Cache):
             m.free_sequence(s)
         self._seq_ids = new
 
-    def _allocate(self, rows: int, step_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    def _allocate(self, rows: int, step_len: int, dtype: torch.dtype, device: torch.device,
+                  eager: bool = False) -> None:
         per_block = bytes_per_block(self.groups, self.block_size, self.num_kv_heads, self.head_dim, dtype)
         blocks = size_groups(self.groups, self.block_size, per_block, rows=rows, step_len=step_len,
                              num_blocks=self._num_blocks_arg, memory=self._memory,
                              max_batch_size=self._max_batch_size, max_cache_len=self._max_cache_len)
         self._manager = KVCacheManager(blocks, self.block_size, self.groups, device, bytes_per_block=per_block)
-        self._pools = self._manager.make_pools(self.num_kv_heads, self.head_dim, dtype, device)
+        self._pool_dtype = dtype
+        if self._device is not None or eager:
+            self._pools = self._manager.make_pools(self.num_kv_heads, self.head_dim, dtype, device)
+        # else: each layer's pools at its first update, on its keys' device (_layer_pools)
+
+    def _layer_pools(self, layer_idx: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        pair = self._pools.get(layer_idx)
+        if pair is None:
+            pair = self._manager.make_pools(self.num_kv_heads, self.head_dim, self._pool_dtype, device,
+                                            layers=[layer_idx])[layer_idx]
+            self._pools[layer_idx] = pair
+        return pair
 
 
 def bytes_per_block(groups, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> Dict[str, int]:
@@ -674,19 +705,23 @@ class KVPool:
     config: the model config
     block_size: tokens per block
     num_blocks: group name -> blocks
-    dtype, device: of the pools
+    dtype, device: of the pools; ``device`` may map layer -> device (a model split over GPUs)
     """
 
     def __init__(self, config, block_size: int, num_blocks: Dict[str, int], dtype: torch.dtype,
-                 device: Union[str, torch.device]):
+                 device: Union[str, torch.device, Mapping[int, Union[str, torch.device]]]):
         self.num_layers, self.num_kv_heads, self.head_dim = families.kv_dims(config)
         self.groups = tuple(LayerGroupSpec(n, layers, w)
                             for n, layers, w in families.group_layers(families.layer_windows(config)))
-        self.block_size, self.dtype, self.device = block_size, dtype, torch.device(device)
+        self.layer_devices = ({int(k): torch.device(v) for k, v in device.items()}
+                              if isinstance(device, Mapping) else None)
+        self.block_size, self.dtype = block_size, dtype
+        self.device = self.layer_devices.get(0) if self.layer_devices else torch.device(device)
         per_block = bytes_per_block(self.groups, block_size, self.num_kv_heads, self.head_dim, dtype)
         self.manager = KVCacheManager(dict(num_blocks), block_size, self.groups, self.device,
                                       bytes_per_block=per_block)
-        self.pools = self.manager.make_pools(self.num_kv_heads, self.head_dim, dtype, self.device)
+        self.pools = self.manager.make_pools(self.num_kv_heads, self.head_dim, dtype,
+                                             self.layer_devices or self.device)
         self.ids = itertools.count()
         self.live: Optional["PagedKVCache"] = None  # the cache currently using the pool
 
