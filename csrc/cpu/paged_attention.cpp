@@ -106,11 +106,11 @@ constexpr int kKeyTile = 32;            // keys per tile (independent of the pag
 constexpr int kRowsPerTile = 64;        // target (query, head) rows per work item
 constexpr int64_t kMinSplitKeys = 256;  // never split a key range into chunks smaller than this
 constexpr int kInPlaceMaxRows = 8;      // bf16/fp16 K/V converted on the fly up to this many rows
+constexpr int kWideMinRows = 16;        // from this many rows per KV head: the GEMM-style path
 
 template <int N>
 struct VecOf {
   typedef float type __attribute__((vector_size(4 * N)));
-  typedef int32_t itype __attribute__((vector_size(4 * N)));
 };
 
 struct SeqInfo {
@@ -168,6 +168,12 @@ struct Scratch {
   float* S;    // [rows, kKeyTile] scores, then probabilities
   float* Kf;   // [kKeyTile, D] fp32 copy of one head's key tile (bf16/fp16 caches)
   float* Vf;   // [kKeyTile, D]
+  float* Qt;   // wide path: per head [D, RP] transposed queries
+  float* wm;   // wide path, one head: [RP] m, l, rescale factors, visible-key bounds
+  float* wl;
+  float* wa;
+  float* wlo;
+  float* whi;
   std::unique_ptr<int64_t[]> ibuf;
   int64_t* ra;  // [queries] per-query visible key range [ra, rb) within the item
   int64_t* rb;
@@ -177,17 +183,27 @@ struct Scratch {
   const void* vb[2][kKeyTile];
 
   Scratch(int max_rows, int max_queries, int D) {
-    const int64_t n = 2LL * max_rows * D + 2LL * max_rows + int64_t(max_rows) * kKeyTile +
-                      2LL * kKeyTile * D + 64;
+    // One head's rows rounded up to a vector: <= max_rows + 64. All heads' transposed queries
+    // (wide path, >= kWideMinRows rows per head): sum of rph rounded up to W < 2 * max_rows.
+    const int64_t padded = max_rows + 64;
+    const int64_t qt = (2LL * max_rows + 64) * D;
+    const int64_t n = 2LL * max_rows * D + 2LL * max_rows + padded * kKeyTile +
+                      2LL * kKeyTile * D + qt + 5 * padded + 64;
     buf.reset(new float[n]);
     float* p = buf.get();
     Q = p, p += int64_t(max_rows) * D;
     acc = p, p += int64_t(max_rows) * D;
     m = p, p += max_rows;
     l = p, p += max_rows;
-    S = p, p += int64_t(max_rows) * kKeyTile;
+    S = p, p += padded * kKeyTile;
     Kf = p, p += int64_t(kKeyTile) * D;
-    Vf = p;
+    Vf = p, p += int64_t(kKeyTile) * D;
+    Qt = p, p += qt;
+    wm = p, p += padded;
+    wl = p, p += padded;
+    wa = p, p += padded;
+    wlo = p, p += padded;
+    whi = p;
     ibuf.reset(new int64_t[2 * max_queries]);
     ra = ibuf.get();
     rb = ra + max_queries;
@@ -241,7 +257,7 @@ KVMEM_INLINE void gather_tile(const Args<T>& a, const int32_t* bt_row, const T* 
 }
 
 // Walks the cache lines of the next key tile's K (or V) rows, heads [h0, h0 + nh) of each token,
-// issuing software prefetches (into L2) a few lines at a time from inside the compute loops, so
+// issuing software prefetches (prefetcht0) a few lines at a time from inside the compute loops, so
 // that the next tile streams in while this one is computed (one burst of prefetches would just
 // stall on the line-fill buffers).
 struct PrefetchCursor {
@@ -269,7 +285,7 @@ struct PrefetchCursor {
     while (count > 0 && tok < ntok) {
       const char* stop = p + int64_t(count) * 64;
       if (stop > end) stop = end;
-      for (const char* c = p; c < stop; c += 64) __builtin_prefetch(c, 0, 2);
+      for (const char* c = p; c < stop; c += 64) __builtin_prefetch(c, 0, 3);
       count -= static_cast<int>((stop - p + 63) / 64);
       p = stop;
       if (p >= end) {
@@ -925,54 +941,58 @@ KVMEM_NOINLINE void tile_scores(const float* Q, int rows, int G, const int64_t* 
 // output columns of every row stay in registers over all keys, and each V chunk loaded (and
 // converted) is used by all NR rows.
 template <int NR, int NV, typename E>
-KVMEM_INLINE void pv_cols(float* const* acc, const float* const* p, const E* const* v, int n,
-                          int d) {
+KVMEM_INLINE void pv_cols(float* const* acc, const float* const* p, int64_t ks, const E* const* v,
+                          int n, int d) {
   V c[NR][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < NR; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int u = 0; u < NV; ++u) c[r][u] = loadu(acc[r] + d + u * W);
   }
   for (int k = 0; k < n; ++k) {
     V vv[NV];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int u = 0; u < NV; ++u) vv[u] = loadv(v[k] + d + u * W);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
-      const float x = p[r][k];
-#pragma GCC unroll 2
+      const float x = p[r][k * ks];
+#pragma GCC unroll 4
       for (int u = 0; u < NV; ++u) c[r][u] += x * vv[u];
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < NR; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int u = 0; u < NV; ++u) std::memcpy(acc[r] + d + u * W, &c[r][u], sizeof(V));
   }
 }
 
 template <int NR, typename E>
-KVMEM_NOINLINE void pv_block(float* const* acc, const float* const* p, const E* const* v, int n,
-                             int D) {
+KVMEM_NOINLINE void pv_block(float* const* acc, const float* const* p, int64_t ks,
+                             const E* const* v, int n, int D) {
   int d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) pv_cols<NR, 2, E>(acc, p, v, n, d);
-  for (; d + W <= D; d += W) pv_cols<NR, 1, E>(acc, p, v, n, d);
+  if constexpr (W >= 16) {  // AVX-512's 32 vector registers fit 4 x 4 accumulators
+    for (; d + 4 * W <= D; d += 4 * W) pv_cols<NR, 4, E>(acc, p, ks, v, n, d);
+  }
+  for (; d + 2 * W <= D; d += 2 * W) pv_cols<NR, 2, E>(acc, p, ks, v, n, d);
+  for (; d + W <= D; d += W) pv_cols<NR, 1, E>(acc, p, ks, v, n, d);
   for (; d < D; ++d) {
     for (int r = 0; r < NR; ++r) {
       float c = acc[r][d];
-      for (int k = 0; k < n; ++k) c += p[r][k] * to_float(v[k][d]);
+      for (int k = 0; k < n; ++k) c += p[r][k * ks] * to_float(v[k][d]);
       acc[r][d] = c;
     }
   }
 }
 
-// acc += P.V over the tile for the rows [0, rows) of one KV head. Blocks of 4 rows share the V
-// loads over the keys all four see; the keys only some of them see are added row by row. Masked
-// keys are never touched. Rows whose m is -inf have seen nothing yet and are skipped.
+// acc += P.V over the tile for the rows [0, rows) of one KV head; p of row r and key j is
+// S[r * rs + (j - t0) * ks]. Blocks of 4 rows share the V loads over the keys all four see; the
+// keys only some of them see are added row by row. Masked keys are never touched. Rows whose m is
+// -inf have seen nothing yet and are skipped.
 template <typename E>
-KVMEM_INLINE void tile_pv(float* acc, const float* S, const float* m, int rows, int G,
-                          const int64_t* ra, const int64_t* rb, int64_t t0, int64_t t1,
-                          const void* const* vpv, int D) {
+KVMEM_INLINE void tile_pv(float* acc, const float* S, int64_t rs, int64_t ks, const float* m,
+                          int rows, int G, const int64_t* ra, const int64_t* rb, int64_t t0,
+                          int64_t t1, const void* const* vpv, int D) {
   const E* const* vp = reinterpret_cast<const E* const*>(vpv);
   for (int r = 0; r < rows;) {
     const int nr = std::min(4, rows - r);
@@ -992,22 +1012,22 @@ KVMEM_INLINE void tile_pv(float* acc, const float* S, const float* m, int rows, 
       const float* ps[4];
       for (int x = 0; x < 4; ++x) {
         accs[x] = acc + int64_t(r + x) * D;
-        ps[x] = S + int64_t(r + x) * kKeyTile + (ca - t0);
+        ps[x] = S + int64_t(r + x) * rs + (ca - t0) * ks;
       }
-      pv_block<4, E>(accs, ps, vp + (ca - t0), static_cast<int>(cb - ca), D);
+      pv_block<4, E>(accs, ps, ks, vp + (ca - t0), static_cast<int>(cb - ca), D);
     }
     for (int x = 0; x < nr; ++x) {  // the rest, row by row: [ja, ca) and [cb, jb), or [ja, jb)
       float* accs[1] = {acc + int64_t(r + x) * D};
-      const float* srow = S + int64_t(r + x) * kKeyTile;
+      const float* srow = S + int64_t(r + x) * rs;
       const int64_t lo_end = joint ? ca : jb[x];
       const int64_t hi_start = joint ? cb : jb[x];
       if (lo_end > ja[x]) {
-        const float* ps[1] = {srow + (ja[x] - t0)};
-        pv_block<1, E>(accs, ps, vp + (ja[x] - t0), static_cast<int>(lo_end - ja[x]), D);
+        const float* ps[1] = {srow + (ja[x] - t0) * ks};
+        pv_block<1, E>(accs, ps, ks, vp + (ja[x] - t0), static_cast<int>(lo_end - ja[x]), D);
       }
       if (jb[x] > hi_start) {
-        const float* ps[1] = {srow + (hi_start - t0)};
-        pv_block<1, E>(accs, ps, vp + (hi_start - t0), static_cast<int>(jb[x] - hi_start), D);
+        const float* ps[1] = {srow + (hi_start - t0) * ks};
+        pv_block<1, E>(accs, ps, ks, vp + (hi_start - t0), static_cast<int>(jb[x] - hi_start), D);
       }
     }
     r += nr;
@@ -1017,8 +1037,6 @@ KVMEM_INLINE void tile_pv(float* acc, const float* S, const float* m, int rows, 
 // ---- online softmax, on whole vectors ------------------------------------------------------
 // (Written with vector types rather than `omp simd` loops: with a key range of a few dozen
 // entries starting anywhere, the auto-vectoriser's alignment peeling ran most of it scalar.)
-using VI = typename VecOf<W>::itype;
-
 KVMEM_INLINE void storeu(float* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
 
 KVMEM_INLINE V exp_v(V x) {  // exp_fast (cpu_utils.h) on W lanes
@@ -1202,6 +1220,102 @@ KVMEM_INLINE void softmax_rows(float* S, const int* ja, const int* jb, int ua, i
   }
 }
 
+// ---- wide path: many rows per KV head (prefill) ---------------------------------------------
+// Scores as a small GEMM against the transposed queries, St[j][r] = sum_d k_j[d] * Qt[d][r]
+// (rows in vector lanes: no horizontal sums), and an online softmax vectorised across rows.
+// Qt is [D][RP], RP = rows rounded up to W, padding rows zero.
+
+// St[j][c0 : c0 + NV*W] for the NK keys kp[0:NK] (St row of key k at St + k * RP).
+template <int NK, int NV>
+KVMEM_INLINE void qk_block(const float* Qt, int RP, int c0, const float* const* kp, int D,
+                           float* St) {
+  V acc[NK][NV];
+#pragma GCC unroll 4
+  for (int k = 0; k < NK; ++k) {
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) acc[k][u] = V{};
+  }
+  const float* q = Qt + c0;
+  for (int d = 0; d < D; ++d, q += RP) {
+    V qv[NV];
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) qv[u] = loadu(q + u * W);
+#pragma GCC unroll 4
+    for (int k = 0; k < NK; ++k) {
+      const float kd = kp[k][d];
+#pragma GCC unroll 4
+      for (int u = 0; u < NV; ++u) acc[k][u] += kd * qv[u];
+    }
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < NK; ++k) {
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) storeu(St + int64_t(k) * RP + c0 + u * W, acc[k][u]);
+  }
+}
+
+template <int NV>
+KVMEM_INLINE void qk_keys(const float* Qt, int RP, int c0, const float* const* kp, int j0, int j1,
+                          int D, float* St, PrefetchCursor& pk, int pk_per_key, PrefetchCursor& pv,
+                          int pv_per_key) {
+  int j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    pk.issue(4 * pk_per_key), pv.issue(4 * pv_per_key);
+    qk_block<4, NV>(Qt, RP, c0, kp + j, D, St + int64_t(j) * RP);
+  }
+  for (; j < j1; ++j) qk_block<1, NV>(Qt, RP, c0, kp + j, D, St + int64_t(j) * RP);
+}
+
+// Scores of keys [j0, j1) (tile-relative) for all RP rows of one head.
+KVMEM_NOINLINE void wide_scores(const float* Qt, int RP, const void* const* kpv, int j0, int j1,
+                                int D, float* St, PrefetchCursor& pk, int pk_per_key,
+                                PrefetchCursor& pv, int pv_per_key) {
+  const float* const* kp = reinterpret_cast<const float* const*>(kpv);
+  int c = 0;
+  for (; c + 4 * W <= RP; c += 4 * W) {
+    qk_keys<4>(Qt, RP, c, kp, j0, j1, D, St, pk, pk_per_key, pv, pv_per_key);
+  }
+  for (; c + 2 * W <= RP; c += 2 * W) {
+    qk_keys<2>(Qt, RP, c, kp, j0, j1, D, St, pk, pk_per_key, pv, pv_per_key);
+  }
+  for (; c < RP; c += W) qk_keys<1>(Qt, RP, c, kp, j0, j1, D, St, pk, pk_per_key, pv, pv_per_key);
+}
+
+// Online softmax of the RP rows of one head over tile keys [ua, ub) in the St layout: row r sees
+// [lo[r], hi[r]) (tile-relative, as floats; padding rows see nothing). m, l: [RP] (padding:
+// -inf, 0). alpha[r] receives the factor acc row r must be rescaled by (1: unchanged).
+KVMEM_NOINLINE void wide_softmax(float* St, int RP, int ua, int ub, const float* lo,
+                                 const float* hi, float softcap, float* m, float* l,
+                                 float* alpha) {
+  for (int c = 0; c < RP; c += W) {
+    const V vlo = loadu(lo + c), vhi = loadu(hi + c);
+    V mx = V{} + kNegInf;
+    for (int j = ua; j < ub; ++j) {
+      float* sp = St + int64_t(j) * RP + c;
+      V v = loadu(sp);
+      if (softcap > 0.f) v = softcap * tanh_v(v);
+      const float fj = static_cast<float>(j);
+      v = ((fj >= vlo) & (fj < vhi)) ? v : V{} + kNegInf;
+      storeu(sp, v);
+      mx = v > mx ? v : mx;
+    }
+    const V m_old = loadu(m + c);
+    const V m_new = mx > m_old ? mx : m_old;
+    const V z = m_new == kNegInf ? V{} : m_new;  // nothing finite: keep every p at exactly 0
+    V sum = V{};
+    for (int j = ua; j < ub; ++j) {
+      float* sp = St + int64_t(j) * RP + c;
+      const V p = exp_v(loadu(sp) - z);
+      storeu(sp, p);
+      sum += p;
+    }
+    const V a = m_old == m_new ? V{} + 1.0f : exp_v(m_old - m_new);  // m_old = -inf: 0
+    storeu(l + c, loadu(l + c) * a + sum);
+    storeu(m + c, m_new);
+    storeu(alpha + c, a);
+  }
+}
+
 // Process one work item (see the top comment).
 template <typename T>
 void process_item(const Args<T>& a, const Item& it, Scratch& sc) {
@@ -1237,6 +1351,20 @@ void process_item(const Args<T>& a, const Item& it, Scratch& sc) {
   for (int r = 0; r < rows; ++r) sc.m[r] = kNegInf, sc.l[r] = 0.f;
   std::fill(sc.acc, sc.acc + int64_t(rows) * D, 0.f);
 
+  // Wide path (many rows per head): queries transposed once per item, [D, RP] per head.
+  const bool wide = rph >= kWideMinRows;
+  const int RP = (rph + W - 1) / W * W;
+  if (wide) {
+    for (int hh = 0; hh < nh; ++hh) {
+      float* qt = sc.Qt + int64_t(hh) * D * RP;
+      const float* qsrc = sc.Q + int64_t(hh) * rph * D;
+      for (int d = 0; d < D; ++d) {
+        for (int r = 0; r < rph; ++r) qt[int64_t(d) * RP + r] = qsrc[int64_t(r) * D + d];
+        for (int r = rph; r < RP; ++r) qt[int64_t(d) * RP + r] = 0.f;
+      }
+    }
+  }
+
   const T* kbase = a.kc + int64_t(it.h0) * a.k_sh;
   const T* vbase = a.vc + int64_t(it.h0) * a.v_sh;
   const int32_t* bt_row = a.bt + int64_t(it.b) * a.bt_sb;
@@ -1264,8 +1392,9 @@ void process_item(const Args<T>& a, const Item& it, Scratch& sc) {
                 row_bytes);
       pfv.reset(sc.vb[cur ^ 1], static_cast<int>(t2 - t1), nh, a.v_sh * int64_t(sizeof(T)),
                 row_bytes);
-      // Spread the lines over the nh heads x (rph / 4) row blocks x n keys of work.
-      const int64_t units = int64_t(nh) * std::max(1, (rph + 3) / 4) * n;
+      // Spread the lines over the nh heads x row blocks x n keys of work.
+      const int blocks = wide ? (RP + 4 * W - 1) / (4 * W) : std::max(1, (rph + 3) / 4);
+      const int64_t units = int64_t(nh) * blocks * n;
       pf_k = static_cast<int>((pfk.lines() + units - 1) / units);
       pf_v = static_cast<int>((pfv.lines() + units - 1) / units);
     } else {
@@ -1292,7 +1421,42 @@ void process_item(const Args<T>& a, const Item& it, Scratch& sc) {
         }
       }
       const int r0 = hh * rph;
-      float* S = sc.S + int64_t(r0) * kKeyTile;
+      float* S = sc.S;  // consumed within this head's step
+      if (wide) {
+        int ua = n, ub = 0;
+        for (int r = 0; r < RP; ++r) {
+          float lo = 0.f, hi = 0.f;
+          if (r < rph) {
+            const int qi = r / G;
+            const int ja = static_cast<int>(std::max(sc.ra[qi], t0) - t0);
+            const int jb = static_cast<int>(std::min(sc.rb[qi], t1) - t0);
+            if (ja < jb) {
+              lo = static_cast<float>(ja), hi = static_cast<float>(jb);
+              ua = std::min(ua, ja), ub = std::max(ub, jb);
+            }
+          }
+          sc.wlo[r] = lo, sc.whi[r] = hi;
+        }
+        if (ua >= ub) continue;
+        wide_scores(sc.Qt + int64_t(hh) * D * RP, RP, sc.kp, ua, ub, D, S, pfk, pf_k, pfv, pf_v);
+        for (int r = 0; r < RP; ++r) {
+          sc.wm[r] = r < rph ? sc.m[r0 + r] : kNegInf;
+          sc.wl[r] = r < rph ? sc.l[r0 + r] : 0.f;
+        }
+        wide_softmax(S, RP, ua, ub, sc.wlo, sc.whi, a.softcap, sc.wm, sc.wl, sc.wa);
+        float* acc = sc.acc + int64_t(r0) * D;
+        for (int r = 0; r < rph; ++r) {
+          sc.m[r0 + r] = sc.wm[r], sc.l[r0 + r] = sc.wl[r];
+          const float alpha = sc.wa[r];
+          if (alpha != 1.0f) {
+            float* KVMEM_RESTRICT ac = acc + int64_t(r) * D;
+#pragma omp simd
+            for (int d = 0; d < D; ++d) ac[d] *= alpha;
+          }
+        }
+        tile_pv<float>(acc, S, 1, RP, sc.m + r0, rph, G, sc.ra, sc.rb, t0, t1, sc.vp, D);
+        continue;
+      }
       float* acc = sc.acc + int64_t(r0) * D;
       if (in_place) {
         tile_scores<T>(sc.Q + int64_t(r0) * D, rph, G, sc.ra, sc.rb, t0, t1, sc.kp, D, S, pfk,
@@ -1323,9 +1487,9 @@ void process_item(const Args<T>& a, const Item& it, Scratch& sc) {
         r += nr;
       }
       if (in_place) {
-        tile_pv<T>(acc, S, sc.m + r0, rph, G, sc.ra, sc.rb, t0, t1, sc.vp, D);
+        tile_pv<T>(acc, S, kKeyTile, 1, sc.m + r0, rph, G, sc.ra, sc.rb, t0, t1, sc.vp, D);
       } else {
-        tile_pv<float>(acc, S, sc.m + r0, rph, G, sc.ra, sc.rb, t0, t1, sc.vp, D);
+        tile_pv<float>(acc, S, kKeyTile, 1, sc.m + r0, rph, G, sc.ra, sc.rb, t0, t1, sc.vp, D);
       }
     }
     pfk.drain();  // whatever the loops did not issue (rows that saw few keys)
