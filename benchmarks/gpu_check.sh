@@ -47,6 +47,14 @@ KVMEM_VERIFY_OUT="$OUT/verified.json" "$PY" -m pytest -m gpu -q tests/test_gpu.p
   --junitxml="$OUT/pytest_gpu.xml" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -30
 [ "${PIPESTATUS[0]}" -eq 0 ] || { note "GPU TESTS FAILED"; status=1; }
 
+step "2b. HF integration on the GPU (CUDA-graph capture/replay, device_map over 2 GPUs when present)"
+if "$PY" -c "import transformers" 2>/dev/null; then
+  "$PY" -m pytest -m gpu -q tests/test_hf.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest_hf_gpu.txt" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { note "HF GPU TESTS FAILED"; status=1; }
+else
+  note "transformers not installed: HF GPU tests skipped"
+fi
+
 step "3. compute-sanitizer memcheck (small subset)"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   if compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" tools/sanitize_subset.py > "$OUT/memcheck.txt" 2>&1; then
@@ -64,6 +72,11 @@ for dt in bfloat16 float16; do
 done
 if "$PY" -c "import kvmem.bench.__main__" 2>/dev/null; then
   "$PY" -m kvmem.bench decode --quick --out "$OUT" 2>&1 | tee -a "$OUT/timing.txt" | tail -20
+fi
+
+if "$PY" -c "import transformers" 2>/dev/null; then  # random-weight Llama-3-8B shape (4 of 32 layers: time)
+  "$PY" -m kvmem.bench generate --device cuda --model random:llama3-8b --layers 4 --prompts 8192 \
+    --batch 1 8 --new-tokens 64 --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/timing.txt" | tail -8
 fi
 
 step "done: status $status, results in $OUT"

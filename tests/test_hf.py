@@ -711,3 +711,54 @@ def test_device_map_across_two_gpus():
     devs = {i: k.device for i, (k, _) in out.past_key_values.pools.items()}
     assert devs == {0: torch.device("cuda:0"), 1: torch.device("cuda:0"), 2: torch.device("cuda:1"),
                     3: torch.device("cuda:1")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_nn_decode_step_cuda_graph_capture_replay(backend):
+    """A decode step of PagedAttention captured once in a CUDA graph and replayed over several
+    steps with fresh metadata copied into static buffers: same outputs and pools as eager."""
+    from kvmem.cache import KVCacheManager, LayerGroupSpec
+    from kvmem.nn import PagedAttention, static_metadata
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    Hq, Hkv, D, bs, W = 8, 2, 64, 16, 8
+    torch.manual_seed(0)
+    mgr = KVCacheManager(64, bs, [LayerGroupSpec("full", (0,))], device=dev, max_blocks_per_seq=W)
+    kc, vc = mgr.make_pools(Hkv, D, dt, fill=float("nan"))[0]
+    attn = PagedAttention(Hq, Hkv, D, layer_idx=0, backend=backend).to(dev)
+    for s in "ab":
+        mgr.add_sequence(s)
+    T = 20 + 9
+    attn(torch.randn(T, Hq, D, device=dev, dtype=dt), torch.randn(T, Hkv, D, device=dev, dtype=dt),
+         torch.randn(T, Hkv, D, device=dev, dtype=dt), kc, vc, mgr.plan(["a", "b"], [20, 9]))
+
+    def metadata():
+        return static_metadata(mgr.plan(["a", "b"], [1, 1]).for_layer(0), max_seqlen_q=1, max_seqlen_k=W * bs)
+
+    md = metadata()  # static buffers (this step's values, replaced before every replay)
+    md.block_table, md.seq_lens = md.block_table.clone(), md.seq_lens.clone()
+    md.cu_seqlens_q, md.slot_mapping = md.cu_seqlens_q.clone(), md.slot_mapping.clone()
+    q, k, v = (torch.randn(2, h, D, device=dev, dtype=dt) for h in (Hq, Hkv, Hkv))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles/autotunes) outside the capture
+        for _ in range(2):
+            attn(q, k, v, kc, vc, md)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn(q, k, v, kc, vc, md)
+    for step in range(4):
+        new = md if step == 0 else metadata()
+        for name in ("block_table", "seq_lens", "cu_seqlens_q", "slot_mapping"):
+            getattr(md, name).copy_(getattr(new, name))
+        for t in (q, k, v):
+            t.normal_()
+        kc_ref, vc_ref = kc.clone(), vc.clone()
+        ref = attn(q, k, v, kc_ref, vc_ref, md)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.allclose(out.float(), ref.float(), rtol=0, atol=1e-2), step
+        assert torch.equal(kc.nan_to_num(7.0), kc_ref.nan_to_num(7.0))
+        assert torch.equal(vc.nan_to_num(7.0), vc_ref.nan_to_num(7.0))
