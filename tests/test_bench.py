@@ -135,6 +135,8 @@ def test_generate_quick(tmp_path, capsys):
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["kv_bytes_held"] > 0
     assert all(r["kv_bytes_reserved"] >= r["kv_bytes_held"] for r in rows if r["impl"] == "kvmem")
     assert all(r["decode_x_hf"] > 0 for r in rows if r["impl"] == "kvmem")
+    if HAS_MPL:
+        assert os.path.getsize(files[0][:-5] + ".png") > 1000
 
 
 @pytest.mark.parametrize("argv,message", [

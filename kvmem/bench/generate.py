@@ -80,7 +80,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="tiny random model, short prompts (CI)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), metavar="DIR")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
     return p
+
+
+def plot(path: str, rows: list, title: str) -> Optional[str]:
+    """Two panels (prefill, decode tokens/s), bars per (prompt, batch) and implementation.
+    Returns None when written, else why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib not importable ({e}); pip install matplotlib"
+    cases = list(dict.fromkeys((r["prompt"], r["batch"]) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / len(impls)
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 2.0 * len(cases)), 4.0))
+    for ax, key, label in ((axes[0], "prefill_tok_s", "prefill tokens/s"), (axes[1], "decode_tok_s", "decode tokens/s")):
+        for i, impl in enumerate(impls):
+            ys = [next(r[key] for r in rows if (r["prompt"], r["batch"]) == c and r["impl"] == impl) for c in cases]
+            ax.bar([j + (i - (len(impls) - 1) / 2) * width for j in range(len(cases))], ys, width, label=impl)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([f"prompt {p}\nbatch {b}" for p, b in cases], fontsize=8)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"generate(): HF default vs kvmem ({title})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -173,6 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         json.dump({"mode": "generate", "date": stamp.isoformat(timespec="seconds"), "machine": machine,
                    "model": name, "dtype": dtype_name, "args": vars(a), "rows": rows}, f, indent=1)
     print(f"\nwrote {path}")
+    if not a.no_plot:
+        why = plot(path[:-5] + ".png", rows, f"{name}, {dtype_name}, {machine['gpu'] or platform.processor() or 'cpu'}")
+        print(f"wrote {path[:-5]}.png" if why is None else f"no plot: {why}")
     # bf16/fp16 logits legitimately differ in the last bits (and greedy ties may flip); fp32 must match
     return 1 if dtype_name == "float32" and not all(r["identical"] for r in rows) else 0
 
