@@ -64,6 +64,16 @@ def load(path, dtype, device):
     return model, tok, name
 
 
+def require_transformers(prog: str):
+    """``transformers``, quietened, or a SystemExit saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit(f'{prog} needs transformers: pip install "transformers>=5.17,<6" gguf') from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
 def make_prompt(tok, n, vocab, device):
     """[1, n] token ids: a repeated English text (or random ids without a tokenizer)."""
     if tok is None:
@@ -143,11 +153,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.prompt_tokens < 1 or a.max_new_tokens < 2:
         p.error("--prompt-tokens must be >= 1 and --max-new-tokens >= 2")
-    try:
-        import transformers
-    except ImportError:
-        raise SystemExit('generate_demo needs transformers: pip install "transformers>=5.17,<6" gguf') from None
-    transformers.logging.set_verbosity_error()
+    transformers = require_transformers("generate_demo")
     import kvmem
     from kvmem.integrations import patch, unpatch
 

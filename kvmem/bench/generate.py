@@ -121,15 +121,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--new-tokens must be >= 2 (one prefill token, then decode)")
     if any(n < 1 for n in (a.prompts or [1])) or any(b < 1 for b in a.batch):
         p.error("--prompts and --batch must be >= 1")
-    try:
-        import transformers
-    except ImportError:
-        raise SystemExit('generate needs transformers: pip install "transformers>=5.17,<6" gguf') from None
     import kvmem
-    from kvmem.generate_demo import DTYPES, dynamic_cache_bytes, make_prompt, run
+    from kvmem.generate_demo import DTYPES, dynamic_cache_bytes, make_prompt, require_transformers, run
     from kvmem.integrations import patch, unpatch
 
-    transformers.logging.set_verbosity_error()
+    transformers = require_transformers("python -m kvmem.bench generate")
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
