@@ -762,3 +762,32 @@ def test_nn_decode_step_cuda_graph_capture_replay(backend):
         assert torch.allclose(out.float(), ref.float(), rtol=0, atol=1e-2), step
         assert torch.equal(kc.nan_to_num(7.0), kc_ref.nan_to_num(7.0))
         assert torch.equal(vc.nan_to_num(7.0), vc_ref.nan_to_num(7.0))
+
+
+def test_patched_model_forward_under_torch_compile():
+    """A patched model whose forward is torch.compile'd generates the same tokens; the cache's
+    host-side planning is excluded from tracing, so a second generate() of the same shapes (every
+    decode step planned anew) compiles nothing."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    m = tiny_llama()
+    ids = torch.randint(1, 128, (2, 20))
+    ids2 = torch.randint(1, 128, (2, 20))
+    ref, ref2 = gen(m, input_ids=ids, max_new_tokens=24), gen(m, input_ids=ids2, max_new_tokens=24)
+    patch(m, block_size=8)
+    try:
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        m.forward = torch.compile(m.forward, backend=counter)
+        out = gen(m, input_ids=ids, max_new_tokens=24)
+        frames = counter.frame_count
+        out2 = gen(m, input_ids=ids2, max_new_tokens=24)
+    finally:
+        del m.forward
+        unpatch(m)
+        torch._dynamo.reset()
+    assert frames > 0
+    assert_same_generation(out, ref)
+    assert_same_generation(out2, ref2)
+    assert isinstance(out2.past_key_values, PagedKVCache)
+    assert counter.frame_count == frames, (frames, counter.frame_count)

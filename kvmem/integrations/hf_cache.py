@@ -536,6 +536,7 @@ class PagedKVCache(Cache):
             raise ValueError(f"kvmem: layer {layer_idx} keys are on {k.device}, "
                              f"its PagedKVCache pools on {pair[0].device}")
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced (torch.compile'd models)
     def _begin_step(self, key: torch.Tensor) -> _Step:
         self._finish_step()
         B, _, S, _ = key.shape
@@ -544,6 +545,7 @@ class PagedKVCache(Cache):
         self._step = _Step(B, S)
         return self._step
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced (torch.compile'd models)
     def _finish_step(self) -> None:
         """Close the step in flight; roll it back if it stopped half-way."""
         step, self._step = self._step, None
@@ -555,6 +557,7 @@ class PagedKVCache(Cache):
         if self._pool is not None:  # blocks registered at plan time were never (fully) written
             self._manager.reset_prefix_cache()
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced (torch.compile'd models)
     def _plan(self, step: _Step, mask: Optional[torch.Tensor]) -> None:
         B, S = step.batch, step.q_len
         m = self._manager
