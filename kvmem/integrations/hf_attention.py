@@ -202,14 +202,26 @@ def make_generate_cache(model, generation_config, model_kwargs, batch_size, max_
                          f"attn_implementation='kvmem', which brings its own paged cache; drop cache_implementation")
     expand = max(getattr(generation_config, "num_beams", None) or 1,
                  getattr(generation_config, "num_return_sequences", None) or 1)
-    model_kwargs["past_key_values"] = options_of(model).make_cache(
+    model_kwargs[cache_kwarg(model)] = options_of(model).make_cache(
         model, max_batch_size=batch_size, max_cache_len=max_cache_length, expand=expand)
+
+
+def cache_kwarg(model) -> str:
+    """The name ``generate()``'s model kwargs give the cache: ``"cache"`` from transformers 5.24
+    (``past_key_values`` is its deprecated alias there), ``"past_key_values"`` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _hooked(orig):
     @functools.wraps(orig)
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if (uses_kvmem(self) and model_kwargs.get("past_key_values") is None
+        if (uses_kvmem(self) and model_kwargs.get("past_key_values") is None and model_kwargs.get("cache") is None
                 and getattr(generation_config, "use_cache", True) is not False
                 and not getattr(self.config, "is_encoder_decoder", False)):
             names = ("generation_mode", "batch_size", "max_cache_length")
