@@ -47,6 +47,7 @@ def _check_payload(data, mode, rate_key):
         assert r["status"] == "OK", r  # every implementation here matches the reference
     impls = {r["impl"] for r in data["rows"]}
     assert {"sdpa[default]", "sdpa[math]"} <= impls
+    assert impls & {"flex[paged]", "flex[paged,eager]"}  # FlexAttention on kvmem's own pages
     assert "kvmem[reference]" not in impls  # excluded unless --include-reference
     skipped = {s["impl"]: s["reason"] for s in data["skipped"]}
     assert skipped["flashinfer"] == "not installed" or "flashinfer" in impls
@@ -197,3 +198,40 @@ def test_runs_without_the_extension(tmp_path, no_cpu_backend):
     assert not [r for r in data["rows"] if r["kvmem"]]
     assert {r["impl"] for r in data["rows"]} >= {"sdpa[default]", "sdpa[math]"}
     assert "kvmem._C not built" in {s["impl"]: s["reason"] for s in data["skipped"]}["kvmem[cpu]"]
+
+
+@pytest.mark.parametrize("batch,ctx,q_len,page", [(3, 37, 1, 8), (2, 40, 12, 8), (1, 24, 24, 4)])
+def test_flex_paged_matches_reference(batch, ctx, q_len, page):
+    """flex[paged] attends on kvmem's own pages (a view, no copy) through a BlockMask built from
+    the shuffled block table; decode, chunked prefill (bottom-right causal) and full prefill."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    b = paged_batch(batch, ctx, q_len, 4, 2, 16, block_size=page)
+    q, k, v, block_mask = peers.paged_block_mask(b)
+    assert k.data_ptr() == b.k_cache.data_ptr() and v.data_ptr() == b.v_cache.data_ptr()
+    assert k.shape == (1, 2, b.k_cache.shape[0] * page, 16) and q.shape == (batch, 4, q_len, 16)
+    impls, skipped = peers.flex_paged_impls(b, compile=False)
+    assert not skipped and [i.name for i in impls] == ["flex[paged,eager]"]
+    ref = harness.reference_output(b).float()
+    with impls[0].context():
+        out = impls[0].tokens(impls[0].fn())
+    assert (out.float() - ref).abs().max().item() <= harness.TOLERANCE[torch.float32]
+    # only the pages each query block can see are listed (full ones skip the mask)
+    assert block_mask.kv_num_blocks.shape[0] == batch
+    seen = block_mask.kv_num_blocks + block_mask.full_kv_num_blocks
+    assert seen.max().item() == -(-ctx // page)
+
+
+def test_flex_paged_compiled_matches_reference():
+    """The compiled FlexAttention (the peer the full harness times) on the same pages."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    b = paged_batch(2, 40, 12, 4, 2, 16, block_size=8)
+    impls, skipped = peers.flex_paged_impls(b, compile=True)
+    if skipped:
+        pytest.skip(f"compiled flex[paged] unavailable here: {skipped}")
+    with impls[0].context():
+        try:
+            out = impls[0].tokens(impls[0].fn())
+        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for inductor
+            pytest.skip(f"torch.compile of flex_attention failed here: {peers.first_line(e)}")
+    assert impls[0].name == "flex[paged]"
+    assert (out.float() - harness.reference_output(b).float()).abs().max().item() <= 1e-3

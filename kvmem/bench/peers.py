@@ -1,8 +1,9 @@
 """The implementations the harness times on one :class:`~kvmem.bench.inputs.PagedBatch`.
 
 kvmem's own backends (each forced through ``KVMEM_BACKEND`` while it runs) and the peers:
-torch SDPA per backend on a contiguous copy, FlexAttention, and FlashInfer / flash-attn when
-they are importable. A builder returns ``(impls, skipped)``: what can run, and
+torch SDPA per backend on a contiguous copy, FlexAttention (on a contiguous copy, and
+``flex[paged]`` directly on kvmem's pages through a BlockMask built from the block table), and
+FlashInfer / flash-attn when they are importable. A builder returns ``(impls, skipped)``: what can run, and
 ``(name, reason)`` for what cannot.
 """
 
@@ -211,6 +212,114 @@ def flex_impls(b, dense, *, causal: bool = True, compile: bool = True) -> Tuple[
     return [Impl(name, fn, b.tokens, note="" if compile else "not compiled")], []
 
 
+def paged_block_mask(b, *, causal: bool = True, q_block: int = 128):
+    """FlexAttention's view of kvmem's pages: the K/V pools as one long sequence and a
+    :class:`~torch.nn.attention.flex_attention.BlockMask` built from the block table.
+
+    The pools ``[num_blocks, block_size, Hkv, D]`` are viewed (no copy) as
+    ``[1, Hkv, num_blocks * block_size, D]``: key index ``i`` of that sequence is slot
+    ``i % block_size`` of page ``i // block_size`` (a *physical* position). Flex attends with
+    ``Bkv = 1`` against ``Bq = B`` (allowed when a block mask is given), and the mask does the
+    paging:
+
+    - the BlockMask's KV block size is the page size, so its ``kv_indices`` for sequence ``b``
+      are simply ``block_table[b]`` (physical pages in logical order): Flex reads only those
+      pages. Per query block, pages entirely visible to every query in it are listed as *full*
+      (no mask_mod call); the rest of the visible pages as *partial*;
+    - ``mask_mod(b, h, q, kv)`` maps the physical key index back to its logical position
+      through ``page_to_logical[b, page]`` (the block table inverted, -1 for pages of other
+      sequences) and keeps ``pos < seq_len`` and, when causal, kvmem's bottom-right
+      alignment ``pos <= q + seq_len - q_len``. It is exact on its own, so an eager Flex that
+      evaluates it everywhere gives the same result.
+
+    Parameters
+    ----------
+    b : PagedBatch
+        Every sequence has ``b.q_len`` queries (``q: [B * q_len, Hq, D]``).
+    causal : bool
+    q_block : int
+        Query rows per BlockMask row tile (Flex's default sparse block size).
+
+    Returns
+    -------
+    (q, k, v, block_mask)
+        ``q: [B, Hq, q_len, D]``, ``k, v: [1, Hkv, num_blocks * block_size, D]`` (strided
+        views of the caller's tensors) and the BlockMask.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    num_blocks, page, hkv, d = b.k_cache.shape
+    batch, per_seq = b.block_table.shape
+    dev, q_len = b.q.device, b.q_len
+    table = b.block_table.long()
+    # page_to_logical[b, physical page] = logical page index in sequence b, or -1
+    page_to_logical = torch.full((batch, num_blocks), -1, dtype=torch.int32, device=dev)
+    page_to_logical.scatter_(1, table, torch.arange(per_seq, dtype=torch.int32, device=dev).expand(batch, -1)
+                             .contiguous())
+    seq_lens = b.seq_lens.to(torch.int32)
+    offset = seq_lens - q_len  # keys before the first query of each sequence
+
+    def mask_mod(bi, h, qi, kv):
+        logical_page = page_to_logical[bi, kv // page]
+        pos = logical_page * page + kv % page
+        keep = (logical_page >= 0) & (pos < seq_lens[bi])
+        if causal:
+            keep = keep & (pos <= qi + offset[bi])
+        return keep
+
+    # Per query block: the first query sees `first` keys, the last one `last` (causal, bottom-right).
+    n_q = -(-q_len // q_block)
+    q_first = torch.arange(n_q, device=dev) * q_block
+    q_last = torch.clamp(q_first + q_block, max=q_len) - 1
+    lens = seq_lens.long()[:, None]
+    if causal:
+        last = torch.minimum(lens, offset.long()[:, None] + q_last[None] + 1)
+        first = torch.minimum(lens, offset.long()[:, None] + q_first[None] + 1)
+    else:
+        last = first = lens.expand(batch, n_q)
+    n_visible = (last + page - 1) // page  # pages any query of the block sees
+    n_full = first // page  # pages every query of the block sees completely
+    # BlockMask wants the index rows as wide as the KV sequence has blocks (num_blocks);
+    # entries past each row's count are ignored.
+    cols = torch.arange(num_blocks, device=dev)
+    rows = table[:, None, :].expand(batch, n_q, per_seq)
+    full_idx = torch.gather(rows, 2, cols.clamp(max=per_seq - 1).expand(batch, n_q, -1))
+    part_idx = torch.gather(rows, 2, (n_full[:, :, None] + cols).clamp(max=per_seq - 1))
+    block_mask = BlockMask.from_kv_blocks(
+        (n_visible - n_full)[:, None].to(torch.int32), part_idx[:, None].to(torch.int32).contiguous(),
+        n_full[:, None].to(torch.int32), full_idx[:, None].to(torch.int32).contiguous(),
+        BLOCK_SIZE=(q_block, page), mask_mod=mask_mod, seq_lengths=(q_len, num_blocks * page))
+    k = b.k_cache.view(1, num_blocks * page, hkv, d).transpose(1, 2)
+    v = b.v_cache.view(1, num_blocks * page, hkv, d).transpose(1, 2)
+    q = b.q.view(batch, q_len, -1, d).transpose(1, 2)
+    return q, k, v, block_mask
+
+
+def flex_paged_impls(b, *, causal: bool = True, compile: bool = True) -> Tuple[List[Impl], Skipped]:
+    """FlexAttention directly on kvmem's page pools (see :func:`paged_block_mask`); no
+    contiguous copy. GQA through ``enable_gqa``. Eager Flex evaluates the mask over the whole
+    pool for every sequence (B x the work), so only the compiled one is a fair peer."""
+    name = "flex[paged]" if compile else "flex[paged,eager]"
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as e:
+        return [], [(name, f"not available in torch {torch.__version__} ({e})")]
+    if int(b.seq_lens.min()) < b.q_len:
+        return [], [(name, "a sequence has fewer keys than queries")]
+    try:
+        with _running(None):
+            q, k, v, block_mask = paged_block_mask(b, causal=causal)
+        attn = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+    except Exception as e:  # noqa: BLE001 - any failure here means "skip with the reason"
+        return [], [(name, first_line(e))]
+    gqa = q.shape[1] != k.shape[1]
+
+    def fn():
+        return attn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    note = "pages viewed as [1, Hkv, pool, D], BlockMask from block table"
+    return [Impl(name, fn, b.tokens, note=note if compile else "not compiled; mask over whole pool")], []
+
+
 def flashinfer_impls(b, *, causal: bool = True) -> Tuple[List[Impl], Skipped]:
     """FlashInfer's paged decode / prefill wrappers on kvmem's own pages (NHD layout), if installed."""
     try:
@@ -276,6 +385,7 @@ def peer_impls(b, *, causal: bool = True, flex_compile: bool = True) -> Tuple[Li
     impls, skipped = [], []
     for found, skip in (sdpa_impls(b, dense, causal=causal),
                         flex_impls(b, dense, causal=causal, compile=flex_compile),
+                        flex_paged_impls(b, causal=causal, compile=flex_compile),
                         flashinfer_impls(b, causal=causal),
                         flash_attn_impls(b, dense, causal=causal)):
         impls += found
