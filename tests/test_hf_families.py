@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kvmem.integrations import PagedKVCache, UnsupportedModelError, families, patch, unpatch  # noqa: E402
+from test_hf import memory_bound_ok  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 LOGIT_RTOL = 1e-4
@@ -96,6 +97,7 @@ def test_family_prefill_and_decode_match_unpatched(name):
     cache = out.past_key_values
     assert isinstance(cache, PagedKVCache)
     check(out, ref)
+    assert memory_bound_ok(cache)  # every group, the alternating-window ones (gemma2/3, gpt_oss) included
     windows = families.layer_windows(model.config)
     expect_groups = {("full" if w is None else f"sliding_{w}") for w in windows}
     assert set(cache.group_names) == expect_groups
