@@ -74,6 +74,17 @@ PAGED_BAD = [
     ("seq_over_capacity", lambda c: dict(seq_lens=torch.tensor([10, 25], dtype=torch.int32), max_seqlen_k=25), ValueError, ["'seq_lens'", "capacity"]),
     ("table_negative", lambda c: dict(block_table=_table(c, 0, 1, -1)), ValueError, ["'block_table'", "block_table[0, 1]=-1"]),
     ("table_too_big", lambda c: dict(block_table=_table(c, 1, 4, 99)), ValueError, ["'block_table'", "num_blocks"]),
+    # Device mismatches (the meta device stands in for any other device): every tensor argument
+    # must be on q's device.
+    ("dev_q", lambda c: dict(q=c.q.to("meta")), ValueError, ["'k_cache'", "on device meta (like q)", "got cpu"]),
+    ("dev_k_cache", lambda c: dict(k_cache=c.k_cache.to("meta")), ValueError, ["'k_cache'", "on device cpu (like q)", "got meta"]),
+    ("dev_v_cache", lambda c: dict(v_cache=c.v_cache.to("meta")), ValueError, ["'v_cache'", "on device cpu (like q)", "got meta"]),
+    ("dev_block_table", lambda c: dict(block_table=c.block_table.to("meta")), ValueError, ["'block_table'", "on device cpu (like q)"]),
+    ("dev_seq_lens", lambda c: dict(seq_lens=c.seq_lens.to("meta")), ValueError, ["'seq_lens'", "on device cpu (like q)"]),
+    ("dev_cu_seqlens_q", lambda c: dict(cu_seqlens_q=c.cu_seqlens_q.to("meta")), ValueError, ["'cu_seqlens_q'", "on device cpu (like q)"]),
+    ("dev_sink", lambda c: dict(sink_logits=torch.randn(4, device="meta")), ValueError, ["'sink_logits'", "on device cpu (like q)"]),
+    ("dev_out", lambda c: dict(out=torch.empty(4, 4, 16, device="meta")), ValueError, ["'out'", "on device cpu (like q)"]),
+    ("dev_kscale", lambda c: dict(k_scale=torch.ones(2, device="meta"), v_scale=torch.ones(2)), TypeError, ["'k_scale'", "on cpu"]),
 ]
 
 
@@ -126,6 +137,12 @@ CW_BAD = [
     ("slot_below", lambda k, v, kc, vc, s: (k, v, kc, vc, torch.tensor([0, 5, -2, 9, 1])), ValueError, ["'slot_mapping'", "[-1,"]),
     ("slot_dup", lambda k, v, kc, vc, s: (k, v, kc, vc, torch.tensor([0, 5, -1, 5, 1])), ValueError, ["'slot_mapping'", "duplicate"]),
     ("cache_shape", lambda k, v, kc, vc, s: (k, v, kc, vc[:2], s), ValueError, ["'v_cache'", "shape"]),
+    # Device mismatches: everything on k_cache's device (meta stands in for any other device).
+    ("dev_k", lambda k, v, kc, vc, s: (k.to("meta"), v, kc, vc, s), ValueError, ["'k'", "on device cpu (like k_cache)", "got meta"]),
+    ("dev_v", lambda k, v, kc, vc, s: (k, v.to("meta"), kc, vc, s), ValueError, ["'v'", "on device cpu (like k_cache)", "got meta"]),
+    ("dev_slots", lambda k, v, kc, vc, s: (k, v, kc, vc, s.to("meta")), ValueError, ["'slot_mapping'", "on device cpu (like k_cache)"]),
+    ("dev_v_cache", lambda k, v, kc, vc, s: (k, v, kc, vc.to("meta"), s), ValueError, ["'v_cache'", "on device cpu (like k_cache)"]),
+    ("dev_k_cache", lambda k, v, kc, vc, s: (k, v, kc.to("meta"), vc, s), ValueError, ["'v_cache'", "on device meta (like k_cache)", "got cpu"]),
 ]
 
 
@@ -150,3 +167,25 @@ def test_merge_states_rejects():
         kvmem.merge_states(o, l, o[:2], l)
     with pytest.raises(TypeError, match="'out_b'"):
         kvmem.merge_states(o, l, o.half(), l)
+
+
+MERGE_DEVICE_BAD = [  # (which argument goes to the meta device, the argument the error names, words)
+    ("out_b", "out_b", "on device cpu (like out_a)"),
+    ("lse_a", "lse_a", "on device cpu (like out_a)"),
+    ("lse_b", "lse_b", "on device cpu (like out_a)"),
+    ("out_a", "out_b", "on device meta (like out_a)"),
+]
+
+
+@pytest.mark.parametrize("moved,named,words", MERGE_DEVICE_BAD, ids=[m[0] for m in MERGE_DEVICE_BAD])
+def test_merge_states_rejects_device_mismatch(moved, named, words):
+    args = dict(out_a=torch.randn(3, 2, 4), lse_a=torch.randn(3, 2), out_b=torch.randn(3, 2, 4), lse_b=torch.randn(3, 2))
+    before = snapshot(*args.values())
+    originals = list(args.values())
+    args[moved] = args[moved].to("meta")
+    with pytest.raises(ValueError) as info:
+        kvmem.merge_states(**args)
+    msg = str(info.value)
+    assert msg.startswith(f"merge_states: argument '{named}'"), msg
+    assert words in msg, (words, msg)
+    assert_unchanged(before, originals)

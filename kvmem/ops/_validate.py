@@ -26,7 +26,7 @@ def _fail(op: str, arg: str, expected: str, got, exc=ValueError):
     raise exc(f"{op}: argument '{arg}' must be {expected}, got {got}")
 
 
-def tensor(op: str, arg: str, t, *, ndim: int, dtypes: Sequence[torch.dtype], device=None):
+def tensor(op: str, arg: str, t, *, ndim: int, dtypes: Sequence[torch.dtype], device=None, like: str = "q"):
     if not isinstance(t, torch.Tensor):
         _fail(op, arg, "a torch.Tensor", type(t).__name__, TypeError)
     if t.dim() != ndim:
@@ -35,7 +35,7 @@ def tensor(op: str, arg: str, t, *, ndim: int, dtypes: Sequence[torch.dtype], de
         names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         _fail(op, arg, names, str(t.dtype).replace("torch.", ""), TypeError)
     if device is not None and t.device != device:
-        _fail(op, arg, f"on device {device} (like q)", t.device)
+        _fail(op, arg, f"on device {device} (like {like})", t.device)
 
 
 def shape(op: str, arg: str, t: torch.Tensor, expected: Sequence[int]):
@@ -163,20 +163,20 @@ def cache_write_structure(k, v, k_cache, v_cache, slot_mapping):
     op = "cache_write"
     tensor(op, "k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
     dev = k_cache.device
-    tensor(op, "v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=dev)
+    tensor(op, "v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=dev, like="k_cache")
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         _fail(op, "v_cache", f"of k_cache's shape {tuple(k_cache.shape)}", f"shape {tuple(v_cache.shape)}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         unit_last_stride(op, name, c)
     for name, t in (("k", k), ("v", v)):
-        tensor(op, name, t, ndim=3, dtypes=(k_cache.dtype,), device=dev)
+        tensor(op, name, t, ndim=3, dtypes=(k_cache.dtype,), device=dev, like="k_cache")
         unit_last_stride(op, name, t)
         if tuple(t.shape[1:]) != tuple(k_cache.shape[2:]):
             _fail(op, name, f"of shape [num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}] (the cache's heads and head_dim)",
                   f"shape {tuple(t.shape)}")
     if v.shape[0] != k.shape[0]:
         _fail(op, "v", f"of k's shape {tuple(k.shape)}", f"shape {tuple(v.shape)}")
-    tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=dev)
+    tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=dev, like="k_cache")
     shape(op, "slot_mapping", slot_mapping, (k.shape[0],))
 
 
@@ -197,12 +197,12 @@ def merge_states_structure(out_a, lse_a, out_b, lse_b):
     op = "merge_states"
     tensor(op, "out_a", out_a, ndim=3, dtypes=FLOAT_DTYPES)
     dev = out_a.device
-    tensor(op, "out_b", out_b, ndim=3, dtypes=(out_a.dtype,), device=dev)
+    tensor(op, "out_b", out_b, ndim=3, dtypes=(out_a.dtype,), device=dev, like="out_a")
     shape(op, "out_b", out_b, out_a.shape)
     for name, t in (("out_a", out_a), ("out_b", out_b)):
         unit_last_stride(op, name, t)
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
-        tensor(op, name, t, ndim=2, dtypes=(torch.float32,), device=dev)
+        tensor(op, name, t, ndim=2, dtypes=(torch.float32,), device=dev, like="out_a")
         shape(op, name, t, out_a.shape[:2])
 
 
