@@ -26,7 +26,7 @@ from kvmem.ops import reference
 logger = logging.getLogger("kvmem")
 
 OPS = ("cache_write", "paged_attention", "merge_states")
-FEATURES = ("window", "softcap", "sink_logits", "kv_scale")
+FEATURES = ("window", "softcap", "sink_logits", "kv_scale", "rope")
 DECODE_MAX_Q = 16  # longest query segment a decode-style (one row per query token) kernel takes
 
 
@@ -54,18 +54,19 @@ class Call:
 
     @staticmethod
     def paged_attention(q, k_cache, v_cache=None, max_seqlen_q=1, window=None, softcap=None,
-                        sink_logits=None, k_scale=None) -> "Call":
-        feats = {name for name, v in (("window", window), ("softcap", softcap),
-                                      ("sink_logits", sink_logits), ("kv_scale", k_scale)) if v is not None}
+                        sink_logits=None, k_scale=None, rope_cos_sin=None) -> "Call":
+        feats = {name for name, v in (("window", window), ("softcap", softcap), ("sink_logits", sink_logits),
+                                      ("kv_scale", k_scale), ("rope", rope_cos_sin)) if v is not None}
         tensors = (q, k_cache) if v_cache is None else (q, k_cache, v_cache)
         return Call("paged_attention", q.device.type, q.dtype, q.shape[-1], k_cache.shape[1],
                     q.shape[1], k_cache.shape[2], k_cache.dtype, frozenset(feats),
                     max_seqlen_q <= DECODE_MAX_Q, all(_aligned_16(t) for t in tensors))
 
     @staticmethod
-    def cache_write(k, k_cache) -> "Call":
+    def cache_write(k, k_cache, k_scale=None) -> "Call":
         return Call("cache_write", k_cache.device.type, k.dtype, k.shape[-1], k_cache.shape[1],
-                    0, k_cache.shape[2], k_cache.dtype)
+                    0, k_cache.shape[2], k_cache.dtype,
+                    frozenset({"kv_scale"}) if k_scale is not None else frozenset())
 
     @staticmethod
     def merge_states(out_a) -> "Call":
@@ -84,13 +85,14 @@ class Backend:
     def rejects(self, call: Call) -> Rejection:
         raise NotImplementedError
 
-    # The three ops in out-parameter form (arguments already validated).
-    def cache_write(self, k, v, k_cache, v_cache, slot_mapping):
+    # The three ops in out-parameter form (arguments already validated). The quantisation scales
+    # and RoPE-on-load arguments reach only backends whose capability check accepts them.
+    def cache_write(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
         raise NotImplementedError
 
     def paged_attention(self, out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                         max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
-                        k_scale, v_scale):
+                        k_scale, v_scale, rope_cos_sin=None, rope_neox=True):
         raise NotImplementedError
 
     def merge_states(self, out, lse, out_a, lse_a, out_b, lse_b):
@@ -105,17 +107,17 @@ class ReferenceBackend(Backend):
     def rejects(self, call):
         return None
 
-    def cache_write(self, k, v, k_cache, v_cache, slot_mapping):
-        reference.cache_write(k, v, k_cache, v_cache, slot_mapping)
+    def cache_write(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+        reference.cache_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def paged_attention(self, out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                         max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
-                        k_scale, v_scale):
+                        k_scale, v_scale, rope_cos_sin=None, rope_neox=True):
         o, l = reference.paged_attention(
             q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
             scale=scale, causal=causal, window=window if window > 0 else None,
             softcap=softcap if softcap > 0 else None, sink_logits=sink_logits,
-            k_scale=k_scale, v_scale=v_scale)
+            k_scale=k_scale, v_scale=v_scale, rope_cos_sin=rope_cos_sin, rope_neox=rope_neox)
         out.copy_(o)
         if lse is not None:
             lse.copy_(l)
@@ -150,12 +152,12 @@ class CompiledBackend(Backend):
             return ("fallback", f"feature(s) {sorted(missing)} not implemented")
         return None
 
-    def cache_write(self, k, v, k_cache, v_cache, slot_mapping):
+    def cache_write(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
         _ext.get_op("cache_write")(k, v, k_cache, v_cache, slot_mapping)
 
     def paged_attention(self, out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                         max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
-                        k_scale, v_scale):
+                        k_scale, v_scale, rope_cos_sin=None, rope_neox=True):
         _ext.get_op("paged_attention")(out, lse, q, k_cache, v_cache, block_table, seq_lens,
                                        cu_seqlens_q, max_seqlen_q, max_seqlen_k, scale, causal,
                                        window, softcap, sink_logits)
@@ -169,7 +171,7 @@ class CpuBackend(CompiledBackend):
 
     name = "cpu"
     device_type = "cpu"
-    unsupported_features = frozenset({"kv_scale"})
+    unsupported_features = frozenset({"kv_scale", "rope"})
 
 
 class CudaBackend(CompiledBackend):
@@ -179,7 +181,7 @@ class CudaBackend(CompiledBackend):
 
     name = "cuda"
     device_type = "cuda"
-    unsupported_features = frozenset({"kv_scale"})
+    unsupported_features = frozenset({"kv_scale", "rope"})
     head_dims = (64, 80, 96, 112, 128, 256)
     dtypes = (torch.float16, torch.bfloat16)
 
@@ -232,8 +234,9 @@ class TritonBackend(Backend):
         mod = self._module
         if isinstance(mod, Exception):
             return ("inapplicable", f"triton kernels not importable ({mod}); pip install triton")
-        if "kv_scale" in call.features:
-            return ("fallback", "feature(s) ['kv_scale'] not implemented")
+        missing = call.features & {"kv_scale", "rope"}
+        if missing:
+            return ("fallback", f"feature(s) {sorted(missing)} not implemented")
         if call.cache_dtype is not None and call.cache_dtype != call.dtype:
             return ("fallback", f"cache dtype {call.cache_dtype} differs from q dtype {call.dtype}")
         if call.op == "paged_attention":
@@ -242,12 +245,12 @@ class TritonBackend(Backend):
                 return ("fallback", reason)
         return None
 
-    def cache_write(self, k, v, k_cache, v_cache, slot_mapping):
+    def cache_write(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
         self._module.cache_write(k, v, k_cache, v_cache, slot_mapping)
 
     def paged_attention(self, out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                         max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
-                        k_scale, v_scale):
+                        k_scale, v_scale, rope_cos_sin=None, rope_neox=True):
         self._module.paged_attention(out, lse, q, k_cache, v_cache, block_table, seq_lens,
                                      cu_seqlens_q, max_seqlen_q, max_seqlen_k, scale, causal,
                                      window, softcap, sink_logits)

@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+QUANT_CACHE_DTYPES = FLOAT_DTYPES + FP8_DTYPES  # cache dtypes allowed when k_scale/v_scale are given
 
 
 def _fail(op: str, arg: str, expected: str, got, exc=ValueError):
@@ -58,12 +60,13 @@ def host_int(op: str, arg: str, x, *, minimum: int = 0):
 def paged_attention_structure(
     q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
     scale, causal, window, softcap, sink_logits, k_scale, v_scale, out, return_lse,
+    rope_cos_sin=None, rope_neox=True,
 ):
     op = "paged_attention"
     tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
     dev = q.device
     unit_last_stride(op, "q", q)
-    cache_dtypes = FLOAT_DTYPES if k_scale is not None else (q.dtype,)
+    cache_dtypes = QUANT_CACHE_DTYPES if k_scale is not None else (q.dtype,)
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         tensor(op, name, c, ndim=4, dtypes=cache_dtypes, device=dev)
         unit_last_stride(op, name, c)
@@ -102,6 +105,27 @@ def paged_attention_structure(
     if sink_logits is not None:
         tensor(op, "sink_logits", sink_logits, ndim=1, dtypes=(torch.float32,), device=dev)
         shape(op, "sink_logits", sink_logits, (num_heads,))
+    kv_scales(op, k_scale, v_scale, num_kv_heads, dev)
+    if rope_cos_sin is not None:
+        tensor(op, "rope_cos_sin", rope_cos_sin, ndim=2, dtypes=(torch.float32,), device=dev)
+        rot = rope_cos_sin.shape[1]
+        if rot < 2 or rot % 2 or rot > head_dim:
+            _fail(op, "rope_cos_sin", f"[num_positions, rot_dim] with rot_dim even and in [2, head_dim={head_dim}]",
+                  f"shape {tuple(rope_cos_sin.shape)}")
+        if isinstance(max_seqlen_k, int) and rope_cos_sin.shape[0] < max_seqlen_k:
+            _fail(op, "rope_cos_sin", f"a table of >= max_seqlen_k={max_seqlen_k} positions",
+                  f"shape {tuple(rope_cos_sin.shape)}")
+    if not isinstance(rope_neox, bool):
+        _fail(op, "rope_neox", "a bool", type(rope_neox).__name__, TypeError)
+    if out is not None:
+        tensor(op, "out", out, ndim=3, dtypes=(q.dtype,), device=dev)
+        shape(op, "out", out, q.shape)
+        unit_last_stride(op, "out", out)
+    if not isinstance(return_lse, bool):
+        _fail(op, "return_lse", "a bool", type(return_lse).__name__, TypeError)
+
+
+def kv_scales(op, k_scale, v_scale, num_kv_heads, dev):
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is not None:
             if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or s.device != dev:
@@ -110,12 +134,6 @@ def paged_attention_structure(
                 _fail(op, name, f"a 0-d tensor or of shape ({num_kv_heads},)", f"shape {tuple(s.shape)}")
     if (k_scale is None) != (v_scale is None):
         _fail(op, "v_scale" if k_scale is not None else "k_scale", "given together with the other scale", None)
-    if out is not None:
-        tensor(op, "out", out, ndim=3, dtypes=(q.dtype,), device=dev)
-        shape(op, "out", out, q.shape)
-        unit_last_stride(op, "out", out)
-    if not isinstance(return_lse, bool):
-        _fail(op, "return_lse", "a bool", type(return_lse).__name__, TypeError)
 
 
 def paged_attention_values(q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window):
@@ -159,9 +177,10 @@ def paged_attention_values(q, k_cache, block_table, seq_lens, cu_seqlens_q, max_
               f"block_table[{b}, {c}]={int(table[b, c])}")
 
 
-def cache_write_structure(k, v, k_cache, v_cache, slot_mapping):
+def cache_write_structure(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     op = "cache_write"
-    tensor(op, "k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    quant = k_scale is not None or v_scale is not None
+    tensor(op, "k_cache", k_cache, ndim=4, dtypes=QUANT_CACHE_DTYPES if quant else FLOAT_DTYPES)
     dev = k_cache.device
     tensor(op, "v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=dev, like="k_cache")
     if tuple(v_cache.shape) != tuple(k_cache.shape):
@@ -169,15 +188,18 @@ def cache_write_structure(k, v, k_cache, v_cache, slot_mapping):
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         unit_last_stride(op, name, c)
     for name, t in (("k", k), ("v", v)):
-        tensor(op, name, t, ndim=3, dtypes=(k_cache.dtype,), device=dev, like="k_cache")
+        tensor(op, name, t, ndim=3, dtypes=FLOAT_DTYPES if quant else (k_cache.dtype,), device=dev, like="k_cache")
         unit_last_stride(op, name, t)
         if tuple(t.shape[1:]) != tuple(k_cache.shape[2:]):
             _fail(op, name, f"of shape [num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}] (the cache's heads and head_dim)",
                   f"shape {tuple(t.shape)}")
     if v.shape[0] != k.shape[0]:
         _fail(op, "v", f"of k's shape {tuple(k.shape)}", f"shape {tuple(v.shape)}")
+    if v.dtype != k.dtype:
+        _fail(op, "v", f"of k's dtype {k.dtype}", v.dtype, TypeError)
     tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=dev, like="k_cache")
     shape(op, "slot_mapping", slot_mapping, (k.shape[0],))
+    kv_scales(op, k_scale, v_scale, k_cache.shape[2], dev)
 
 
 def cache_write_values(k_cache, slot_mapping):

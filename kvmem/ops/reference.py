@@ -20,8 +20,15 @@ Semantics (frozen by "Paged KV core 1/3"):
 * ``lse = log(sum_j exp(s_j) [+ exp(sink_h)])`` in natural log, fp32; ``-inf`` when nothing is
   visible (then ``out`` is 0).
 * Query head ``h`` reads KV head ``h // (Hq // Hkv)`` (grouped-query attention).
-* ``k_scale``/``v_scale`` (reserved for fp8 caches): the stored key/value is multiplied by the
-  scale on load; a 0-d tensor (per tensor) or ``[Hkv]`` (per KV head), fp32.
+* ``k_scale``/``v_scale`` (fp8 and other quantised caches): the stored key/value is multiplied by
+  the scale on load; a 0-d tensor (per tensor) or ``[Hkv]`` (per KV head), fp32. ``cache_write``
+  given the same scales stores ``k / k_scale`` (then casts to the cache's dtype).
+* ``rope_cos_sin`` (RoPE on load: keys cached *before* rotary embedding): ``[num_positions,
+  rot_dim]`` fp32, row ``p`` = ``cos(p*theta_i)`` for ``i < rot_dim/2`` then ``sin(p*theta_i)``.
+  Key ``j`` of a sequence is rotated at position ``j`` when loaded (after ``k_scale``), in its first
+  ``rot_dim`` channels (partial rotary leaves the rest): ``rope_neox=True`` rotates the two halves
+  ``(x1, x2) -> (x1*cos - x2*sin, x2*cos + x1*sin)`` (Llama/NeoX, HF's ``rotate_half``), ``False``
+  rotates interleaved pairs ``(x[2i], x[2i+1])`` (GPT-J). Queries arrive already rotated.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["cache_write", "paged_attention", "merge_states", "visible_key_range"]
+__all__ = ["cache_write", "paged_attention", "merge_states", "visible_key_range", "apply_rotary"]
 
 
 def cache_write(
@@ -40,6 +47,8 @@ def cache_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Scatter new tokens into the paged caches, in place.
 
@@ -48,13 +57,18 @@ def cache_write(
     k, v: [num_tokens, num_kv_heads, head_dim]
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: [num_tokens] int64, ``block * block_size + offset``; -1 skips the token.
+    k_scale, v_scale: fp32 0-d or [num_kv_heads] quantisation scales: ``k / k_scale`` is stored
     """
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+    kk, vv = k[keep], v[keep]
+    if k_scale is not None:
+        kk = kk.float() / _scale_of(k_scale).reshape(-1, 1)
+        vv = vv.float() / _scale_of(v_scale).reshape(-1, 1)
+    k_cache[blocks, offsets] = kk.to(k_cache.dtype)
+    v_cache[blocks, offsets] = vv.to(v_cache.dtype)
 
 
 def visible_key_range(kv_len: int, q_len: int, causal: bool, window: Optional[int]) -> Tuple[int, int]:
@@ -71,6 +85,25 @@ def _scale_of(scale: Optional[torch.Tensor], dtype=torch.float32) -> Optional[to
         return None
     scale = scale.to(dtype)
     return scale.reshape(1, -1, 1) if scale.dim() == 1 else scale  # [1, Hkv, 1] or []
+
+
+def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor, neox: bool = True) -> torch.Tensor:
+    """Rotary embedding of ``x: [n, heads, head_dim]`` (fp32) at ``positions: [n]``.
+
+    ``cos_sin: [num_positions, rot_dim]`` (cos half, then sin half); channels past ``rot_dim``
+    pass through.
+    """
+    rot = cos_sin.shape[1]
+    cos, sin = cos_sin[positions].float().chunk(2, dim=-1)  # [n, rot/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    xr, rest = x[..., :rot], x[..., rot:]
+    if neox:
+        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated, rest], dim=-1)
 
 
 def paged_attention(
@@ -90,6 +123,8 @@ def paged_attention(
     sink_logits: Optional[torch.Tensor] = None,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    rope_cos_sin: Optional[torch.Tensor] = None,
+    rope_neox: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of varlen queries over paged keys/values (prefill, chunked prefill and decode).
 
@@ -102,6 +137,9 @@ def paged_attention(
     cu_seqlens_q: [batch + 1] int32
     max_seqlen_q, max_seqlen_k: host ints, upper bounds (unused by the reference)
     sink_logits: [num_heads] fp32 or None
+    k_scale, v_scale: fp32 0-d or [num_kv_heads] dequantisation scales, or None
+    rope_cos_sin: [num_positions >= max key position + 1, rot_dim] fp32 (RoPE on load), or None
+    rope_neox: rotate halves (True) or interleaved pairs (False)
 
     Returns
     -------
@@ -134,6 +172,8 @@ def paged_attention(
         key_pos = torch.arange(first_blk * block_size, first_blk * block_size + k.shape[0], device=q.device)
         keep = (key_pos >= lo) & (key_pos < hi)
         k, v, key_pos = k[keep], v[keep], key_pos[keep]
+        if rope_cos_sin is not None:
+            k = apply_rotary(k, rope_cos_sin, key_pos, rope_neox)
         k = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
         v = v.repeat_interleave(group, dim=1)
         qb = q[q_start : q_start + q_len].float()  # [q_len, Hq, D]
