@@ -235,3 +235,49 @@ def test_flex_paged_compiled_matches_reference():
             pytest.skip(f"torch.compile of flex_attention failed here: {peers.first_line(e)}")
     assert impls[0].name == "flex[paged]"
     assert (out.float() - harness.reference_output(b).float()).abs().max().item() <= 1e-3
+
+
+def _suite(monkeypatch, quick_only: bool):
+    """benchmarks/test_bench_paged.py imported fresh (its parameters depend on KVMEM_BENCH_QUICK)."""
+    import importlib.util as iu
+
+    monkeypatch.setenv("KVMEM_BENCH_QUICK", "1" if quick_only else "0")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "test_bench_paged.py")
+    spec = iu.spec_from_file_location("_kvmem_bench_suite", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")  # 'quick' is registered in benchmarks/
+def test_benchmark_suite_quick_params(monkeypatch):
+    """The suite has a quick parameter set with the harness's --quick cases and every
+    implementation the harness reports (forced kvmem backends, flex[paged], FlashInfer, flash-attn)."""
+    pytest.importorskip("pytest_benchmark")
+    suite = _suite(monkeypatch, quick_only=False)
+    ids = [p.id for p in suite._params()]
+    quick = [p for p in suite._params() if any(m.name == "quick" for m in p.marks)]
+    assert quick and all("quick" in p.id for p in quick) and len(quick) < len(ids)
+    cpu_quick = {p.values[2:6] for p in quick if p.values[0] == "cpu"}
+    assert cpu_quick == {(m, *c) for m in harness.MODES for c in harness.cases(m, "cpu", quick=True)}
+    names = {p.values[6] for p in quick if p.values[0] == "cpu"}
+    assert {"kvmem", "kvmem[cpu]", "kvmem[cuda]", "kvmem[triton]", "flashinfer", "flash-attn",
+            "flex[paged,eager]", "sdpa[default]"} <= names
+    assert "flex[paged]" in {p.values[6] for p in suite._params() if p.values[0] == "cpu" and not p.values[1]}
+    only = _suite(monkeypatch, quick_only=True)._params()
+    assert only and all(p.values[1] for p in only) and len(only) == len(quick)
+
+
+def test_benchmark_suite_quick_runs(tmp_path):
+    """One quick CPU case of the suite, as CI runs it (--benchmark-disable)."""
+    pytest.importorskip("pytest_benchmark")
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-rs", "-p", "no:cacheprovider",
+                        "-m", "quick and not gpu", "-k", "decode-B1- and (flex or kvmem)", "--benchmark-disable"],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "kvmem[triton]: timed on CUDA only" in r.stdout
