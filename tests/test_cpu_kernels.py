@@ -38,25 +38,47 @@ def run_and_compare(case, label=""):
         raise AssertionError(f"{label} {case.describe()}\n{e}") from None
 
 
+@pytest.fixture
+def one_thread():
+    """Run with one intra-op thread. The product's sequences are short (<= 70 keys), so the kernel
+    never splits their key ranges (it splits only with > 1 thread and >= 512 keys) and its result
+    does not depend on the thread count, while tiny ops with 2 threads on a loaded 2-core box
+    cost ~10x more. Thread-parallel paths: test_threaded_modes_and_features and the long tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def modes_times_features(dtype, head_dim, block_size, group, seed0=0):
+    """Every mode x every feature set for one (dtype, head dim, page size, group)."""
+    num_kv_heads = 2 if group < 7 else 1
+    seed = seed0
+    for mode, (q_lens, kv_lens) in MODES.items():
+        for feature, extra in FEATURES.items():
+            seed += 1
+            case = make_case(q_lens, kv_lens, num_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
+                             head_dim=head_dim, block_size=block_size, dtype=dtype, strided=seed % 2 == 0,
+                             seed=seed, **extra)
+            run_and_compare(case, f"{mode}/{feature}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 112, 128, 256])
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 7, 8])
-def test_paged_attention_product(dtype, head_dim, block_size, group):
-    """Every (dtype, head dim, page size, group) runs every mode; the feature sets rotate with
-    the parameters (two per mode), so each (mode, feature) pair meets every value of every other
-    dimension across the product while one test stays ~10 cases."""
-    num_kv_heads = 2 if group < 7 else 1
-    names = list(FEATURES)
-    offset = DTYPES.index(dtype) + head_dim // 16 + block_size + group
-    seed = 0
-    for i, (mode, (q_lens, kv_lens)) in enumerate(MODES.items()):
-        for feature in (names[(i + offset) % 5], names[(i + offset + 2) % 5]):
-            seed += 1
-            case = make_case(q_lens, kv_lens, num_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
-                             head_dim=head_dim, block_size=block_size, dtype=dtype, strided=seed % 2 == 0,
-                             seed=seed, **FEATURES[feature])
-            run_and_compare(case, f"{mode}/{feature}")
+def test_paged_attention_product(dtype, head_dim, block_size, group, one_thread):
+    """The full product: every (dtype, head dim, page size, group) runs every mode with every
+    feature set (20 cases per test, 9000 in all), q and the caches strided in every other case."""
+    modes_times_features(dtype, head_dim, block_size, group, seed0=head_dim + block_size + 7 * group)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_threaded_modes_and_features(dtype):
+    """The product's modes x features once more with the default thread count (dynamic scheduling
+    of the work items over several threads)."""
+    assert torch.get_num_threads() >= 1
+    modes_times_features(dtype, 128, 16, 4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
