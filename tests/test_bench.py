@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -128,7 +130,14 @@ def test_generate_quick(tmp_path, capsys):
     assert len(files) == 1, files
     with open(files[0]) as f:
         data = json.load(f)
-    assert data["mode"] == "generate" and data["machine"]["cpus"] >= 1
+    assert data["mode"] == "generate"
+    m = data["machine"]  # the harness's machine record plus transformers
+    assert {"gpu", "driver", "cuda_runtime", "torch", "triton", "kvmem", "kvmem_build", "cpu",
+            "transformers", "load_avg_1m", "load_avg_1m_end"} <= set(m)
+    assert m["cpu_count"] >= 1 and m["torch"] == torch.__version__
+    assert m["transformers"] == importlib.import_module("transformers").__version__
+    assert m["triton"] == (importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None)
+    assert m["gpu"] is None and m["driver"] is None  # CPU run
     rows = data["rows"]
     assert [(r["impl"], r["batch"]) for r in rows] == [("hf_default", 1), ("kvmem", 1), ("hf_default", 2), ("kvmem", 2)]
     for r in rows:

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 from typing import Optional, Sequence
 
@@ -121,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--new-tokens must be >= 2 (one prefill token, then decode)")
     if any(n < 1 for n in (a.prompts or [1])) or any(b < 1 for b in a.batch):
         p.error("--prompts and --batch must be >= 1")
-    import kvmem
+    from kvmem.bench import report
     from kvmem.generate_demo import DTYPES, dynamic_cache_bytes, make_prompt, require_transformers, run
     from kvmem.integrations import patch, unpatch
 
@@ -139,11 +138,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a.repeats = 1
     prompts = a.prompts or [1024, 4096]
     model, tok, name = load_model(a.model, DTYPES[dtype_name], dev, a.layers)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "transformers": transformers.__version__, "kvmem": kvmem.__version__,
-               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
-    print(f"machine: {machine}\nmodel: {name}, {dtype_name}, default attention {model.config._attn_implementation}")
+    # the harness's machine record (GPU, driver, CUDA, torch, triton, kvmem build, load) + transformers
+    machine = dict(report.machine_info(dev), transformers=transformers.__version__)
+    print(f"{report.describe_machine(machine)} | transformers {machine['transformers']}\n"
+          f"model: {name}, {dtype_name}, default attention {model.config._attn_implementation}")
     pkw = dict(block_size=a.block_size, backend=a.backend)
     rows = []
     for n in prompts:
@@ -197,10 +195,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     path = os.path.join(a.out, f"generate_{dev.type}_{dtype_name}_{stamp:%Y%m%dT%H%M%SZ}.json")
     with open(path, "w") as f:
         json.dump({"mode": "generate", "date": stamp.isoformat(timespec="seconds"), "machine": machine,
-                   "model": name, "dtype": dtype_name, "args": vars(a), "rows": rows}, f, indent=1)
+                   "model": name, "dtype": dtype_name, "args": vars(a), "rows": rows}, f, indent=1, default=str)
     print(f"\nwrote {path}")
     if not a.no_plot:
-        why = plot(path[:-5] + ".png", rows, f"{name}, {dtype_name}, {machine['gpu'] or platform.processor() or 'cpu'}")
+        why = plot(path[:-5] + ".png", rows, f"{name}, {dtype_name}, {machine['gpu'] or machine['cpu']}")
         print(f"wrote {path[:-5]}.png" if why is None else f"no plot: {why}")
     # bf16/fp16 logits legitimately differ in the last bits (and greedy ties may flip); fp32 must match
     return 1 if dtype_name == "float32" and not all(r["identical"] for r in rows) else 0
