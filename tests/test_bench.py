@@ -290,3 +290,41 @@ def test_benchmark_suite_quick_runs(tmp_path):
                        cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "kvmem[triton]: timed on CUDA only" in r.stdout
+
+
+def test_bench_paged_attention_script(tmp_path, monkeypatch, capsys):
+    """benchmarks/bench_paged_attention.py: interleaved bandwidth/kernel rounds, medians and
+    spreads in the JSON (run on one small case)."""
+    import importlib.util as iu
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "bench_paged_attention.py")
+    spec = iu.spec_from_file_location("_kvmem_bench_pa", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "cases", lambda quick: [("decode", 2, 256, 1)])
+    probes = []
+    real = mod.read_bandwidth_probe
+
+    def probe(dev, nbytes):
+        sample = real(dev, nbytes=1 << 22)
+
+        def counted():
+            probes.append(1)
+            return sample()
+        return counted
+    monkeypatch.setattr(mod, "read_bandwidth_probe", probe)
+    assert mod.main(["--quick", "--rounds", "2", "--reps", "1", "--out", str(tmp_path)]) == 0
+    files = glob.glob(os.path.join(str(tmp_path), "paged_attention_cpu_float32_*.json"))
+    assert len(files) == 1
+    with open(files[0]) as f:
+        data = json.load(f)
+    assert len(probes) == 2 * len(data["rows"])  # one bandwidth sample before every kernel sample
+    assert data["rounds"] == 2 and {"gpu", "driver", "torch", "triton"} <= set(data["machine"])
+    assert data["read_bandwidth_gbps_min"] <= data["read_bandwidth_gbps"] <= data["read_bandwidth_gbps_max"]
+    assert [r["impl"] for r in data["rows"]][1] == "torch SDPA"
+    for r in data["rows"]:
+        assert len(r["samples"]) == 2 and r["max_diff_vs_sdpa"] <= 1e-4
+        assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["pct_read_bw_min"] <= r["pct_read_bw"] <= r["pct_read_bw_max"]
+    assert data["target"] is None  # not the B=8 ctx=4096 case
+    assert "% of read bw" in capsys.readouterr().out

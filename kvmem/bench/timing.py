@@ -42,6 +42,19 @@ def read_bandwidth(device="cpu", nbytes: int = 1 << 30) -> float:
     return nbytes / t
 
 
+def read_bandwidth_probe(device="cpu", nbytes: int = 1 << 30, reps: int = 3) -> Callable[[], float]:
+    """A reusable read-bandwidth measurement: the buffer is allocated (and touched) once, and
+    each call of the returned function is one sample in bytes/s (median of ``reps`` full-tensor
+    sums). For interleaving with the kernels it is compared with, so that a percentage is taken
+    against bandwidth measured under the same conditions (load, frequency, page cache)."""
+    x = torch.rand(nbytes // 4, device=device)  # not zeros
+    x.sum()
+
+    def sample() -> float:
+        return nbytes / median_time(lambda: x.sum(), device=device, warmup=1, reps=reps)
+    return sample
+
+
 def copy_bandwidth(device="cpu", nbytes: int = 1 << 30) -> float:
     """Measured copy bandwidth in bytes/s (read + write counted): ``dst.copy_(src)``."""
     src = torch.rand(nbytes // 8, device=device)
