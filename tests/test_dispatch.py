@@ -62,6 +62,30 @@ def test_forced_backend(monkeypatch):
         kvmem.paged_attention(*case.args(), **case.kwargs)
 
 
+def test_explain_with_a_forced_backend_that_cannot_run(monkeypatch):
+    """KVMEM_BACKEND=cuda on CPU tensors: the call raises, explain() still lists every backend."""
+    case = make_case([2], [5], head_dim=16)
+    monkeypatch.setenv("KVMEM_BACKEND", "cuda")
+    why = backends.explain(call_for(case))
+    assert list(why) == ["cuda", "triton", "cpu", "reference"]
+    assert why["cuda"].startswith("forced but rejected: runs on cuda tensors"), why
+    assert why["triton"].startswith("rejected: runs on cuda tensors"), why
+    assert why["cpu"] == "capable (not chosen)" if CPU_BUILT else why["cpu"].startswith("rejected: "), why
+    assert why["reference"] == "capable (not chosen)", why
+    assert "selected" not in why.values()
+    with pytest.raises(RuntimeError, match="KVMEM_BACKEND=cuda cannot run paged_attention"):
+        kvmem.paged_attention(*case.args(), **case.kwargs)
+    # A forced backend that can run the call is the selected one; a feature it lacks is a
+    # forced rejection too (no silent fallback when forced).
+    monkeypatch.setenv("KVMEM_BACKEND", "reference")
+    assert backends.explain(call_for(case))["reference"] == "selected"
+    if CPU_BUILT:
+        monkeypatch.setenv("KVMEM_BACKEND", "cpu")
+        why = backends.explain(call_for(case, k_scale=torch.tensor(1.0)))
+        assert why["cpu"].startswith("forced but rejected: feature"), why
+        assert why["reference"] == "capable (not chosen)", why
+
+
 def test_missing_extension_message():
     if CPU_BUILT:
         pytest.skip("extension is built")
