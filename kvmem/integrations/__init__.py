@@ -1,13 +1,14 @@
 """Integrations of kvmem with other libraries (imported lazily: ``import kvmem`` stays cheap).
 
 Hugging Face transformers (``kvmem.integrations.hf``): ``patch``, ``unpatch``, ``PagedKVCache``,
-``register`` (makes ``attn_implementation="kvmem"`` available), and the family table
+``DecodeGraphRunner`` (static, CUDA-graph / torch.compile decode steps), ``register`` (makes ``attn_implementation="kvmem"`` available), and the family table
 ``kvmem.integrations.families``.
 """
 
 import importlib
 
-__all__ = ["patch", "unpatch", "is_patched", "PagedKVCache", "register", "UnsupportedModelError", "families"]
+__all__ = ["patch", "unpatch", "is_patched", "PagedKVCache", "DecodeGraphRunner", "register", "UnsupportedModelError",
+           "families"]
 
 _LAZY = {
     "patch": ("kvmem.integrations.hf", "patch"),
@@ -15,6 +16,7 @@ _LAZY = {
     "is_patched": ("kvmem.integrations.hf", "is_patched"),
     "register": ("kvmem.integrations.hf", "register"),
     "PagedKVCache": ("kvmem.integrations.hf_cache", "PagedKVCache"),
+    "DecodeGraphRunner": ("kvmem.integrations.hf_graphs", "DecodeGraphRunner"),
     "UnsupportedModelError": ("kvmem.integrations.families", "UnsupportedModelError"),
 }
 
@@ -23,7 +25,7 @@ def __getattr__(name):
     if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
-    if name in ("families", "hf", "hf_cache", "hf_attention"):
+    if name in ("families", "hf", "hf_cache", "hf_attention", "hf_static", "hf_graphs"):
         return importlib.import_module(f"kvmem.integrations.{name}")
     raise AttributeError(f"module 'kvmem.integrations' has no attribute {name!r}")
 

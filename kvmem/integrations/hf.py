@@ -3,6 +3,7 @@
 >>> model = kvmem.patch(model)                      # attention -> "kvmem", generate() -> PagedKVCache
 >>> out = model.generate(**inputs, max_new_tokens=64)
 >>> kvmem.unpatch(model)                            # exactly the original behaviour again
+>>> kvmem.patch(model, cuda_graph=True)            # decode steps replayed from CUDA graphs (on CUDA)
 
 Equivalently, after ``kvmem.integrations.hf.register()`` (``kvmem.patch`` calls it),
 ``from_pretrained(..., attn_implementation="kvmem")`` or ``model.set_attn_implementation("kvmem")``
@@ -44,6 +45,8 @@ class KvmemOptions:
     num_blocks: Union[None, int, Mapping] = None
     memory: Union[None, int, str] = None
     prefix_cache: bool = False
+    cuda_graph: bool = False
+    compile_decode: Union[None, bool, dict] = None
     pool: Optional[KVPool] = field(default=None, repr=False)  # prefix_cache: pools kept across calls
 
     def make_cache(self, model, *, max_batch_size: Optional[int] = None, max_cache_len: Optional[int] = None,
@@ -81,7 +84,7 @@ class KvmemOptions:
             # auto-sized: room for this call and as much again of cached prompt blocks
             blocks = {k: 2 * v for k, v in want.items()} if auto else want
             pool = self.pool = KVPool(model.config, self.block_size, blocks, dtype, device)
-        cache = PagedKVCache(model.config, pool=pool, **kw)
+        cache = PagedKVCache(model.config, pool=pool, max_cache_len=max_cache_len, **kw)
         pool.live = cache
         if rows_tokens:
             cache.reuse_prefix(rows_tokens, pads)
@@ -191,7 +194,8 @@ def _check_args(backend, block_size, num_blocks, memory, prefix_cache):
 
 
 def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Union[None, int, Mapping] = None,
-          memory: Union[None, int, str] = None, prefix_cache: bool = False):
+          memory: Union[None, int, str] = None, prefix_cache: bool = False, cuda_graph: bool = False,
+          compile_decode: Union[None, bool, dict] = None):
     """Run ``model``'s attention on kvmem's paged kernels and make ``generate()`` use a ``PagedKVCache``.
 
     Parameters
@@ -207,6 +211,12 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
         blocks of its prompts' longest cached prefix (full blocks of earlier prompts; rows of a
         batch start from the same column, left padding allowed): only the rest of the prompt is
         computed. The cache a call returns is released by the next call.
+    cuda_graph: run ``generate()``'s decode steps (one token per row) with static, fixed-shape
+        metadata, captured in a CUDA graph once per batch size (per ``generate()`` call) and
+        replayed; prefill stays eager. On a device without CUDA graphs the same static step runs
+        eagerly. See ``kvmem.integrations.DecodeGraphRunner``.
+    compile_decode: True or a dict of ``torch.compile`` options (``fullgraph=True`` by default):
+        compile the static decode step (with ``cuda_graph`` on CUDA, the compiled step is captured)
 
     Returns
     -------
@@ -220,6 +230,11 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
     if is_patched(model):
         return model
     backend, block_size = _check_args(backend, block_size, num_blocks, memory, prefix_cache)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"kvmem.patch: cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if compile_decode is not None and not isinstance(compile_decode, (bool, dict)):
+        raise TypeError(f"kvmem.patch: compile_decode must be None, a bool or a dict of torch.compile options, "
+                        f"got {type(compile_decode).__name__}")
     if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
         raise families.UnsupportedModelError(
             f"kvmem.patch: expected a transformers PreTrainedModel, got {type(model).__name__}. "
@@ -244,7 +259,12 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
                 m._kvmem_ops = ops
                 modules.append(m)
     model._kvmem_options = KvmemOptions(backend=backend, block_size=block_size, num_blocks=num_blocks,
-                                        memory=memory, prefix_cache=prefix_cache)
+                                        memory=memory, prefix_cache=prefix_cache, cuda_graph=cuda_graph,
+                                        compile_decode=compile_decode)
+    if cuda_graph or compile_decode:
+        from kvmem.integrations import hf_graphs
+
+        hf_graphs.install(model, cuda_graph=cuda_graph, compile=compile_decode or None)
     if prefix_cache:
         model.generate = types.MethodType(_capturing_generate, model)
     model._kvmem_state = _PatchState(attn=saved, instance_hook=instance_generate_hook(model), modules=modules)
@@ -285,6 +305,9 @@ def unpatch(model):
         model.__dict__.pop("_prepare_cache_for_generation", None)
     for m in state.modules:
         m.__dict__.pop("_kvmem_ops", None)
+    from kvmem.integrations import hf_graphs
+
+    hf_graphs.uninstall(model)
     opts = model.__dict__.pop("_kvmem_options", None)
     if opts is not None and opts.pool is not None and opts.pool.live is not None:
         opts.pool.live.release()

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from kvmem.integrations import families
+from kvmem.integrations import families, hf_static
 from kvmem.integrations._ops import KernelOps
 from kvmem.integrations.hf_cache import current_cache
 
@@ -84,6 +84,9 @@ def kvmem_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if s_aux is not None:
         sinks = s_aux.detach().to(torch.float32).reshape(-1).contiguous()
     layer_idx = getattr(module, "layer_idx", None)
+    st = hf_static.active()
+    if st is not None and st.active:  # a static decode step (the mask was checked on the device before it)
+        return st.attend(layer_idx, query, scale=scale, window=window, softcap=softcap, sink_logits=sinks), None
     cache = current_cache()
     if cache is not None and cache.owns(layer_idx, key):
         out = cache.attend(layer_idx, query, attention_mask, scale=scale, window=window, softcap=softcap,

@@ -24,6 +24,13 @@ the forward) is rolled back at the start of the next one.
 Lengths: ``get_seq_length()`` is the *logical* length (the number of columns HF has fed, padding
 included, like ``DynamicCache``); each row's KV length excludes its padding.
 
+Decode steps can also run *static* (``static_decode_step``, see ``kvmem.integrations.hf_static``):
+the host plans before the forward and fills fixed-shape buffers in place, and the forward is device
+work only, so it can be captured in a CUDA graph or compiled with ``torch.compile(fullgraph=True)``
+(``kvmem.integrations.DecodeGraphRunner`` / ``kvmem.patch(model, cuda_graph=True)`` do it for
+``generate()``). One-token steps never read the attention mask back to the host: it is checked on
+the device (``hf_static.check_decode_mask``).
+
 Beam search (``reorder_cache``), ``batch_select_indices`` and ``batch_repeat_interleave`` permute
 rows with ``KVCacheManager.fork`` / ``free_sequence``: rows share blocks, and the first write into a
 shared, partly filled block copies it (copy-on-write). ``crop`` (assisted decoding) truncates every
@@ -32,6 +39,7 @@ row.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import threading
@@ -45,6 +53,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvmem.cache import GroupUsage, KVCacheManager, LayerGroupSpec, page_bytes
 from kvmem.cache.metadata import StepMetadata
 from kvmem.integrations import families
+from kvmem.integrations import hf_static
 from kvmem.integrations._ops import KernelOps
 
 __all__ = ["PagedKVCache", "KVPool", "parse_memory", "size_groups", "needed_blocks", "bytes_per_block"]
@@ -167,6 +176,10 @@ class PagedKVCache(Cache):
     -----
     Pools are allocated at the first ``update`` (or ``early_initialization``). Running out of blocks
     raises ``kvmem.CacheFullError`` before the step changes anything.
+
+    ``is_compileable`` stays False: transformers would then build 4D masks and compile the whole
+    forward, prefill included, around a cache whose planning is host code. Compile or capture the
+    decode step instead (``static_decode_step``, ``kvmem.integrations.DecodeGraphRunner``).
     """
 
     is_compileable = False
@@ -209,6 +222,7 @@ class PagedKVCache(Cache):
         self._ids = itertools.count()
         self._seen = 0
         self._step: Optional[_Step] = None
+        self._static: Optional[hf_static.StaticDecodeBuffers] = None  # fixed-shape decode metadata
         self._released = False
         self._pool = pool
         if pool is not None:
@@ -249,9 +263,15 @@ class PagedKVCache(Cache):
         return self._seen
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
+        st = self._static
+        if st is not None and st.active:  # a static step: constant (no host int that changes per step)
+            return 0
         return self._seen
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> Tuple[int, int]:
+        st = self._static
+        if st is not None and st.active:  # kvmem's mask function needs no sizes; keep the graph constant
+            return st.max_seqlen_k, 0
         return self._seen + int(query_length), 0
 
     def get_max_length(self, layer_idx: Optional[int] = None) -> int:
@@ -324,6 +344,13 @@ class PagedKVCache(Cache):
         if self._released:
             raise RuntimeError("kvmem: this PagedKVCache was released: a later generate() call of its prefix-caching "
                                "model reuses the pool it lived in")
+        st = self._static
+        if st is not None and st.active:  # static decode step: device work only (see hf_static)
+            if key_states.shape[0] != st.rows or key_states.shape[2] != 1:
+                raise ValueError(f"kvmem: a static decode step takes keys [{st.rows}, Hkv, 1, D], got "
+                                 f"{tuple(key_states.shape)} for layer {layer_idx}")
+            st.write(layer_idx, key_states, value_states)
+            return key_states, value_states
         self._check_kv(key_states, value_states, layer_idx)
         step = self._step
         if step is None or layer_idx in step.updated:
@@ -451,6 +478,119 @@ class PagedKVCache(Cache):
         """KV length of each batch row (padding excluded)."""
         return [] if self._manager is None else [self._manager.seq_len(s) for s in self._seq_ids]
 
+    # ------------------------------------------------------------------ static decode steps
+    @contextlib.contextmanager
+    def static_decode_step(self, attention_mask: Optional[torch.Tensor] = None):
+        """Run one decode step (one new token per row) with fixed-shape metadata.
+
+        The host half runs on entering: the allocator reserves this step's slots (``CacheFullError``
+        leaves the cache unchanged), copy-on-write copies are applied and the step's metadata is
+        copied in place into persistent buffers (``kvmem.integrations.hf_static``). Inside the block,
+        call the model's forward with ``attention_mask=None`` and explicit ``position_ids``
+        ``[rows, 1]``: ``update`` and the ``"kvmem"`` attention then do device work only, with no
+        Python branching on tensor values and no host int that changes between steps, so the
+        forward can be captured in a CUDA graph or compiled with ``torch.compile(fullgraph=True)``
+        without recompiles. On leaving, the step counts (``get_seq_length()`` grows by one); if the
+        block raised, the step is rolled back.
+
+        Parameters
+        ----------
+        attention_mask: None or the step's 2D mask ``[rows, seen + 1]`` (``generate()``'s): checked on
+            the device (its new column real, earlier columns matching the rows' lengths), never read
+            back to the host
+
+        Yields
+        ------
+        the ``StaticDecodeBuffers`` (same object every step of a batch size)
+
+        Raises
+        ------
+        RuntimeError
+            before the first (prefill) step, or when the layers' pools are on several devices
+        ValueError
+            when a row would outgrow the buffers (``max_cache_len`` the cache was made for)
+        """
+        st, prev = self._prepare_static(attention_mask)
+        hf_static._set_active(st)
+        st.active = True
+        ok = False
+        try:
+            yield st
+            ok = True
+        finally:
+            st.active = False
+            hf_static._set_active(None)
+            if ok:
+                self._seen += 1
+            else:
+                self._rollback(prev)
+
+    def _static_width(self) -> int:
+        """Blocks per row the static buffers address: the cache's ``max_cache_len`` (+1 block)."""
+        bs = self.block_size
+        if self._max_cache_len is not None:
+            return _cdiv(int(self._max_cache_len) + 1, bs) + 1
+        full = [self._manager.allocator(g.name).num_blocks for g in self.groups if g.window is None]
+        if not full:
+            raise ValueError("kvmem: static decode of a sliding-window-only model needs a PagedKVCache made with "
+                             "max_cache_len= (generate() passes it)")
+        return max(full)
+
+    @torch.compiler.disable  # host-side bookkeeping: never traced
+    def _prepare_static(self, mask: Optional[torch.Tensor]):
+        if self._released:
+            raise RuntimeError("kvmem: this PagedKVCache was released")
+        if hf_static.active() is not None:
+            raise RuntimeError("kvmem: a static decode step is already in flight")
+        self._finish_step()
+        m = self._manager
+        if m is None or not self._seq_ids or self._seen == 0:
+            raise RuntimeError("kvmem: a static decode step continues a prefilled PagedKVCache; run the prompt "
+                               "through the model first")
+        B = len(self._seq_ids)
+        devices = {k.device for k, _ in self._pools.values()}
+        if len(self._pools) < self.num_layers or len(devices) != 1:
+            raise RuntimeError(f"kvmem: static decode steps need every layer's pools on one device "
+                               f"(got {sorted(map(str, devices))} for {len(self._pools)} of {self.num_layers} layers)")
+        (device,) = devices
+        st = self._static
+        if st is None or st.rows != B or st.device != device:
+            st = hf_static.StaticDecodeBuffers(self.groups, self.num_layers, B, self._static_width(), self.block_size,
+                                               device, self.ops)
+            self._static = st
+        st.pools = dict(self._pools)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != B:
+                raise ValueError(f"kvmem: expected a 2D attention mask [batch={B}, tokens], got "
+                                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+            if mask.shape[1] != self._seen + 1:
+                raise ValueError(f"kvmem: the attention mask has {mask.shape[1]} columns but the cache has seen "
+                                 f"{self._seen} tokens and this step adds 1")
+        prev = [m.seq_len(s) for s in self._seq_ids]
+        need = max(prev) + 1
+        if need > st.max_seqlen_k:
+            raise ValueError(f"kvmem: a row reaches {need} tokens but this PagedKVCache's static decode buffers hold "
+                             f"{st.max_seqlen_k} per row (make the cache with a larger max_cache_len)")
+        plan = m.plan(self._seq_ids, [1] * B, device, max_blocks_per_seq=st.width)  # CacheFullError: unchanged
+        if plan.copies:
+            m.apply_copies(self._pools)
+        st.fill(plan)
+        if mask is not None:
+            try:
+                hf_static.check_decode_mask(mask, st.seq_lens)
+            except RuntimeError as e:  # CPU: raised at once; roll the reservation back
+                self._rollback(prev)
+                raise ValueError(str(e)) from None
+        return st, prev
+
+    def _rollback(self, prev: List[int]) -> None:
+        """Truncate every row back to ``prev`` (a step that did not complete)."""
+        for s, L in zip(self._seq_ids, prev):
+            if self._manager.seq_len(s) > L:
+                self._manager.truncate(s, L)
+        if self._pool is not None:  # blocks registered at plan time were never (fully) written
+            self._manager.reset_prefix_cache()
+
     # ------------------------------------------------------------------ kvmem attention
     def owns(self, layer_idx, key: torch.Tensor) -> bool:
         """Whether ``key`` is what ``update`` returned for ``layer_idx`` in the step in flight."""
@@ -551,11 +691,7 @@ class PagedKVCache(Cache):
         step, self._step = self._step, None
         if step is None or step.plan is None or len(step.done) == self.num_layers:
             return
-        for s, L in zip(self._seq_ids, step.prev_lens):
-            if self._manager.seq_len(s) > L:
-                self._manager.truncate(s, L)
-        if self._pool is not None:  # blocks registered at plan time were never (fully) written
-            self._manager.reset_prefix_cache()
+        self._rollback(step.prev_lens)
 
     @torch.compiler.disable  # host-side bookkeeping: never traced (torch.compile'd models)
     def _plan(self, step: _Step, mask: Optional[torch.Tensor]) -> None:
@@ -579,6 +715,15 @@ class PagedKVCache(Cache):
             if N != self._seen + S:
                 raise ValueError(f"kvmem: the attention mask has {N} columns but the cache has seen {self._seen} "
                                  f"tokens and this step adds {S}")
+            if S == 1:  # decode: check on the device, never read the mask back (no host sync)
+                plan = m.plan(self._seq_ids, nums)  # CacheFullError: nothing changed
+                try:
+                    hf_static.check_decode_mask(mask, plan.groups[self.groups[0].name].seq_lens)
+                except RuntimeError as e:  # CPU: raised at once; undo the reservation
+                    self._rollback(prev)
+                    raise ValueError(str(e)) from None
+                self._commit_plan(step, plan, None, prev)
+                return
             mask = mask.to(torch.bool)
             new = mask[:, N - S:]
             counts = torch.stack([new.sum(1), mask[:, : N - S].sum(1)]).cpu().tolist()
@@ -590,6 +735,10 @@ class PagedKVCache(Cache):
             if any(n != S for n in nums):
                 index = new.reshape(-1).nonzero().flatten()
         plan = m.plan(self._seq_ids, nums)  # CacheFullError: nothing changed
+        self._commit_plan(step, plan, index, prev)
+
+    def _commit_plan(self, step: _Step, plan, index, prev: List[int]) -> None:
+        m = self._manager
         self._step_md = {}
         if plan.copies:
             for layer in range(self.num_layers):  # copy-on-write needs every layer's pools
