@@ -2,12 +2,14 @@
 
 ``import kvmem`` never needs a compiler. The compiled ops live in ``torch.ops.kvmem_C`` once
 ``kvmem._C`` is imported; when it is missing, :func:`get_op` raises an error that says how to
-build it, and the dispatcher picks another backend meanwhile.
+build it, and the dispatcher picks another backend meanwhile (one warning on the ``kvmem`` logger
+says so, the first time the extension is looked for).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Optional
 
 import torch
@@ -25,7 +27,11 @@ def _load() -> Optional[str]:
     try:
         from kvmem import _C  # noqa: F401  (registers torch.ops.kvmem_C.*)
     except ImportError as e:  # not built, or built against another torch
-        return f"kvmem._C is not importable ({e})"
+        err = f"kvmem._C is not importable ({e})"
+        logging.getLogger("kvmem").warning(
+            "kvmem: compiled kernels unavailable (%s): the ops fall back to the Triton (CUDA tensors) "
+            "or reference backends; %s", err, BUILD_HINT)
+        return err
     return None
 
 
