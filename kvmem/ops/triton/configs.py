@@ -2,10 +2,22 @@
 cache, and the enumeration of every constexpr combination the launchers can choose (used by
 ``tools/aot_compile_triton.py``).
 
-Autotuning is opt-in (``KVMEM_TRITON_AUTOTUNE=1``) because benchmarking synchronises the host
-and cannot run during CUDA-graph capture; without it (and always under ``TRITON_INTERPRET=1``)
-the heuristic config is used. The tuning cache is keyed on (kernel, dtype, head dim, GQA group,
-page size, query-length bucket).
+Autotuning is opt-in (``KVMEM_TRITON_AUTOTUNE=1``); by default the heuristic config (the first
+of each list, or the small-query one for short prefills) is used, always under
+``TRITON_INTERPRET=1``. Why not on by default:
+
+* benchmarking synchronises the host (``do_bench``) on the first call of every new key, inside
+  the decode loop that kvmem keeps free of host syncs, and it cannot run during CUDA-graph
+  capture (a graph captured before tuning would freeze the heuristic config anyway);
+* the first call of each key costs every candidate's compile plus ~30 ms of timing each: a
+  visible stall in the middle of the first ``generate()`` steps, once per new (group, page size,
+  query bucket) combination;
+* the winner depends on timing noise, so two runs could pick different configs, with different
+  reduction orders and so not bitwise-identical outputs; the heuristic is deterministic;
+* the candidate lists are deliberately small (two configs at most per key), so the heuristic
+  already is one of the few choices the tuner has.
+
+The tuning cache is keyed on (kernel, dtype, head dim, GQA group, page size, query-length bucket).
 """
 
 from __future__ import annotations
@@ -62,7 +74,15 @@ def _is_fp32(dtype) -> bool:
 # Architecture
 # ---------------------------------------------------------------------------------------------
 
-ARCHS = (80, 90)  # config families: sm80-class (mma.sync, <= 163 KiB smem) and sm90+ (wgmma)
+# Config families: 80 = mma.sync GPUs (sm80/87 with 163 KiB of shared memory per block, but also
+# sm86/89 and consumer Blackwell sm120/121 with 99 KiB: the family's configs must fit 99 KiB,
+# checked by tools/aot_compile_triton.py), 90 = sm90/sm100-class (227 KiB).
+ARCHS = (80, 90)
+
+
+def family_of_cc(cc: int) -> int:
+    """Config family of compute capability ``cc`` (e.g. 86 for 8.6): 90 for 9.x and 10.x, else 80."""
+    return 90 if 90 <= cc < 110 else 80
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,11 +91,11 @@ def _capability(device_index: int) -> Tuple[int, int]:
 
 
 def arch_of(device) -> int:
-    """Config family of ``device``: 90 for compute capability >= 9.0, else 80 (also on CPU)."""
+    """Config family of ``device`` (:func:`family_of_cc`; 80 on CPU)."""
     if getattr(device, "type", "cpu") == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        major, _ = _capability(idx)
-        return 90 if major >= 9 else 80
+        major, minor = _capability(idx)
+        return family_of_cc(10 * major + minor)
     return 80
 
 

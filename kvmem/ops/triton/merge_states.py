@@ -10,7 +10,10 @@ from . import configs as _cfg
 __all__ = ["merge_states"]
 
 
-@triton.jit(do_not_specialize=["num_heads"])
+# lse strides may be 1 or anything: not value-specialised, like num_heads, so the compiled variant
+# is the one tools/aot_compile_triton.py compiles (out strides and head_dim keep the /16 hint).
+@triton.jit(do_not_specialize=["num_heads", "stride_lt", "stride_lh", "stride_lat", "stride_lah", "stride_lbt",
+                               "stride_lbh"])
 def _merge_states_kernel(
     out_ptr,
     lse_ptr,

@@ -113,10 +113,13 @@ def _online_softmax_step(
 # --------------------------------------------------------------------------------------------
 
 
-# Runtime flags and sizes are not value-specialised, so the variants that run are exactly the
-# ones tools/aot_compile_triton.py compiles (strides and head_dim keep the usual /16 hints).
+# Runtime flags, sizes and the strides that may be 1 or any value (block table rows, lse) are not
+# value-specialised (the JIT would make an argument equal to 1 a constant and mark multiples of
+# 16), so the variants that run are exactly the ones tools/aot_compile_triton.py compiles; the
+# strides over head_dim-sized rows and head_dim itself are multiples of 16 for every supported
+# head dim and keep the /16 hint (the AOT tool marks them too).
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "group", "page_size", "window", "causal",
-                               "has_sink", "write_lse"])
+                               "has_sink", "write_lse", "stride_bt", "stride_lt", "stride_lh"])
 def _prefill_kernel(
     q_ptr,
     k_ptr,
@@ -272,7 +275,8 @@ def _prefill_kernel(
 
 
 @triton.jit(do_not_specialize=["num_row_chunks", "group", "page_size", "num_splits", "window", "causal",
-                               "has_sink", "write_lse"])
+                               "has_sink", "write_lse", "stride_bt", "stride_lt", "stride_lh", "stride_pls",
+                               "stride_plt"])
 def _decode_kernel(
     q_ptr,
     k_ptr,
@@ -406,7 +410,8 @@ def _decode_kernel(
         tl.store(part_lse_ptr + sp * stride_pls + tok * stride_plt + hh, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["num_heads", "num_splits", "has_sink", "write_lse"])
+@triton.jit(do_not_specialize=["num_heads", "num_splits", "has_sink", "write_lse", "stride_pls", "stride_plt",
+                               "stride_lt", "stride_lh"])
 def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
