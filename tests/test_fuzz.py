@@ -1,14 +1,24 @@
-"""Hypothesis shape fuzzing: the default CPU backend vs the reference (>= 200 cases)."""
+"""Hypothesis shape fuzzing: the C++ CPU backend (forced, KVMEM_BACKEND=cpu) vs the reference
+(>= 200 cases). Every call must reach the C++ kernels, never the reference backend, so the test
+cannot compare the reference with itself."""
 
 import math
+import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvmem
 from cases import make_case
+from kvmem import _ext, backends
 from tolerances import assert_close
+
+BUILT = _ext.has_kernel("paged_attention", "cpu")
+if not BUILT and os.environ.get("KVMEM_REQUIRE_EXT") == "1":
+    raise RuntimeError(f"KVMEM_REQUIRE_EXT=1 but the C++ CPU ops are missing: {_ext.load_error()}")
+pytestmark = pytest.mark.skipif(not BUILT, reason=f"C++ extension not built: {_ext.load_error()}")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -37,13 +47,41 @@ def cases(draw):
     )
 
 
+RAN = {"cpu": 0, "reference": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _force_cpu():
+    """KVMEM_BACKEND=cpu for the module (a module-scoped fixture: hypothesis re-runs the test
+    body without re-running function-scoped ones), counting which backend's kernel runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVMEM_BACKEND", "cpu")
+        backends._select.cache_clear()
+        for name in RAN:
+            backend = backends.BY_NAME[name]
+
+            def counted(*args, _name=name, _run=backend.paged_attention, **kwargs):
+                RAN[_name] += 1
+                return _run(*args, **kwargs)
+
+            mp.setattr(backend, "paged_attention", counted)
+        yield
+    backends._select.cache_clear()
+
+
 @settings(max_examples=220, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_paged_attention_fuzz(spec):
     q_lens, kv_lens = spec.pop("q_lens"), spec.pop("kv_lens")
     case = make_case(q_lens, kv_lens, **spec)
+    call = backends.Call.paged_attention(case.q, case.k_cache, case.v_cache, case.max_seqlen_q,
+                                         case.kwargs.get("window"), case.kwargs.get("softcap"),
+                                         case.kwargs.get("sink_logits"))
+    assert backends.select(call).name == "cpu"
+    ran_before = dict(RAN)
     out = torch.full_like(case.q, math.nan)
     got, lse = kvmem.paged_attention(*case.args(), **case.kwargs, out=out, return_lse=True)
+    assert RAN["cpu"] == ran_before["cpu"] + 1 and RAN["reference"] == ran_before["reference"], RAN
     ref, ref_lse = case.reference()
     assert_close(got, ref)
     assert_close(lse, ref_lse, what="lse")
