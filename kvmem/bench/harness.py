@@ -8,7 +8,10 @@
 A run first measures this device's limits (copy bandwidth; read bandwidth on CPU; a dense
 matmul rate), then for each case times every kvmem backend that ``backends.explain`` says can
 run it (each forced via ``KVMEM_BACKEND``) and every peer it can import (torch SDPA per SDPA
-backend and FlexAttention on a contiguous copy; FlashInfer and flash-attn when installed).
+backend and FlexAttention on a contiguous copy; ``flex[paged]``: FlexAttention directly on
+kvmem's pages through a BlockMask built from the block table; FlashInfer and flash-attn when
+installed). FlexAttention is compiled except in ``--quick`` CPU runs (``flex[eager]``,
+``flex[paged,eager]``).
 Each output is compared once with kvmem's reference (``WRONG`` beyond 5e-2 for bf16/fp16,
 1e-3 for fp32). It prints a table and writes JSON and a PNG plot under ``--out``.
 Exit status: 0, or 1 when a kvmem backend was WRONG.
