@@ -106,7 +106,14 @@ def test_paged_attention(benchmark, dev, quick, mode, batch, ctx, q_len, impl):
         return out
 
     with run.context():
-        diff = (run.tokens(fn()).float() - ref).abs().max().item()
+        try:
+            first = fn()  # compiles what needs compiling
+        except Exception as e:  # noqa: BLE001 - as in the harness: a peer that fails is skipped
+            if run.kvmem:
+                raise
+            pytest.skip(f"{impl}: {peers.first_line(e)}")
+        diff = (run.tokens(first).float() - ref).abs().max().item()
+        del first
         assert diff <= harness.TOLERANCE[b.q.dtype], f"{run.name}: max|out - reference| = {diff:.2e} (WRONG)"
         benchmark.pedantic(fn, rounds=3 if quick else 5, warmup_rounds=1, iterations=1)
     benchmark.extra_info.update(impl=run.name, mode=mode, max_diff=diff)

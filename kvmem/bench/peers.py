@@ -319,9 +319,13 @@ def flex_paged_impls(b, *, causal: bool = True, compile: bool = True) -> Tuple[L
     except Exception as e:  # noqa: BLE001 - any failure here means "skip with the reason"
         return [], [(name, first_line(e))]
     gqa = q.shape[1] != k.shape[1]
+    page = b.k_cache.shape[1]
+    # Flex's Triton prefill kernel needs its KV tile (BLOCK_N) to divide the BlockMask's KV block
+    # (here the page); its default tiles are larger than small pages. Not measured (no GPU yet).
+    options = {"BLOCK_N": page} if b.q.device.type == "cuda" and page <= 64 else None
 
     def fn():
-        return attn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return attn(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=options)
     note = "on the pages (strided view, no copy), BlockMask from block table"
     return [Impl(name, fn, b.tokens, note=note if compile else "not compiled; mask over whole pool")], []
 
