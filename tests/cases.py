@@ -107,8 +107,19 @@ def make_case(
     return case
 
 
+def to_device_keep_layout(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` with the same sizes, strides and storage offset (``t.to(device)``
+    would make a strided view contiguous): its whole storage is copied and viewed the same way."""
+    if t.is_contiguous() and t.storage_offset() == 0:
+        return t.to(device)
+    n = t.untyped_storage().nbytes() // t.element_size()
+    flat = t.as_strided((n,), (1,), 0).to(device)
+    return flat.as_strided(t.size(), t.stride(), t.storage_offset())
+
+
 def to_device(case: Case, device) -> Case:
-    mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    """The case on ``device``; strided views (interleaved K/V pools, q sliced from qkv) stay strided."""
+    mv = lambda t: to_device_keep_layout(t, device) if isinstance(t, torch.Tensor) else t  # noqa: E731
     return Case(*(mv(a) for a in case.args()), {k: mv(v) for k, v in case.kwargs.items()})
 
 

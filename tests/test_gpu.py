@@ -1,7 +1,19 @@
-"""Every GPU backend vs the reference on a real GPU, over the full product (marked ``gpu``).
+"""Every GPU backend vs the reference on a real GPU (tests marked ``gpu``), plus CPU checks of
+what those tests rely on.
 
-With ``KVMEM_VERIFY_OUT=path.json`` the passing configurations are written there, in the format
-of kvmem/verified/cuda.json (benchmarks/gpu_check.sh does this).
+With ``KVMEM_VERIFY_OUT=path.json`` the CUDA configurations that passed are written there in
+exactly the format of kvmem/verified/cuda.json (one record, for this GPU's arch), and the Triton
+ones beside it as ``<path>_triton.json`` (information only: Triton needs no record).
+benchmarks/gpu_check.sh does this; ``python tools/merge_verified.py path.json`` merges the CUDA
+record into kvmem/verified/cuda.json.
+
+What one passing ``paged_attention`` entry (backend x dtype x head dim x page size) covers: GQA
+groups 1, 3, 4, 7, 8, 12, 16 (the CUDA kernel's head-chunk path for groups > 8 included; the
+entry records ``max_group`` = 16 and the dispatcher does not use it for larger groups), decode,
+speculative multi-token steps (q_len 2..8), mixed batches, and for Triton prefill (with and
+without a cached prefix), each with window / softcap / sink features rotated over the cases,
+strided (interleaved K/V pool, q sliced from qkv) and contiguous layouts, and a long decode with
+many splits.
 """
 
 import json
@@ -12,88 +24,148 @@ import pytest
 import torch
 
 import kvmem
-from cases import FEATURES, MODES, make_case
-from kvmem import backends
+from cases import FEATURES, MODES, make_case, to_device
+from kvmem import backends, verified
 from kvmem.ops import reference
 from tolerances import assert_close
 
-pytestmark = pytest.mark.gpu
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEAD_DIMS = [64, 80, 96, 112, 128, 256]
+BLOCK_SIZES = [1, 8, 16, 32, 64, 128, 256]
+GROUPS = (1, 3, 4, 7, 8, 12, 16)  # 12 and 16: the CUDA kernel's chunks of 8 query heads
+# speculative decoding: several query tokens per sequence through the decode kernels
+GPU_MODES = {**MODES, "spec": ([2, 5, 8, 3], [9, 40, 8, 70])}
 PASSED = {}
+
+
+def _arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_record():
     yield
     path = os.environ.get("KVMEM_VERIFY_OUT")
-    if path and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        arch = f"sm_{major}{minor}"
-        try:
-            import triton
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = None
-        record = {"gpu": torch.cuda.get_device_name(), "driver": torch.version.cuda, "torch": torch.__version__,
-                  "triton": triton_version, "passed": {}}
-        for backend, entries in PASSED.items():
-            record["passed"][backend] = sorted(entries, key=lambda e: tuple(str(v) for v in e.values()))
-        with open(path, "w") as f:
-            json.dump({"arch": arch, **record}, f, indent=1)
-
-
-def _force(monkeypatch, backend):
-    monkeypatch.setenv("KVMEM_BACKEND", backend)
+    if not (path and torch.cuda.is_available() and PASSED):
+        return
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    facts = dict(gpu=torch.cuda.get_device_name(), driver=verified.gpu_driver_version(),
+                 torch_version=torch.__version__, triton_version=triton_version, cuda_version=torch.version.cuda)
+    stem, ext = os.path.splitext(path)
+    for backend, target in (("cuda", path), ("triton", f"{stem}_triton{ext or '.json'}")):
+        doc = ("CUDA configurations that passed tests/test_gpu.py; merge into kvmem/verified/cuda.json with "
+               f"`python tools/merge_verified.py {path}`" if backend == "cuda" else
+               "Triton configurations that passed tests/test_gpu.py (information only)")
+        rec = verified.make_record(_arch(), PASSED.get(backend, []), doc=doc, **facts)
+        with open(target, "w") as f:
+            json.dump(rec, f, indent=1)
+            f.write("\n")
 
 
 def _supported(backend, dtype):
     return not (backend == "cuda" and dtype == torch.float32)
 
 
+def _check(case, backend):
+    out = torch.full_like(case.q, math.nan)
+    got, lse = kvmem.paged_attention(*case.args(), **case.kwargs, out=out, return_lse=True)
+    ref, ref_lse = case.reference()
+    assert_close(got, ref, what=f"out ({backend}: {case.describe()})")
+    assert_close(lse, ref_lse, what="lse")
+
+
+@pytest.mark.gpu
+def test_triton_kernels_are_compiled():
+    """On the GPU the Triton kernels must be real JIT functions, not the interpreter's (a
+    TRITON_INTERPRET=1 left over from a CPU test module would make every launch interpreted)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    cw, configs, ms, pa = _triton_modules()
+    assert not configs.interpreting(), f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} on a GPU run"
+    for fn in (pa._prefill_kernel, pa._decode_kernel, pa._decode_reduce_kernel, ms._merge_states_kernel,
+               cw._cache_write_kernel):
+        assert isinstance(fn, JITFunction) and not isinstance(fn, InterpretedFunction), fn
+
+
+def _triton_modules():
+    """(cache_write, configs, merge_states, paged_attention) modules of kvmem.ops.triton (the
+    package exports functions of the same names, so import the modules by path)."""
+    import importlib
+
+    return tuple(importlib.import_module(f"kvmem.ops.triton.{m}")
+                 for m in ("cache_write", "configs", "merge_states", "paged_attention"))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("head_dim", [64, 80, 96, 112, 128, 256])
-@pytest.mark.parametrize("block_size", [1, 8, 16, 32, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_paged_attention_gpu(monkeypatch, backend, dtype_name, head_dim, block_size):
     dtype = DTYPES[dtype_name]
     if not _supported(backend, dtype):
         pytest.skip(f"{backend} has no {dtype_name} paged_attention")
-    _force(monkeypatch, backend)
+    monkeypatch.setenv("KVMEM_BACKEND", backend)
+    features = list(FEATURES)
     seed = 0
-    for group in (1, 3, 4, 7, 8):
+    for gi, group in enumerate(GROUPS):
         hkv = 2 if group < 7 else 1
-        for mode, (q_lens, kv_lens) in MODES.items():
+        for mi, (mode, (q_lens, kv_lens)) in enumerate(GPU_MODES.items()):
             if backend == "cuda" and max(q_lens) > backends.DECODE_MAX_Q:
                 continue  # prefill is not the CUDA decode kernel's job
-            for feature, feats in FEATURES.items():
-                seed += 1
-                case = make_case(q_lens, kv_lens, num_heads=group * hkv, num_kv_heads=hkv, head_dim=head_dim,
-                                 block_size=block_size, dtype=dtype, strided=seed % 2 == 0, seed=seed,
-                                 device="cuda", **feats)
-                out = torch.full_like(case.q, math.nan)
-                got, lse = kvmem.paged_attention(*case.args(), **case.kwargs, out=out, return_lse=True)
-                ref, ref_lse = case.reference()
-                assert_close(got, ref)
-                assert_close(lse, ref_lse, what="lse")
-    # long decode: many splits
-    case = make_case([1, 1, 1], [4000, 17, 1500], num_heads=8, num_kv_heads=2, head_dim=head_dim,
-                     block_size=block_size, dtype=dtype, seed=99, device="cuda", sink=True)
-    got, lse = kvmem.paged_attention(*case.args(), **case.kwargs, return_lse=True)
-    ref, ref_lse = case.reference()
-    assert_close(got, ref)
-    assert_close(lse, ref_lse, what="lse")
-    PASSED.setdefault(backend, []).append(
-        {"op": "paged_attention", "dtype": dtype_name, "head_dim": head_dim, "block_size": block_size})
+            seed += 1
+            feature = features[(gi + mi + head_dim + block_size) % len(features)]  # rotated
+            case = make_case(q_lens, kv_lens, num_heads=group * hkv, num_kv_heads=hkv, head_dim=head_dim,
+                             block_size=block_size, dtype=dtype, strided=seed % 2 == 0, seed=seed,
+                             device="cuda", **FEATURES[feature])
+            _check(case, backend)
+    # long steps: many splits (the group > 8 chunk path too), and a long speculative step
+    for q_lens, kv_lens, hq, hkv, feats in (([1, 1, 1], [4000, 17, 1500], 8, 2, dict(sink=True)),
+                                            ([1, 1], [3000, 700], 24, 2, dict(window=1000, softcap=20.0)),
+                                            ([4, 1], [2500, 33], 32, 8, dict(sink=True))):
+        case = make_case(q_lens, kv_lens, num_heads=hq, num_kv_heads=hkv, head_dim=head_dim,
+                         block_size=block_size, dtype=dtype, seed=99, device="cuda", strided=hq == 24, **feats)
+        _check(case, backend)
+    PASSED.setdefault(backend, []).append({"op": "paged_attention", "dtype": dtype_name, "head_dim": head_dim,
+                                           "block_size": block_size, "max_group": max(GROUPS)})
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("num_splits_hint", ["short", "long"])
+def test_padding_tokens_untouched_gpu(monkeypatch, backend, num_splits_hint):
+    """Rows of q past cu_seqlens_q[-1] (a CUDA graph captured for more tokens; only possible
+    with check=False) belong to no sequence: not written, and no out-of-bounds reads."""
+    monkeypatch.setenv("KVMEM_BACKEND", backend)
+    kv_lens = [9, 33] if num_splits_hint == "short" else [3000, 1200]
+    case = make_case([1, 2], kv_lens, num_heads=24, num_kv_heads=2, head_dim=128, block_size=16,
+                     dtype=torch.bfloat16, seed=5, device="cuda", sink=True)
+    pad = 5
+    q = torch.cat([case.q, torch.randn(pad, *case.q.shape[1:], device="cuda", dtype=case.q.dtype)])
+    out = torch.full_like(q, 7.0)
+    args = list(case.args())
+    args[0] = q
+    kvmem.paged_attention(*args, **case.kwargs, out=out, check=False)
+    ref, _ = case.reference()
+    assert_close(out[:-pad], ref)
+    assert bool((out[-pad:] == 7.0).all()), "padding rows were written"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("head_dim", [64, 80, 96, 112, 128, 256])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_cache_write_and_merge_gpu(monkeypatch, backend, dtype_name, head_dim):
     dtype = DTYPES[dtype_name]
-    _force(monkeypatch, backend)
+    monkeypatch.setenv("KVMEM_BACKEND", backend)
     g = torch.Generator().manual_seed(head_dim)
-    for block_size in (1, 16, 128):
+    for block_size in (1, 16, 64, 128, 256):
         k_cache = torch.full((7, block_size, 3, head_dim), math.nan, dtype=dtype)
         v_cache = torch.full_like(k_cache, math.nan)
         packed = torch.randn(20, 8, head_dim, generator=g).to(dtype)
@@ -104,7 +176,8 @@ def test_cache_write_and_merge_gpu(monkeypatch, backend, dtype_name, head_dim):
         ref_k, ref_v = k_cache.clone(), v_cache.clone()
         reference.cache_write(k, v, ref_k, ref_v, slots)
         kc, vc = k_cache.cuda(), v_cache.cuda()
-        kvmem.cache_write(k.cuda(), v.cuda(), kc, vc, slots.cuda())
+        packed_d = packed.cuda()  # k, v stay strided slices of the packed projection on the GPU
+        kvmem.cache_write(packed_d[:, :3], packed_d[:, 3:6], kc, vc, slots.cuda())
         torch.testing.assert_close(kc.cpu(), ref_k, equal_nan=True, atol=0, rtol=0)
         torch.testing.assert_close(vc.cpu(), ref_v, equal_nan=True, atol=0, rtol=0)
     out_a, out_b = (torch.randn(33, 5, head_dim, generator=g).to(dtype) for _ in range(2))
@@ -118,3 +191,99 @@ def test_cache_write_and_merge_gpu(monkeypatch, backend, dtype_name, head_dim):
     assert_close(lse.cpu(), ref_lse, what="lse")
     for op in ("cache_write", "merge_states"):
         PASSED.setdefault(backend, []).append({"op": op, "dtype": dtype_name, "head_dim": head_dim, "block_size": 0})
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU checks of what the GPU tests rely on
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cases_keep_strides_on_device():
+    """``strided=True`` cases stay strided on the device (``t.to(device)`` would densify them)."""
+    case = make_case([1, 3], [20, 9], num_heads=8, num_kv_heads=2, head_dim=64, block_size=8, strided=True, seed=3)
+    for device in ("meta", "cpu"):
+        moved = to_device(case, device)
+        for a, b in zip(case.args(), moved.args()):
+            if isinstance(a, torch.Tensor):
+                assert b.device.type == device
+                assert (b.shape, b.stride(), b.storage_offset()) == (a.shape, a.stride(), a.storage_offset())
+                if device == "cpu":
+                    torch.testing.assert_close(a, b, equal_nan=True, atol=0, rtol=0)
+    assert not to_device(case, "meta").k_cache.is_contiguous()
+    assert not to_device(case, "meta").q.is_contiguous()
+
+
+def _aot_tool():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "aot_compile_triton.py")
+    spec = importlib.util.spec_from_file_location("aot_compile_triton", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_aot_variants_match_jit_specialization(monkeypatch):
+    """Launches through the public ops (interpreter, CPU) specialise exactly like the variant
+    tools/aot_compile_triton.py compiles: same int constants (an argument equal to 1 would be
+    one unless in do_not_specialize), same /16 hints, and the variant is in the enumeration.
+    Covers contiguous lse (stride 1), no lse, one-column block tables, split and unsplit decode,
+    speculative steps, merge with contiguous lse, and cache_write."""
+    pytest.importorskip("triton")
+    cw, configs, ms, pa = _triton_modules()
+
+    if not configs.interpreting():
+        pytest.skip("runs the Triton launchers under TRITON_INTERPRET=1 (CPU)")
+    aot = _aot_tool()
+    records = []
+
+    class Recorder:
+        def __init__(self, kernel, fn):
+            self.kernel, self.fn = kernel, fn
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                records.append((self.kernel, self.fn, args, kwargs))
+                return self.fn[grid](*args, **kwargs)
+            return run
+
+    for mod, attr, kernel in ((pa, "_prefill_kernel", "prefill"), (pa, "_decode_kernel", "decode"),
+                              (pa, "_decode_reduce_kernel", "decode_reduce"),
+                              (ms, "_merge_states_kernel", "merge_states"), (cw, "_cache_write_kernel", "cache_write")):
+        monkeypatch.setattr(mod, attr, Recorder(kernel, getattr(mod, attr)))
+    monkeypatch.setenv("KVMEM_BACKEND", "triton")
+    for dtype, q_lens, kv_lens, bs, hq, feats in (
+            (torch.float16, [1], [5], 16, 4, {}),  # one-column block table, unsplit decode
+            (torch.float16, [1, 1], [700, 40], 8, 4, dict(sink=True)),  # split decode + reduce
+            (torch.float32, [3, 2], [40, 9], 8, 8, dict(softcap=5.0)),  # speculative step, fp32
+            (torch.bfloat16, [70, 5], [80, 5], 16, 2, dict(window=20))):  # prefill
+        case = make_case(q_lens, kv_lens, num_heads=hq, num_kv_heads=1, head_dim=64, block_size=bs, dtype=dtype,
+                         seed=len(records), **feats)
+        kvmem.paged_attention(*case.args(), **case.kwargs, return_lse=True)
+        kvmem.paged_attention(*case.args(), **case.kwargs)
+    o = torch.randn(3, 5, 64, dtype=torch.float16)
+    lse = torch.randn(3, 5)
+    kvmem.merge_states(o, lse, o, lse)
+    kv = torch.randn(4, 2, 64, dtype=torch.float16)
+    cache = torch.zeros(3, 16, 1, 64, dtype=torch.float16)
+    kvmem.cache_write(kv[:, :1], kv[:, 1:], cache, cache.clone(), torch.tensor([0, 5, -1, 40]))
+
+    names = {v.name for v in configs.aot_variants(80)}
+    seen = set()
+    for kernel, fn, args, kwargs in records:
+        constexprs = {n: kwargs[n] for n in fn.arg_names if n in kwargs}
+        assert len(args) + len(constexprs) == len(fn.arg_names), f"{kernel}: constexprs by keyword, the rest by position"
+        # element type of: the cache (cache_write, k is the source), out (decode_reduce), q / out (the others)
+        dtype = configs.DTYPE_NAMES[args[{"cache_write": 2, "decode_reduce": 4}.get(kernel, 0)].dtype]
+        src = configs.DTYPE_NAMES[args[0].dtype] if kernel == "cache_write" else None
+        variant = configs.AotVariant(kernel, dtype, tuple(constexprs.items()), kwargs.get("num_warps", 4),
+                                     kwargs.get("num_stages", 3), src)
+        assert variant.name in names, f"launched variant not in the AOT enumeration: {variant.name}"
+        sig, attrs = aot.signature_and_attrs(kernel, fn, constexprs, dtype, src)
+        jit_sig, jit_div = aot.jit_specialization(fn, args)
+        for i, name in enumerate(fn.arg_names[:len(args)]):
+            assert jit_sig[name] == sig[name], f"{variant.name}: {name}={args[i]!r}: JIT {jit_sig[name]}, AOT {sig[name]}"
+            assert (i in jit_div) == ((i,) in attrs), \
+                f"{variant.name}: {name}={args[i]!r}: /16 hint JIT {i in jit_div}, AOT {(i,) in attrs}"
+        seen.add(kernel)
+    assert seen == {"prefill", "decode", "decode_reduce", "merge_states", "cache_write"}

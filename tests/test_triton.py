@@ -16,11 +16,15 @@ import subprocess
 import sys
 import zlib
 
-if not os.environ.get("KVMEM_TRITON_GPU_CHECK"):
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-
 import pytest
 import torch
+
+# The interpreter only where there is no GPU (as tests/conftest.py does), before triton is
+# imported: on a GPU box this module may share a pytest process with tests/test_gpu.py, whose
+# Triton kernels must be compiled, not interpreted. There the CPU interpreter tests below skip
+# unless TRITON_INTERPRET=1 is set for the whole run.
+if not os.environ.get("KVMEM_TRITON_GPU_CHECK") and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from kvmem.ops import reference as ref
 from kvmem.ops import triton as kt
@@ -90,6 +94,13 @@ def build(q_lens, kv_lens, *, D, bs, Hkv, G, dtype, causal=True, window=None, so
     if device != "cpu":
         d = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()}
     return d
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_tests_need_the_interpreter(request):
+    if "gpu" not in request.keywords and not cfgs.interpreting():
+        pytest.skip("Triton interpreter test (CPU tensors): run with TRITON_INTERPRET=1 "
+                    "(set automatically where CUDA is unavailable)")
 
 
 def reference(p):
@@ -476,14 +487,21 @@ def test_aot_enumeration_covers_launchers():
 
 
 def _gpu_full_product(dev="cuda", max_groups=None):
-    """Every dtype x head dim x page size x group x step kind x every config, compiled."""
+    """Every dtype x head dim x page size x group x step kind x every config, compiled.
+
+    Groups 12 and 16 and speculative multi-token decode steps (q_len 2..8, as many as fit the
+    64-row decode tile) run the decode kernels only: prefill maps a head to its KV head by a
+    division, which groups 1..8 already cover."""
+    import time
+
+    t0 = time.time()
     arch = cfgs.arch_of(torch.device(dev))
     n = 0
     for dtype in (F16, BF16, F32):
         for D in cfgs.SUPPORTED_HEAD_DIMS:
             bd = cfgs.block_d(D)
-            for bs in (1, 8, 16, 32, 128, 256):
-                for G in (1, 3, 4, 7, 8):
+            for bs in (1, 8, 16, 32, 64, 128, 256):
+                for G in (1, 3, 4, 7, 8, 12, 16):
                     if max_groups is not None and n >= max_groups:
                         return
                     seed = n
@@ -492,7 +510,7 @@ def _gpu_full_product(dev="cuda", max_groups=None):
                         ("prefill", [130, 17], [130, 300], dict(window=None, softcap=None, sink=False)),
                         ("mixed", [1, 70, 1], [513, 90, 33], dict(window=64, softcap=30.0, sink=True)),
                     ]
-                    for kind, ql, kl, extra in kinds:
+                    for kind, ql, kl, extra in kinds if G <= 8 else []:
                         p = build(ql, kl, D=D, bs=bs, Hkv=2, G=G, dtype=dtype, seed=seed, device=dev, **extra)
                         a = args_of(p)
                         for c in cfgs.prefill_configs(dtype, bd, arch):
@@ -500,23 +518,28 @@ def _gpu_full_product(dev="cuda", max_groups=None):
                             pa.launch_prefill(out, lse, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[8],
                                               a[9], a[10], a[11], a[12], cfg=c)
                             check(p, out, lse, f"gpu {kind} {dtype} D{D} bs{bs} G{G} {c}")
-                    p = build([1, 1, 1], [1000, 37, 1], D=D, bs=bs, Hkv=2, G=G, dtype=dtype, seed=seed,
-                              device=dev, window=None if G % 2 else 200, sink=G == 7)
-                    a = args_of(p)
-                    rows = cfgs.decode_rows(G, dtype, bd)
-                    for c in cfgs.decode_configs(dtype, bd, arch, rows):
-                        for splits in (None, 1, 3, 40):
-                            out, lse = poisoned_outputs(p)
-                            pa.launch_decode(out, lse, *a[:8], a[8], a[9], a[10], a[11], a[12], cfg=c,
-                                             num_splits=splits)
-                            check(p, out, lse, f"gpu decode {dtype} D{D} bs{bs} G{G} {c} splits={splits}")
-                    # the public entry point (heuristic configs)
-                    out, lse = poisoned_outputs(p)
-                    kt.paged_attention(out, lse, *a)
-                    check(p, out, lse, f"gpu entry decode {dtype} D{D} bs{bs} G{G}")
+                    q_spec = min(cfgs.MAX_DECODE_Q, cfgs.DECODE_ROWS[-1] // G)
+                    steps = [("decode", [1, 1, 1], [1000, 37, 1], (None, 1, 3, 40)),
+                             ("spec", [2, q_spec, 1], [300, 64 + q_spec, 40], (None, 3))]
+                    for kind, ql, kl, split_counts in steps:
+                        assert cfgs.use_decode(max(ql), G)
+                        p = build(ql, kl, D=D, bs=bs, Hkv=2, G=G, dtype=dtype, seed=seed, device=dev,
+                                  window=None if G % 2 else 200, sink=G in (7, 12), softcap=20.0 if G == 3 else None)
+                        a = args_of(p)
+                        rows = cfgs.decode_rows(G * max(ql), dtype, bd)
+                        for c in cfgs.decode_configs(dtype, bd, arch, rows):
+                            for splits in split_counts:
+                                out, lse = poisoned_outputs(p)
+                                pa.launch_decode(out, lse, *a[:8], a[8], a[9], a[10], a[11], a[12], cfg=c,
+                                                 num_splits=splits)
+                                check(p, out, lse, f"gpu {kind} {dtype} D{D} bs{bs} G{G} {c} splits={splits}")
+                        # the public entry point (heuristic configs)
+                        out, lse = poisoned_outputs(p)
+                        kt.paged_attention(out, lse, *a)
+                        check(p, out, lse, f"gpu entry {kind} {dtype} D{D} bs{bs} G{G}")
     if dev == "cuda":
         torch.cuda.synchronize()
-    print(f"gpu full product: {n} shape groups OK")
+    print(f"gpu full product: {n} shape groups OK in {time.time() - t0:.0f}s")
 
 
 @pytest.mark.gpu

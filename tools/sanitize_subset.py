@@ -1,5 +1,8 @@
 """A small subset of kvmem's CUDA and Triton calls for `compute-sanitizer --tool memcheck`
-(benchmarks/gpu_check.sh): odd shapes, page sizes 1 and 16, split and unsplit decode."""
+(benchmarks/gpu_check.sh runs it with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so reads past a tensor
+are not hidden inside the caching allocator's blocks): odd shapes, page sizes 1 and 16, split and
+unsplit decode, strided (interleaved) caches, a GQA group of 12 (head chunks), and q rows past
+cu_seqlens_q[-1] (padding, check=False)."""
 
 import os
 import sys
@@ -20,6 +23,10 @@ for backend in ("cuda", "triton"):
                 out, lse = kvmem.paged_attention(*case.args(), **case.kwargs, return_lse=True)
                 ref, _ = case.reference()
                 torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    case = make_case([1, 2], [2000, 33], num_heads=24, num_kv_heads=2, head_dim=128, block_size=16,
+                     dtype=torch.bfloat16, sink=True, device="cuda")
+    q = torch.cat([case.q, torch.zeros(3, 24, 128, dtype=torch.bfloat16, device="cuda")])  # 3 padding rows
+    kvmem.paged_attention(q, *case.args()[1:], **case.kwargs, check=False)
     k_cache = torch.zeros(5, 16, 4, 80, dtype=torch.bfloat16, device="cuda")
     v_cache = torch.zeros_like(k_cache)
     kv = torch.randn(9, 8, 80, dtype=torch.bfloat16, device="cuda")
