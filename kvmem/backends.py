@@ -307,8 +307,8 @@ def explain(call: Call) -> Dict[str, str]:
     """For each backend, fastest first: 'selected', 'capable (not chosen)' or why it was rejected.
 
     When ``KVMEM_BACKEND`` forces a backend that cannot run ``call`` (the call itself would raise),
-    that backend reads 'forced but rejected: <why>' and every other backend still says why it was
-    or was not capable."""
+    that backend reads 'rejected (forced by KVMEM_BACKEND=<name>): <why>' and every other backend
+    still says why it was or was not capable."""
     forced = _forced()
     forced_why = BY_NAME[forced].rejects(call) if forced is not None else None
     chosen = None if forced_why is not None else select(call).name
@@ -318,7 +318,8 @@ def explain(call: Call) -> Dict[str, str]:
         if backend.name == chosen:
             result[backend.name] = "selected"
         elif backend.name == forced:
-            result[backend.name] = f"forced but rejected: {why[1]}"
+            # Starts with 'rejected' like every rejection (the demo and bench skip on that).
+            result[backend.name] = f"rejected (forced by KVMEM_BACKEND={forced}): {why[1]}"
         elif why is None:
             result[backend.name] = "capable (not chosen)"
         else:

@@ -68,7 +68,7 @@ def test_explain_with_a_forced_backend_that_cannot_run(monkeypatch):
     monkeypatch.setenv("KVMEM_BACKEND", "cuda")
     why = backends.explain(call_for(case))
     assert list(why) == ["cuda", "triton", "cpu", "reference"]
-    assert why["cuda"].startswith("forced but rejected: runs on cuda tensors"), why
+    assert why["cuda"].startswith("rejected (forced by KVMEM_BACKEND=cuda): runs on cuda tensors"), why
     assert why["triton"].startswith("rejected: runs on cuda tensors"), why
     assert why["cpu"] == "capable (not chosen)" if CPU_BUILT else why["cpu"].startswith("rejected: "), why
     assert why["reference"] == "capable (not chosen)", why
@@ -82,7 +82,7 @@ def test_explain_with_a_forced_backend_that_cannot_run(monkeypatch):
     if CPU_BUILT:
         monkeypatch.setenv("KVMEM_BACKEND", "cpu")
         why = backends.explain(call_for(case, k_scale=torch.tensor(1.0)))
-        assert why["cpu"].startswith("forced but rejected: feature"), why
+        assert why["cpu"].startswith("rejected (forced by KVMEM_BACKEND=cpu): feature"), why
         assert why["reference"] == "capable (not chosen)", why
 
 
