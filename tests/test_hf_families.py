@@ -109,6 +109,31 @@ def test_family_prefill_and_decode_match_unpatched(name):
         assert expect_groups == {"full", f"sliding_{WINDOW}"}
 
 
+@pytest.mark.parametrize("name", list(BUILD))
+def test_family_static_decode_compiles_fullgraph(name):
+    """generate() with the decode step compiled by torch.compile(fullgraph=True) (static metadata,
+    kvmem.patch(compile_decode=...)): one graph for every family (softcap, sinks, alternating
+    windows, q/k norms), tokens and logits as unpatched, prompt longer than the window."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model = build(name)
+    ids = torch.randint(1, 128, (1, 30))
+    g = dict(input_ids=ids, max_new_tokens=12, min_new_tokens=12)
+    ref = gen(model, **g)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    patch(model, block_size=8, compile_decode=dict(backend=counter))
+    try:
+        out = gen(model, **g)
+        stats = dict(model._kvmem_runner.stats)
+    finally:
+        unpatch(model)
+        torch._dynamo.reset()
+    check(out, ref)
+    assert stats["compiled"] == 11 and counter.frame_count == 1, (stats, counter.frame_count)
+    assert memory_bound_ok(out.past_key_values)
+
+
 @pytest.mark.parametrize("name", ["mistral", "gemma2", "gpt_oss"])
 def test_family_left_padded_batch_matches_unpatched_batch(name):
     model = build(name, seed=1)

@@ -580,6 +580,8 @@ class PagedKVCache(Cache):
                 hf_static.check_decode_mask(mask, st.seq_lens)
             except RuntimeError as e:  # CPU: raised at once; roll the reservation back
                 self._rollback(prev)
+                if mask.device.type != "cpu":
+                    raise
                 raise ValueError(str(e)) from None
         return st, prev
 
@@ -721,6 +723,8 @@ class PagedKVCache(Cache):
                     hf_static.check_decode_mask(mask, plan.groups[self.groups[0].name].seq_lens)
                 except RuntimeError as e:  # CPU: raised at once; undo the reservation
                     self._rollback(prev)
+                    if mask.device.type != "cpu":
+                        raise
                     raise ValueError(str(e)) from None
                 self._commit_plan(step, plan, None, prev)
                 return

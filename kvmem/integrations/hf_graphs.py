@@ -37,6 +37,7 @@ would trace the prefill too; kvmem's planning is host code that must run outside
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from typing import Dict, Optional
 
@@ -98,6 +99,7 @@ class DecodeGraphRunner:
         self._graphs: Dict[tuple, _Captured] = {}
         self._graph_owner = None  # weakref to the StaticDecodeBuffers the graphs were captured with
         self._mempool = None
+        self._uncapturable = set()  # graph keys whose capture failed: those steps run uncaptured
         self.stats = {"eager_static": 0, "compiled": 0, "captured": 0, "replayed": 0}
 
     def __repr__(self) -> str:
@@ -217,8 +219,11 @@ class DecodeGraphRunner:
             g.graph.replay()
             self.stats["replayed"] += 1
             return g.logits.clone()
+        if key in self._uncapturable:
+            self.stats["eager_static"] += 1
+            return fn(input_ids, position_ids, cache, logits_to_keep)
         # First step of this batch size: run it for real on a side stream (lazy init, Triton compiles),
-        # then capture the same forward; writing this step's keys again on replay would be idempotent.
+        # then capture the same forward (capturing records kernels without running them).
         dev = st.device
         static_ids, static_pos = input_ids.clone(), position_ids.clone()
         main = torch.cuda.current_stream(dev)
@@ -231,8 +236,15 @@ class DecodeGraphRunner:
         if self._mempool is None:
             self._mempool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
-            out = fn(static_ids, static_pos, cache, logits_to_keep)
+        try:
+            with torch.cuda.graph(graph, pool=self._mempool):
+                out = fn(static_ids, static_pos, cache, logits_to_keep)
+        except Exception as e:  # e.g. a model whose forward syncs (data-dependent MoE routing on the host)
+            self._uncapturable.add(key)
+            warnings.warn(f"kvmem: could not capture {type(self.model).__name__}'s decode step in a CUDA graph "
+                          f"({type(e).__name__}: {e}); its decode steps run static but uncaptured", RuntimeWarning)
+            self.stats["eager_static"] += 1
+            return logits
         self._graphs[key] = _Captured(graph, static_ids, static_pos, out)
         self.stats["captured"] += 1
         return logits
