@@ -47,7 +47,7 @@ class KvmemOptions:
     prefix_cache: bool = False
     cuda_graph: bool = False
     compile_decode: Union[None, bool, dict] = None
-    pool: Optional[KVPool] = field(default=None, repr=False)  # prefix_cache: pools kept across calls
+    pool: Optional[KVPool] = field(default=None, repr=False)  # prefix_cache / cuda_graph: pools kept across calls
 
     def make_cache(self, model, *, max_batch_size: Optional[int] = None, max_cache_len: Optional[int] = None,
                    expand: int = 1) -> PagedKVCache:
@@ -56,10 +56,13 @@ class KvmemOptions:
 
         With ``prefix_cache`` the cache lives in a ``KVPool`` kept across calls (the previous call's
         cache is released) and starts from the cached blocks of its prompts' longest known prefix.
+        With ``cuda_graph`` it lives in a kept ``KVPool`` too, so that the pools and the static
+        decode buffers (``KVPool.static``) -- the memory captured CUDA graphs point at -- outlive
+        the call and the next call of the same batch size and length replays the same graphs.
         """
         kw = dict(block_size=self.block_size, backend=self.backend)
         rows = (max_batch_size or 1) * expand
-        if not self.prefix_cache:
+        if not (self.prefix_cache or self.cuda_graph):
             return PagedKVCache(model.config, num_blocks=self.num_blocks, memory=self.memory,
                                 max_batch_size=rows, max_cache_len=max_cache_len, **kw)
         prompt = getattr(_prompt_tls, "prompt", None)
@@ -69,7 +72,10 @@ class KvmemOptions:
         groups = [LayerGroupSpec(n, layers, w)
                   for n, layers, w in families.group_layers(families.layer_windows(model.config))]
         per_block = bytes_per_block(groups, self.block_size, kv_heads, head_dim, dtype)
-        step_len = max((len(t) + p for t, p in zip(rows_tokens, pads)), default=0) if rows_tokens else 0
+        if rows_tokens:
+            step_len = max((len(t) + p for t, p in zip(rows_tokens, pads)), default=0)
+        else:  # prompt unknown: size sliding groups for a prompt of the whole length
+            step_len = max_cache_len or 0
         auto = self.num_blocks is None and self.memory is None
         want = size_groups(groups, self.block_size, per_block, rows=rows, step_len=step_len,
                            num_blocks=self.num_blocks,
@@ -81,12 +87,12 @@ class KvmemOptions:
         same_place = pool is not None and ((pool.layer_devices == device) if isinstance(device, dict) else
                                            (pool.layer_devices is None and pool.device == torch.device(device)))
         if pool is None or pool.dtype != dtype or not same_place or (auto and not pool.fits(want)):
-            # auto-sized: room for this call and as much again of cached prompt blocks
-            blocks = {k: 2 * v for k, v in want.items()} if auto else want
+            # auto-sized: room for this call (and with prefix_cache as much again of cached prompt blocks)
+            blocks = {k: 2 * v for k, v in want.items()} if auto and self.prefix_cache else want
             pool = self.pool = KVPool(model.config, self.block_size, blocks, dtype, device)
         cache = PagedKVCache(model.config, pool=pool, max_cache_len=max_cache_len, **kw)
         pool.live = cache
-        if rows_tokens:
+        if rows_tokens and self.prefix_cache:
             cache.reuse_prefix(rows_tokens, pads)
         return cache
 
@@ -214,7 +220,9 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
     cuda_graph: run ``generate()``'s decode steps (one token per row) with static, fixed-shape
         metadata, captured in a CUDA graph once per batch size (per ``generate()`` call) and
         replayed; prefill stays eager. On a device without CUDA graphs the same static step runs
-        eagerly. See ``kvmem.integrations.DecodeGraphRunner``.
+        eagerly. The KV pools are kept across calls (as with ``prefix_cache``, the cache a call
+        returns is released by the next call), so later calls of the same batch size and length
+        replay the graphs captured by the first. See ``kvmem.integrations.DecodeGraphRunner``.
     compile_decode: True or a dict of ``torch.compile`` options (``fullgraph=True`` by default):
         compile the static decode step (with ``cuda_graph`` on CUDA, the compiled step is captured)
 
@@ -265,14 +273,14 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
         from kvmem.integrations import hf_graphs
 
         hf_graphs.install(model, cuda_graph=cuda_graph, compile=compile_decode or None)
-    if prefix_cache:
+    if prefix_cache or cuda_graph:
         model.generate = types.MethodType(_capturing_generate, model)
     model._kvmem_state = _PatchState(attn=saved, instance_hook=instance_generate_hook(model), modules=modules)
     return model
 
 
 def _capturing_generate(self, *args, **kwargs):
-    """``generate`` of a prefix-caching patched model: remembers the prompt for the cache hook."""
+    """``generate`` of a prefix-caching / CUDA-graph patched model: remembers the prompt for the cache hook."""
     ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
     if ids is None:
         ids = kwargs.get("input_ids")
@@ -311,7 +319,7 @@ def unpatch(model):
     opts = model.__dict__.pop("_kvmem_options", None)
     if opts is not None and opts.pool is not None and opts.pool.live is not None:
         opts.pool.live.release()
-    if opts is not None and opts.prefix_cache:
+    if opts is not None and (opts.prefix_cache or opts.cuda_graph):
         model.__dict__.pop("generate", None)
     model.__dict__.pop("_kvmem_state", None)
     return model

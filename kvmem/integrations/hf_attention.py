@@ -4,7 +4,9 @@
   ``PagedKVCache`` it writes the layer's new keys/values into the paged pools and runs
   ``kvmem.paged_attention`` over them; with any other cache (``DynamicCache``) or none
   (``use_cache=False``) it runs the same kernel over the dense keys/values it is given, viewed as
-  pages (zero-copy without padding).
+  pages (zero-copy without padding). During a static decode step
+  (``PagedKVCache.static_decode_step``) it runs the kernel over the cache's fixed-shape metadata
+  buffers instead: device work only, for CUDA graphs and ``torch.compile(fullgraph=True)``.
 * ``kvmem_mask`` is registered in ``AttentionMaskInterface`` as ``"kvmem"``: it hands the kernels
   the 2D padding mask ``[batch, kv_len]`` (lengths), never a dense L x L mask, and refuses mask
   patterns it cannot express (chunked, packed sequences, bidirectional, custom overlays) instead

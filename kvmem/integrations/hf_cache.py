@@ -555,8 +555,15 @@ class PagedKVCache(Cache):
         (device,) = devices
         st = self._static
         if st is None or st.rows != B or st.device != device:
-            st = hf_static.StaticDecodeBuffers(self.groups, self.num_layers, B, self._static_width(), self.block_size,
-                                               device, self.ops)
+            width = self._static_width()
+            key = (B, width, device)
+            st = None if self._pool is None else self._pool.static.get(key)
+            if st is None:  # a pool's buffers outlive this cache: graphs captured on them stay valid
+                st = hf_static.StaticDecodeBuffers(self.groups, self.num_layers, B, width, self.block_size, device,
+                                                   self.ops)
+                if self._pool is not None:
+                    self._pool.static[key] = st
+            st.ops = self.ops
             self._static = st
         st.pools = dict(self._pools)
         if mask is not None:
@@ -880,6 +887,8 @@ class KVPool:
                                              self.layer_devices or self.device)
         self.ids = itertools.count()
         self.live: Optional["PagedKVCache"] = None  # the cache currently using the pool
+        #: (rows, width, device) -> StaticDecodeBuffers shared by the caches living in this pool
+        self.static: Dict[tuple, hf_static.StaticDecodeBuffers] = {}
 
     @property
     def num_blocks(self) -> Dict[str, int]:

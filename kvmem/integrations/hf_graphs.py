@@ -20,8 +20,10 @@ For a decode step the runner
    * on CUDA with ``cuda_graph=True``: the first step of a batch size runs for real on a side stream
      (warm-up: lazy initialisation, Triton compilation), then the forward is captured into a CUDA
      graph whose inputs are static ``input_ids``/``position_ids`` buffers; later steps copy their
-     inputs in and replay. Graphs are kept per batch size for the cache's buffers (a new cache,
-     i.e. a new ``generate()`` call, captures anew: its pools are new memory);
+     inputs in and replay. A graph lives as long as the metadata buffers (and pools) it points
+     at: with ``patch(model, cuda_graph=True)`` those live in a ``KVPool`` kept across
+     ``generate()`` calls, so later calls of the same batch size and ``max_length`` replay the
+     first call's graphs; a cache of its own (``DecodeGraphRunner`` used directly) captures anew;
    * with ``compile=`` (``patch(..., compile_decode=...)``): the forward is
      ``torch.compile(fullgraph=True)``-d (one graph; compiled once per batch size and cache
      object's shapes, no recompiles between steps); combined with ``cuda_graph`` on CUDA, the
@@ -39,7 +41,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
@@ -96,15 +98,16 @@ class DecodeGraphRunner:
         self._forward = model.forward  # the forward this runner wraps (bound)
         self._cache_kw = cache_kwarg(model)
         self._compiled = None
-        self._graphs: Dict[tuple, _Captured] = {}
-        self._graph_owner = None  # weakref to the StaticDecodeBuffers the graphs were captured with
+        # StaticDecodeBuffers -> {key: graph}: a graph lives as long as the buffers (and pools) it points at
+        self._graphs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._mempool = None
         self._uncapturable = set()  # graph keys whose capture failed: those steps run uncaptured
         self.stats = {"eager_static": 0, "compiled": 0, "captured": 0, "replayed": 0}
 
     def __repr__(self) -> str:
+        n = sum(len(g) for g in self._graphs.values())
         return (f"DecodeGraphRunner(cuda_graph={self.cuda_graph}, compile={self.compile_options}, "
-                f"graphs={len(self._graphs)}, stats={self.stats})")
+                f"graphs={n}, stats={self.stats})")
 
     # ------------------------------------------------------------------ public
     def decode_step(self, input_ids: torch.Tensor, cache: PagedKVCache, *,
@@ -149,8 +152,7 @@ class DecodeGraphRunner:
 
     def reset(self) -> None:
         """Drop captured graphs and the compiled function."""
-        self._graphs.clear()
-        self._graph_owner = None
+        self._graphs = weakref.WeakKeyDictionary()
         self._compiled = None
 
     # ------------------------------------------------------------------ forward wrapper
@@ -207,12 +209,9 @@ class DecodeGraphRunner:
 
     def _graph_step(self, st, input_ids, position_ids, cache, logits_to_keep):
         fn = self._run_model if self.compile_options is None else self._compiled_fn()
-        owner = None if self._graph_owner is None else self._graph_owner()
-        if owner is not st:  # another cache (new pools and buffers): its graphs are stale
-            self._graphs.clear()
-            self._graph_owner = weakref.ref(st)
-        key = (st.rows, logits_to_keep, input_ids.dtype, position_ids.dtype)
-        g = self._graphs.get(key)
+        graphs = self._graphs.setdefault(st, {})
+        key = (logits_to_keep, input_ids.dtype, position_ids.dtype)
+        g = graphs.get(key)
         if g is not None:
             g.input_ids.copy_(input_ids, non_blocking=True)
             g.position_ids.copy_(position_ids, non_blocking=True)
@@ -245,7 +244,7 @@ class DecodeGraphRunner:
                           f"({type(e).__name__}: {e}); its decode steps run static but uncaptured", RuntimeWarning)
             self.stats["eager_static"] += 1
             return logits
-        self._graphs[key] = _Captured(graph, static_ids, static_pos, out)
+        graphs[key] = _Captured(graph, static_ids, static_pos, out)
         self.stats["captured"] += 1
         return logits
 
