@@ -10,6 +10,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
+
 namespace kvmem {
 namespace cuda {
 
@@ -34,16 +36,32 @@ void dispatch_float_types(at::ScalarType dtype, const char* name, Fn&& fn) {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// Number of SMs of the current device (cached per device).
-inline int sm_count() {
-  static int cache[64] = {0};
+constexpr int kMaxDevices = 64;
+
+// query() for the current device, cached in cache[device] (a static std::atomic<int>[kMaxDevices],
+// zero = not yet known). Benign race: concurrent first calls store the same value.
+template <typename Query>
+inline int cached_per_device(std::atomic<int>* cache, Query&& query) {
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 64 && cache[dev] > 0) return cache[dev];
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  if (dev < 64) cache[dev] = n;
+  if (dev < kMaxDevices) {
+    const int known = cache[dev].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  const int n = query();
+  if (dev < kMaxDevices && n > 0) cache[dev].store(n, std::memory_order_relaxed);
   return n;
+}
+
+// Number of SMs of the current device (cached per device).
+inline int sm_count() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_per_device(cache, [] {
+    int dev = 0, n = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+  });
 }
 
 inline bool aligned_16(const at::Tensor& t) {

@@ -18,8 +18,13 @@ void launch(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cud
   const int threads = kNumWarps * 32;
   const int units = q.size(0) * p.num_kv_heads * p.head_chunks;
   // Split count by occupancy: enough CTAs to fill every SM, never splits of < kMinKeysPerSplit keys.
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  // The occupancy query is cached per device (one cache per kernel instantiation).
+  static std::atomic<int> per_sm_cache[kMaxDevices];
+  const int per_sm = cached_per_device(per_sm_cache, [&] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0));
+    return n;
+  });
   const int sms = sm_count();
   const int target = std::max(1, per_sm) * sms;
   int splits = (target + units - 1) / std::max(units, 1);
@@ -33,7 +38,8 @@ void launch(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cud
     p.partial_out = partial_out.data_ptr<float>();
     p.partial_lse = partial_lse.data_ptr<float>();
   }
-  dim3 grid(splits, p.num_kv_heads * p.head_chunks, q.size(0));
+  TORCH_CHECK(p.num_kv_heads * p.head_chunks <= 65535, "kvmem_C::paged_attention (CUDA): too many KV heads");
+  dim3 grid(q.size(0), p.num_kv_heads * p.head_chunks, splits);  // tokens on x (up to 2^31 - 1)
   kernel<<<grid, threads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {

@@ -3,7 +3,9 @@
 //
 // One CTA handles one query token t, one KV head (and up to G_MAX of its query heads), and one
 // split of that token's visible key range:
-//   grid = (num_splits, num_kv_heads * head_chunks, num_tokens), block = NUM_WARPS * 32.
+//   grid = (num_tokens, num_kv_heads * head_chunks, num_splits), block = NUM_WARPS * 32
+// (tokens on x: gridDim.x allows 2^31 - 1, y and z only 65535). Tokens past cu_seqlens_q[B]
+// (padding, e.g. a CUDA graph captured for more tokens) belong to no sequence: left untouched.
 // Each K/V row is read once per CTA with 16-byte loads and used by all the CTA's query heads.
 // Math (base-2 online softmax, per query head g):
 //   s_j   = scale * q_g . k_j                (softcap c: s_j = c * tanh(s_j / c))
@@ -45,8 +47,10 @@ struct PagedDecodeParams {
   bool causal;
 };
 
-// Index b of the sequence owning token t: cu[b] <= t < cu[b + 1] (segments may be empty).
+// Index b of the sequence owning token t: cu[b] <= t < cu[b + 1] (segments may be empty);
+// -1 when no sequence owns t (t outside [cu[0], cu[num_seqs]), or no sequences).
 __device__ __forceinline__ int sequence_of_token(const int32_t* cu, int num_seqs, int t) {
+  if (num_seqs <= 0 || t < __ldg(cu) || t >= __ldg(cu + num_seqs)) return -1;
   int lo = 0, hi = num_seqs - 1;
   while (lo < hi) {
     int mid = (lo + hi + 1) >> 1;
@@ -74,14 +78,15 @@ paged_decode_kernel(const PagedDecodeParams p) {
   constexpr int VEC = S::VEC, TPK = S::TPK, VPT = S::VPT, KPW = S::KPW, U = S::UNROLL;
   constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
-  const int split = blockIdx.x;
+  const int t = blockIdx.x;
   const int kvh = blockIdx.y / p.head_chunks;
   const int chunk = blockIdx.y % p.head_chunks;
-  const int t = blockIdx.z;
+  const int split = blockIdx.z;
   const int h0 = kvh * p.group + chunk * G_MAX;
   const int ng = min(G_MAX, p.group - chunk * G_MAX);
 
   const int b = sequence_of_token(p.cu_seqlens_q, p.num_seqs, t);
+  if (b < 0) return;  // uniform over the CTA: before any __syncthreads
   const int q_start = p.cu_seqlens_q[b];
   const int q_len = p.cu_seqlens_q[b + 1] - q_start;
   const int kv_len = p.seq_lens[b];
@@ -279,6 +284,7 @@ paged_decode_kernel(const PagedDecodeParams p) {
 template <typename T, int D>
 __global__ void paged_decode_reduce_kernel(const PagedDecodeParams p) {
   const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  if (sequence_of_token(p.cu_seqlens_q, p.num_seqs, t) < 0) return;  // no partials were written
   const int64_t row0 = ((int64_t)t * p.num_heads + h) * p.num_splits;
   float mx = p.sink_logits != nullptr ? p.sink_logits[h] : -INFINITY;
   for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.partial_lse[row0 + s]);
