@@ -191,12 +191,13 @@ def main(argv=None):
         patch(model, block_size=a.block_size, backend=a.backend, cuda_graph=a.cuda_graph)
         try:
             out, pre, dec = run(model, ids, a.max_new_tokens, f"kvmem{tag}", device)
+            cache = out.past_key_values  # read before unpatch (which releases a kept pool's cache)
+            held, reserved, usage = cache.kv_bytes_held(), cache.kv_bytes_reserved(), cache.usage()
         finally:
             unpatch(model)
-        cache = out.past_key_values
         prev = best.get("kvmem")
         best["kvmem"] = (min(pre, prev[0]) if prev else pre, min(dec, prev[1]) if prev else dec,
-                         cache.kv_bytes_held(), cache.kv_bytes_reserved(), "PagedKVCache")
+                         held, reserved, "PagedKVCache")
     rows = best
 
     n_prompt, n_dec = ids.shape[1], a.max_new_tokens - 1
@@ -208,7 +209,7 @@ def main(argv=None):
     err = max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
               for x, y in zip(out.logits, out_ref.logits))
     usage = ", ".join(f"{g}: {u.blocks_used}/{u.num_blocks} blocks, {u.num_tokens} tokens"
-                      for g, u in cache.usage().items())
+                      for g, u in usage.items())
     print(f"\nkvmem cache: block_size {cache.block_size}; {usage}")
     print(f"outputs identical: {'YES' if same else 'NO'} (max |logit delta| / max |logit| = {err:.2e})")
     if tok is not None:
