@@ -7,6 +7,7 @@ GPU (skipped without one): CUDA-graph capture/replay through ``generate()``.
 """
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -216,6 +217,51 @@ def test_static_decode_step_errors():
         unpatch(m)
     with pytest.raises(TypeError, match="cuda_graph"):
         patch(m, cuda_graph="yes")
+
+
+def test_generate_with_inductor_compiled_decode():
+    """compile_decode with the inductor backend (generated C++ on CPU): same tokens and logits."""
+    torch._dynamo.reset()
+    m = tiny_llama()
+    ids, mask = left_pad([torch.randint(1, 128, (L,)).tolist() for L in (14, 9)])
+    g = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10)
+    ref = gen(m, **g)
+    patch(m, block_size=4, compile_decode=dict(backend="inductor"))
+    try:
+        out = gen(m, **g)
+        stats = dict(m._kvmem_runner.stats)
+    finally:
+        unpatch(m)
+        torch._dynamo.reset()
+    assert_same_generation(out, ref)
+    assert stats["compiled"] == 9
+
+
+def test_unpatch_restores_an_instance_forward():
+    """A forward already wrapped on the instance (accelerate's hooks do this) is what the runner
+    wraps, and what unpatch puts back."""
+    m = tiny_llama()
+    calls = []
+    orig = m.forward
+
+    @functools.wraps(orig)
+    def hooked(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    m.forward = hooked
+    ids = torch.randint(1, 128, (1, 9))
+    ref = gen(m, input_ids=ids, max_new_tokens=5)
+    n = len(calls)
+    patch(m, block_size=4, cuda_graph=True)
+    try:
+        out = gen(m, input_ids=ids, max_new_tokens=5)
+        assert m._kvmem_runner.stats["eager_static"] == 4
+    finally:
+        unpatch(m)
+    assert m.forward is hooked
+    assert len(calls) == 2 * n  # prefill and the static steps alike call the forward the runner wrapped
+    assert_same_generation(out, ref)
 
 
 # ----------------------------------------------------------------------------------------- GPU
