@@ -8,6 +8,7 @@ GPU (skipped without one): CUDA-graph capture/replay through ``generate()``.
 
 import contextlib
 import functools
+import threading
 
 import pytest
 import torch
@@ -262,6 +263,30 @@ def test_unpatch_restores_an_instance_forward():
     assert m.forward is hooked
     assert len(calls) == 2 * n  # prefill and the static steps alike call the forward the runner wrapped
     assert_same_generation(out, ref)
+
+
+def test_static_step_is_local_to_its_thread():
+    """While one thread is inside a static decode step, another thread's patched model runs its
+    ordinary (eager) steps: the static path is thread-local."""
+    m, other = tiny_llama(), tiny_llama(seed=1)
+    ids = torch.randint(1, 128, (1, 9))
+    ref = gen(other, input_ids=ids, max_new_tokens=4)
+    patch(m, block_size=4)
+    patch(other, block_size=4)
+    try:
+        cache = PagedKVCache(m.config, block_size=4, max_cache_len=32)
+        tok = prefill(m, cache, ids, None)
+        res = {}
+        with torch.no_grad(), cache.static_decode_step():
+            t = threading.Thread(target=lambda: res.setdefault("out", gen(other, input_ids=ids, max_new_tokens=4)))
+            t.start()
+            t.join()
+            m(input_ids=tok, position_ids=torch.full((1, 1), 9), use_cache=True, **{cache_kwarg(m): cache})
+    finally:
+        unpatch(m)
+        unpatch(other)
+    assert_same_generation(res["out"], ref)
+    assert cache.row_lengths() == [10] and cache.get_seq_length() == 10
 
 
 # ----------------------------------------------------------------------------------------- GPU

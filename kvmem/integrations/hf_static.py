@@ -25,23 +25,26 @@ nothing but its -1 entries.
 
 from __future__ import annotations
 
+import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 __all__ = ["StaticDecodeBuffers", "active", "check_decode_mask"]
 
-_ACTIVE: Optional["StaticDecodeBuffers"] = None  # the buffers of the static step in flight (one at a time)
+# .buffers: the StaticDecodeBuffers of this thread's static step in flight. Thread-local, so that an
+# eager forward of another model in another thread never takes the static path (torch.compile
+# traces reads of it and guards on them like any attribute).
+_tls = threading.local()
 
 
 def active() -> Optional["StaticDecodeBuffers"]:
-    """The ``StaticDecodeBuffers`` of the static decode step in flight, or None (eager steps)."""
-    return _ACTIVE
+    """The ``StaticDecodeBuffers`` of this thread's static decode step in flight, or None (eager steps)."""
+    return getattr(_tls, "buffers", None)
 
 
 def _set_active(buffers: Optional["StaticDecodeBuffers"]) -> None:
-    global _ACTIVE
-    _ACTIVE = buffers
+    _tls.buffers = buffers
 
 
 class StaticDecodeBuffers:
