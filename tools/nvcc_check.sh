@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile-check every CUDA source with nvcc for sm_80 and sm_90a (compile only: nothing runs).
+# Compile-check every CUDA source with nvcc for sm_80 and sm_90a (compile only: nothing runs);
+# fails on any register spill (ptxas -v).
 # Usage: bash tools/nvcc_check.sh [python]   (python: one with torch, for its headers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,16 @@ for src in "${sources[@]}"; do
          -DKVMEM_WITH_CUDA --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF2_OPERATORS__ \
          -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -Xptxas=-v \
          >"$out/log" 2>&1; then
-      echo "nvcc_check: ok   $src ${arch##*code=}"
+      # ptxas -v: "N bytes spill stores, M bytes spill loads" per kernel; any nonzero fails.
+      spills=$({ grep -Eo '[0-9]+ bytes spill (stores|loads)' "$out/log" || true; } | awk '$1 > 0' | wc -l)
+      kernels=$(grep -c 'Compiling entry function' "$out/log" || true)
+      if [ "$spills" -eq 0 ]; then
+        echo "nvcc_check: ok   $src ${arch##*code=} ($kernels kernels, 0 spills)"
+      else
+        echo "nvcc_check: SPILL $src ${arch##*code=}:"
+        grep -E "Compiling entry function|[1-9][0-9]* bytes spill" "$out/log" | grep -B1 -E "[1-9][0-9]* bytes spill" || true
+        fail=1
+      fi
     else
       echo "nvcc_check: FAIL $src ${arch##*code=}"; cat "$out/log"; fail=1
     fi
