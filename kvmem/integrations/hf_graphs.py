@@ -71,10 +71,12 @@ class DecodeGraphRunner:
     Parameters
     ----------
     model: a model patched with ``kvmem.patch`` (its attention is ``"kvmem"``)
-    cuda_graph: capture decode steps on CUDA in CUDA graphs (once per batch size and cache) and
-        replay them; ignored on other devices (the static step runs eagerly or compiled)
+    cuda_graph: capture decode steps on CUDA in CUDA graphs (once per batch size and metadata
+        buffers) and replay them; ignored on other devices (the static step runs eagerly or compiled)
     compile: None, True, or a dict of ``torch.compile`` keyword arguments for the decode forward
-        (``fullgraph=True`` is the default; e.g. ``{"backend": "inductor"}``)
+        (``fullgraph=True`` is the default; e.g. ``{"backend": "inductor"}``). For CUDA graphs use
+        ``cuda_graph=True`` rather than ``mode="reduce-overhead"``: the step writes the KV pools in
+        place, which torch's own CUDA-graph trees decline for inputs that are not static.
 
     Attributes
     ----------
@@ -137,7 +139,7 @@ class DecodeGraphRunner:
             raise ValueError(f"kvmem: a decode step takes position_ids [batch, 1], got {tuple(position_ids.shape)}")
         elif position_ids.shape[0] != B:
             position_ids = position_ids.expand(B, 1)
-        if position_ids.stride(0) != 1 or not position_ids.is_contiguous():
+        if not position_ids.is_contiguous():
             position_ids = position_ids.contiguous()
         if not input_ids.is_contiguous():
             input_ids = input_ids.contiguous()
