@@ -182,9 +182,17 @@ for dt in bfloat16 float16; do
     | tee -a "$OUT/timing.txt" | tail -12
 done
 
-if "$PY" -c "import transformers" 2>/dev/null; then  # random-weight Llama-3-8B shape (4 of 32 layers: time)
-  timeout "$T_BENCH" "$PY" -m kvmem.bench generate --device cuda --model random:llama3-8b --layers 4 --prompts 8192 \
-    --batch 1 8 --new-tokens 64 --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/timing.txt" | tail -8
+if "$PY" -c "import transformers" 2>/dev/null; then
+  # random-weight Llama-3-8B shape: by default 4 of 32 layers, 8k prompt, 64 new tokens (time);
+  # KVMEM_GPU_CHECK_FULL=1 runs the case (32 layers, 8k and 32k prompts, 256 new tokens).
+  if [ "${KVMEM_GPU_CHECK_FULL:-0}" = 1 ]; then gen_args="--prompts 8192 32768 --new-tokens 256"
+  else gen_args="--layers 4 --prompts 8192 --new-tokens 64"; fi
+  for graph in "" "--cuda-graph"; do  # eager decode steps, then CUDA-graph-captured ones
+    # shellcheck disable=SC2086
+    timeout "$T_BENCH" "$PY" -m kvmem.bench generate --device cuda --model random:llama3-8b $gen_args \
+      --batch 1 8 $graph --out "$OUT" 2>&1 | grep -v "it/s" | tee -a "$OUT/timing.txt" | tail -8
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { note "GENERATE BENCH ${graph:-eager} FAILED (see timing.txt)"; status=1; }
+  done
 fi
 
 step "done: status $status, results in $OUT"
