@@ -21,6 +21,13 @@ vLLM's decode CUDA graphs and FlashInfer's plan/run split follow the same rule. 
 fixed per batch size (``rows``) and per cache (``width`` blocks per row, from the cache's
 ``max_cache_len``); the kernels only need bounds, so a table wider than the sequences costs
 nothing but its -1 entries.
+
+Why ``rows`` is the batch and not a padded maximum: vLLM pads every step's batch up to a captured
+size because its batch changes every step. A ``generate()`` call keeps one batch size for all its
+decode steps (beam search reorders rows, it does not change their number), so buffers (and
+graphs) per batch size cost one capture per size and never run padding rows. Why the host half
+still goes through ``KVCacheManager.plan`` and copies its tensors in: one code path validates and
+builds every step's metadata (eager and static), and the copy is a few hundred bytes per group.
 """
 
 from __future__ import annotations
