@@ -257,7 +257,8 @@ KVMEM_INLINE void gather_tile(const Args<T>& a, const int32_t* bt_row, const T* 
 }
 
 // Walks the cache lines of the next key tile's K (or V) rows, heads [h0, h0 + nh) of each token,
-// issuing software prefetches (prefetcht0) a few lines at a time from inside the compute loops, so
+// issuing software prefetches (prefetcht1: into L2, as a tile of up to 32 keys x all heads of an item
+// is larger than L1) a few lines at a time from inside the compute loops, so
 // that the next tile streams in while this one is computed (one burst of prefetches would just
 // stall on the line-fill buffers).
 struct PrefetchCursor {
@@ -285,7 +286,7 @@ struct PrefetchCursor {
     while (count > 0 && tok < ntok) {
       const char* stop = p + int64_t(count) * 64;
       if (stop > end) stop = end;
-      for (const char* c = p; c < stop; c += 64) __builtin_prefetch(c, 0, 3);
+      for (const char* c = p; c < stop; c += 64) __builtin_prefetch(c, 0, 2);
       count -= static_cast<int>((stop - p + 63) / 64);
       p = stop;
       if (p >= end) {
