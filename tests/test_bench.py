@@ -347,6 +347,9 @@ def test_generate_cuda_graph_option(tmp_path):
         data = json.load(f)
     assert [r["impl"] for r in data["rows"]] == ["hf_default", "kvmem[cuda-graph]"]
     assert all(r["identical"] for r in data["rows"]) and data["args"]["cuda_graph"] is True
+    # the kept pool's cache is released by unpatch: its usage must be read before (was 0 B)
+    kv = data["rows"][1]
+    assert kv["kv_bytes_held"] > 0 and kv["kv_bytes_held"] <= kv["kv_bytes_reserved"]
 
 
 def test_generate_option_needs_patch_support(monkeypatch, capsys):

@@ -186,16 +186,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 patch(model, **pkw)
                 try:
                     out, pre, dec = run(model, ids, a.new_tokens, f"kvmem {n}x{bsz} [{rep + 1}]", dev)
+                    # read before unpatch: it releases a kept pool's live cache (cuda_graph=True)
+                    kv_held, kv_reserved = out.past_key_values.kv_bytes_held(), out.past_key_values.kv_bytes_reserved()
                 finally:
                     unpatch(model)
                 best["kv"] = (min(pre, best["kv"][0]), min(dec, best["kv"][1])) if "kv" in best else (pre, dec)
-            cache = out.past_key_values
             same = bool(torch.equal(out.sequences, ref.sequences))
             err = max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
                       for x, y in zip(out.logits, ref.logits))
             for impl, (pre, dec), held, reserved in (("hf_default", best["hf"], hf_bytes, None),
-                                                     (kv_label, best["kv"], cache.kv_bytes_held(),
-                                                      cache.kv_bytes_reserved())):
+                                                     (kv_label, best["kv"], kv_held, kv_reserved)):
                 rows.append(dict(impl=impl, prompt=n, batch=bsz, new_tokens=a.new_tokens,
                                  prefill_tok_s=n * bsz / pre, decode_tok_s=(a.new_tokens - 1) * bsz / dec,
                                  kv_bytes_held=held, kv_bytes_reserved=reserved, identical=same,
@@ -203,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hf, kv = rows[-2], rows[-1]
             kv["prefill_x_hf"] = kv["prefill_tok_s"] / hf["prefill_tok_s"]
             kv["decode_x_hf"] = kv["decode_tok_s"] / hf["decode_tok_s"]
-            del out, ref, cache
+            del out, ref
     w = max(11, len(kv_label))
     print(f"\n{'impl':{w}} {'prompt':>6} {'batch':>5} {'prefill tok/s':>13} {'x HF':>5} {'decode tok/s':>12} "
           f"{'x HF':>5} {'KV MiB':>8} {'identical':>9}")
