@@ -65,6 +65,20 @@ def gen(model, **kw):
     return model.generate(**kw)
 
 
+def generate_patched(model, *calls, generate=None, **patch_kw):
+    """Patch ``model`` with ``patch_kw``, run ``generate(model, **c)`` for each call's kwargs, read
+    the decode runner's step counters, unpatch (and reset dynamo). Returns (outputs, stats)."""
+    generate = generate or gen
+    patch(model, **patch_kw)
+    try:
+        outs = [generate(model, **c) for c in calls]
+        stats = dict(model._kvmem_runner.stats)
+    finally:
+        unpatch(model)
+        torch._dynamo.reset()
+    return outs, stats
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
@@ -774,13 +788,7 @@ def test_generate_cuda_graph_capture_replay_matches_unpatched(name):
     ids, mask = left_pad([torch.randint(1, 128, (L,)).tolist() for L in (25, 7)])
     g = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, min_new_tokens=24)
     ref = gen(m, **g)
-    patch(m, block_size=4, cuda_graph=True)
-    try:
-        out = gen(m, **g)
-        out2 = gen(m, **g)
-        stats = dict(m._kvmem_runner.stats)
-    finally:
-        unpatch(m)
+    (out, out2), stats = generate_patched(m, g, g, block_size=4, cuda_graph=True)
     assert torch.equal(out.sequences, ref.sequences) and torch.equal(out2.sequences, ref.sequences)
     errs = [rel_err(a, b) for a, b in zip(out.logits, ref.logits)]
     assert max(errs) <= 1e-3, max(errs)

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kvmem.integrations import PagedKVCache, UnsupportedModelError, families, patch, unpatch  # noqa: E402
-from test_hf import memory_bound_ok  # noqa: E402
+from test_hf import generate_patched, memory_bound_ok  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 LOGIT_RTOL = 1e-4
@@ -122,13 +122,7 @@ def test_family_static_decode_compiles_fullgraph(name):
     g = dict(input_ids=ids, max_new_tokens=12, min_new_tokens=12)
     ref = gen(model, **g)
     counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
-    patch(model, block_size=8, compile_decode=dict(backend=counter))
-    try:
-        out = gen(model, **g)
-        stats = dict(model._kvmem_runner.stats)
-    finally:
-        unpatch(model)
-        torch._dynamo.reset()
+    (out,), stats = generate_patched(model, g, generate=gen, block_size=8, compile_decode=dict(backend=counter))
     check(out, ref)
     assert stats["compiled"] == 11 and counter.frame_count == 1, (stats, counter.frame_count)
     assert memory_bound_ok(out.past_key_values)

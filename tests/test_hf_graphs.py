@@ -20,7 +20,7 @@ import torch._dynamo.testing  # noqa: E402
 
 from kvmem.integrations import DecodeGraphRunner, PagedKVCache, patch, unpatch  # noqa: E402
 from kvmem.integrations.hf_attention import cache_kwarg  # noqa: E402
-from test_hf import (assert_same_generation, gen, left_pad, memory_bound_ok, rel_err, tiny_llama,  # noqa: E402
+from test_hf import (assert_same_generation, gen, generate_patched, left_pad, memory_bound_ok, rel_err, tiny_llama,  # noqa: E402
                      tiny_qwen2_sliding)
 
 transformers.logging.set_verbosity_error()
@@ -103,14 +103,7 @@ def test_generate_with_static_decode_matches_unpatched(option):
     ref = gen(m, **g)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     kw = dict(cuda_graph=True) if option == "cuda_graph" else dict(compile_decode=dict(backend=counter))
-    patch(m, block_size=4, **kw)
-    try:
-        out = gen(m, **g)
-        out2 = gen(m, **g)
-        stats = dict(m._kvmem_runner.stats)
-    finally:
-        unpatch(m)
-        torch._dynamo.reset()
+    (out, out2), stats = generate_patched(m, g, g, block_size=4, **kw)
     assert "forward" not in m.__dict__ and not hasattr(m, "_kvmem_runner")
     assert_same_generation(out, ref)
     assert_same_generation(out2, ref)
@@ -134,12 +127,7 @@ def test_static_decode_with_beam_search_and_prompt_lookup():
     rep = torch.tensor([[5, 6, 7, 8, 9, 10, 11] * 4])
     lookup = dict(input_ids=rep, max_new_tokens=16, min_new_tokens=16, prompt_lookup_num_tokens=3)
     ref_b, ref_l = gen(m, **beams), gen(m, **lookup)
-    patch(m, block_size=4, cuda_graph=True)
-    try:
-        out_b, out_l = gen(m, **beams), gen(m, **lookup)
-        stats = dict(m._kvmem_runner.stats)
-    finally:
-        unpatch(m)
+    (out_b, out_l), stats = generate_patched(m, beams, lookup, block_size=4, cuda_graph=True)
     assert torch.equal(out_b.sequences, ref_b.sequences)
     assert torch.equal(out_l.sequences, ref_l.sequences)
     assert stats["eager_static"] >= 11  # beam search's decode steps ran static
@@ -228,13 +216,7 @@ def test_generate_with_inductor_compiled_decode():
     ids, mask = left_pad([torch.randint(1, 128, (L,)).tolist() for L in (14, 9)])
     g = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10)
     ref = gen(m, **g)
-    patch(m, block_size=4, compile_decode=dict(backend="inductor"))
-    try:
-        out = gen(m, **g)
-        stats = dict(m._kvmem_runner.stats)
-    finally:
-        unpatch(m)
-        torch._dynamo.reset()
+    (out,), stats = generate_patched(m, g, block_size=4, compile_decode=dict(backend="inductor"))
     assert_same_generation(out, ref)
     assert stats["compiled"] == 9
 
