@@ -12,7 +12,6 @@ CPU has it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -31,7 +30,6 @@ def _child(mode: str) -> None:
     import kvmem
     from cases import FEATURES, MODES, make_case
     from kvmem import _ext
-    from tolerances import assert_close
 
     if not _ext.has_kernel("paged_attention", "cpu"):
         print(json.dumps({"built": False, "error": _ext.load_error()}))
@@ -44,15 +42,10 @@ def _child(mode: str) -> None:
             torch.empty(1, 4, 64), torch.empty(1, 16, 2, 64))).name == "cpu"  # KVMEM_BACKEND=cpu
         features = list(FEATURES)
 
+        from test_cpu_kernels import run_and_compare
+
         def run(case, label):
-            out = torch.full_like(case.q, math.nan)
-            got, lse = kvmem.paged_attention(*case.args(), **case.kwargs, out=out, return_lse=True)
-            ref, ref_lse = case.reference()
-            try:
-                assert_close(got, ref)
-                assert_close(lse, ref_lse, what="lse")
-            except AssertionError as e:
-                raise AssertionError(f"KVMEM_CPU_ISA={os.environ.get('KVMEM_CPU_ISA')} {label} {case.describe()}\n{e}") from None
+            run_and_compare(case, f"KVMEM_CPU_ISA={os.environ.get('KVMEM_CPU_ISA')} {label}")
             report["cases"] += 1
 
         n = 0
