@@ -567,12 +567,7 @@ class PagedKVCache(Cache):
             self._static = st
         st.pools = dict(self._pools)
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != B:
-                raise ValueError(f"kvmem: expected a 2D attention mask [batch={B}, tokens], got "
-                                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-            if mask.shape[1] != self._seen + 1:
-                raise ValueError(f"kvmem: the attention mask has {mask.shape[1]} columns but the cache has seen "
-                                 f"{self._seen} tokens and this step adds 1")
+            self._check_mask_shape(mask, B, 1)
         prev = [m.seq_len(s) for s in self._seq_ids]
         need = max(prev) + 1
         if need > st.max_seqlen_k:
@@ -583,14 +578,29 @@ class PagedKVCache(Cache):
             m.apply_copies(self._pools)
         st.fill(plan)
         if mask is not None:
-            try:
-                hf_static.check_decode_mask(mask, st.seq_lens)
-            except RuntimeError as e:  # CPU: raised at once; roll the reservation back
-                self._rollback(prev)
-                if mask.device.type != "cpu":
-                    raise
-                raise ValueError(str(e)) from None
+            self._check_decode_mask(mask, st.seq_lens, prev)
         return st, prev
+
+    def _check_mask_shape(self, mask, rows: int, new_tokens: int) -> None:
+        """``mask`` must be ``[rows, seen + new_tokens]`` (generate()'s 2D padding mask)."""
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != rows:
+            raise ValueError(f"kvmem: expected a 2D attention mask [batch={rows}, tokens], got "
+                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        if mask.shape[1] != self._seen + new_tokens:
+            raise ValueError(f"kvmem: the attention mask has {mask.shape[1]} columns but the cache has seen "
+                             f"{self._seen} tokens and this step adds {new_tokens}")
+
+    def _check_decode_mask(self, mask: torch.Tensor, seq_lens: torch.Tensor, prev: List[int]) -> None:
+        """Device-side check of a 1-token step's mask (``hf_static.check_decode_mask``), the step's
+        reservation already made: on CPU a failure rolls it back to ``prev`` and raises ValueError;
+        on a GPU it is a device assert."""
+        try:
+            hf_static.check_decode_mask(mask, seq_lens)
+        except RuntimeError as e:  # CPU: raised at once; undo the reservation
+            self._rollback(prev)
+            if mask.device.type != "cpu":
+                raise
+            raise ValueError(str(e)) from None
 
     def _rollback(self, prev: List[int]) -> None:
         """Truncate every row back to ``prev`` (a step that did not complete)."""
@@ -650,9 +660,9 @@ class PagedKVCache(Cache):
             if ck not in self._step_md:
                 self._step_md[ck] = index.to(query.device, non_blocking=True)
             index = self._step_md[ck]
-        q = _tokens(query, index)
-        k = _tokens(key, index)
-        v = _tokens(value, index)
+        q = hf_static.tokens(query, index)
+        k = hf_static.tokens(key, index)
+        v = hf_static.tokens(value, index)
         if k.dtype != k_cache.dtype:
             raise TypeError(f"kvmem: layer {layer_idx} writes {k.dtype} keys into a {k_cache.dtype} PagedKVCache")
         self.ops.cache_write(k, v, k_cache, v_cache, md.slot_mapping)
@@ -717,22 +727,11 @@ class PagedKVCache(Cache):
         prev = [m.seq_len(s) for s in self._seq_ids]
         nums, index = [S] * B, None
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != B:
-                raise ValueError(f"kvmem: expected a 2D attention mask [batch={B}, tokens], got "
-                                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+            self._check_mask_shape(mask, B, S)
             N = mask.shape[1]
-            if N != self._seen + S:
-                raise ValueError(f"kvmem: the attention mask has {N} columns but the cache has seen {self._seen} "
-                                 f"tokens and this step adds {S}")
             if S == 1:  # decode: check on the device, never read the mask back (no host sync)
                 plan = m.plan(self._seq_ids, nums)  # CacheFullError: nothing changed
-                try:
-                    hf_static.check_decode_mask(mask, plan.groups[self.groups[0].name].seq_lens)
-                except RuntimeError as e:  # CPU: raised at once; undo the reservation
-                    self._rollback(prev)
-                    if mask.device.type != "cpu":
-                        raise
-                    raise ValueError(str(e)) from None
+                self._check_decode_mask(mask, plan.groups[self.groups[0].name].seq_lens, prev)
                 self._commit_plan(step, plan, None, prev)
                 return
             mask = mask.to(torch.bool)
@@ -897,12 +896,3 @@ class KVPool:
     def fits(self, need: Dict[str, int]) -> bool:
         nb = self.num_blocks
         return all(nb.get(k, 0) >= v for k, v in need.items())
-
-
-def _tokens(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
-    """[B, H, S, D] -> [B*S, H, D] (token-major; a view when B == 1 or S == 1), real tokens only."""
-    B, H, S, D = x.shape
-    t = x.transpose(1, 2).reshape(B * S, H, D)
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t if index is None else t.index_select(0, index)

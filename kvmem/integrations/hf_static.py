@@ -37,12 +37,21 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["StaticDecodeBuffers", "active", "check_decode_mask"]
+__all__ = ["StaticDecodeBuffers", "active", "check_decode_mask", "tokens"]
 
 # .buffers: the StaticDecodeBuffers of this thread's static step in flight. Thread-local, so that an
 # eager forward of another model in another thread never takes the static path (torch.compile
 # traces reads of it and guards on them like any attribute).
 _tls = threading.local()
+
+
+def tokens(x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, H, S, D] -> [B*S, H, D] (token-major; a view when B == 1 or S == 1), real tokens only."""
+    B, H, S, D = x.shape
+    t = x.transpose(1, 2).reshape(B * S, H, D)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t if index is None else t.index_select(0, index)
 
 
 def active() -> Optional["StaticDecodeBuffers"]:
@@ -109,14 +118,8 @@ class StaticDecodeBuffers:
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Write the step's keys/values ``[rows, Hkv, 1, D]`` of one layer into its pools."""
         k_cache, v_cache = self.pools[layer_idx]
-        B, H, _, D = key.shape
-        k = key.reshape(B, H, D)
-        v = value.reshape(B, H, D)
-        if k.stride(-1) != 1:
-            k = k.contiguous()
-        if v.stride(-1) != 1:
-            v = v.contiguous()
-        self.ops.cache_write(k, v, k_cache, v_cache, self.slot_mapping[self.layer_group[layer_idx]])
+        self.ops.cache_write(tokens(key), tokens(value), k_cache, v_cache,
+                             self.slot_mapping[self.layer_group[layer_idx]])
 
     def attend(self, layer_idx: int, query: torch.Tensor, *, scale: float, window: Optional[int],
                softcap: Optional[float], sink_logits: Optional[torch.Tensor]) -> torch.Tensor:
@@ -125,11 +128,8 @@ class StaticDecodeBuffers:
             raise ValueError(f"kvmem: layer {layer_idx} attends with sliding_window={window} but this PagedKVCache "
                              f"was built with window {self.layer_window[layer_idx]} for it")
         B, Hq, S, D = query.shape
-        q = query.transpose(1, 2).reshape(B * S, Hq, D)
-        if q.stride(-1) != 1:
-            q = q.contiguous()
         k_cache, v_cache = self.pools[layer_idx]
-        out = self.ops.paged_attention(q, k_cache, v_cache, self.block_table[self.layer_group[layer_idx]],
+        out = self.ops.paged_attention(tokens(query), k_cache, v_cache, self.block_table[self.layer_group[layer_idx]],
                                        self.seq_lens, self.cu_seqlens_q, 1, self.max_seqlen_k, scale=scale,
                                        window=window, softcap=softcap, sink_logits=sink_logits)
         return out.view(B, S, Hq, D)
