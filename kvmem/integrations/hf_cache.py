@@ -525,6 +525,14 @@ class PagedKVCache(Cache):
             else:
                 self._rollback(prev)
 
+    def pools_device(self) -> Optional[torch.device]:
+        """The one device of every layer's pools, or None (pools not all allocated, or on several
+        devices: a model split over GPUs), which static decode steps cannot run."""
+        devices = {k.device for k, _ in self._pools.values()}
+        if len(self._pools) < self.num_layers or len(devices) != 1:
+            return None
+        return next(iter(devices))
+
     def _static_width(self) -> int:
         """Blocks per row the static buffers address: the cache's ``max_cache_len`` (+1 block)."""
         bs = self.block_size
@@ -548,11 +556,11 @@ class PagedKVCache(Cache):
             raise RuntimeError("kvmem: a static decode step continues a prefilled PagedKVCache; run the prompt "
                                "through the model first")
         B = len(self._seq_ids)
-        devices = {k.device for k, _ in self._pools.values()}
-        if len(self._pools) < self.num_layers or len(devices) != 1:
+        device = self.pools_device()
+        if device is None:
+            devices = {k.device for k, _ in self._pools.values()}
             raise RuntimeError(f"kvmem: static decode steps need every layer's pools on one device "
                                f"(got {sorted(map(str, devices))} for {len(self._pools)} of {self.num_layers} layers)")
-        (device,) = devices
         st = self._static
         if st is None or st.rows != B or st.device != device:
             width = self._static_width()

@@ -178,8 +178,7 @@ class DecodeGraphRunner:
             cache = kwargs.get("past_key_values")
         if not isinstance(cache, PagedKVCache) or cache.batch_size != ids.shape[0] or cache.get_seq_length() == 0:
             return None
-        pools = cache._pools
-        if len(pools) != cache.num_layers or len({k.device for k, _ in pools.values()}) != 1:
+        if cache.pools_device() is None:
             return None  # a model split over devices: eager steps
         return cache
 
