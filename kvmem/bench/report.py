@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from importlib import metadata
 from typing import Dict, List, Optional
 
 import torch
 
 import kvmem
+from kvmem import verified
 
 
 def _version(dist: str) -> Optional[str]:
@@ -32,15 +32,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _nvidia_driver() -> Optional[str]:
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=10)
-        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def machine_info(device: torch.device) -> Dict[str, object]:
     """What the numbers were measured on: CPU/GPU names, driver, torch/triton/kvmem versions."""
     info = {
@@ -54,8 +45,9 @@ def machine_info(device: torch.device) -> Dict[str, object]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        driver = verified.gpu_driver_version()
         info.update(gpu=props.name, gpu_capability=f"sm_{props.major}{props.minor}",
-                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), driver=_nvidia_driver())
+                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), driver=None if driver == "unknown" else driver)
     return info
 
 
