@@ -36,22 +36,22 @@ def median_time(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps
 
 def read_bandwidth(device="cpu", nbytes: int = 1 << 30) -> float:
     """Measured memory read bandwidth in bytes/s: a full-tensor sum over ``nbytes`` (> caches)."""
-    x = torch.rand(nbytes // 4, device=device)  # not zeros
-    t = median_time(lambda: x.sum(), device=device, reps=5)
-    del x
-    return nbytes / t
+    return read_bandwidth_probe(device, nbytes, reps=5, warmup=2, touch=False)()
 
 
-def read_bandwidth_probe(device="cpu", nbytes: int = 1 << 30, reps: int = 3) -> Callable[[], float]:
-    """A reusable read-bandwidth measurement: the buffer is allocated (and touched) once, and
-    each call of the returned function is one sample in bytes/s (median of ``reps`` full-tensor
-    sums). For interleaving with the kernels it is compared with, so that a percentage is taken
-    against bandwidth measured under the same conditions (load, frequency, page cache)."""
+def read_bandwidth_probe(device="cpu", nbytes: int = 1 << 30, reps: int = 3, *, warmup: int = 1,
+                         touch: bool = True) -> Callable[[], float]:
+    """A reusable read-bandwidth measurement: the buffer is allocated (and, with ``touch``, read
+    once) up front, and each call of the returned function is one sample in bytes/s (median of
+    ``reps`` full-tensor sums after ``warmup``). For interleaving with the kernels it is compared
+    with, so that a percentage is taken against bandwidth measured under the same conditions
+    (load, frequency, page cache)."""
     x = torch.rand(nbytes // 4, device=device)  # not zeros
-    x.sum()
+    if touch:
+        x.sum()
 
     def sample() -> float:
-        return nbytes / median_time(lambda: x.sum(), device=device, warmup=1, reps=reps)
+        return nbytes / median_time(lambda: x.sum(), device=device, warmup=warmup, reps=reps)
     return sample
 
 
