@@ -59,7 +59,7 @@ class PagedAttention(torch.nn.Module):
                  window: Optional[int] = None, softcap: Optional[float] = None, sinks: bool = False,
                  layer_idx: Optional[int] = None, backend: str = "auto"):
         super().__init__()
-        from kvmem.integrations._ops import KernelOps
+        from kvmem.ops.kernel_ops import KernelOps
 
         for name, x in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:

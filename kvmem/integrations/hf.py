@@ -24,7 +24,7 @@ import torch
 from kvmem.cache import LayerGroupSpec
 
 from kvmem.integrations import families
-from kvmem.integrations._ops import KernelOps, check_backend
+from kvmem.ops.kernel_ops import KernelOps, check_backend
 from kvmem.integrations.hf_attention import (ATTN_NAME, instance_generate_hook, register, uses_kvmem)
 from kvmem.integrations.hf_cache import KVPool, PagedKVCache, bytes_per_block, parse_memory, size_groups
 

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from kvmem.integrations import families, hf_static
-from kvmem.integrations._ops import KernelOps
+from kvmem.ops.kernel_ops import KernelOps
 from kvmem.integrations.hf_cache import current_cache
 
 __all__ = ["ATTN_NAME", "kvmem_attention_forward", "kvmem_mask", "register", "is_registered",

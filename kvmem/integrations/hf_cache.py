@@ -54,7 +54,7 @@ from kvmem.cache import GroupUsage, KVCacheManager, LayerGroupSpec, page_bytes
 from kvmem.cache.metadata import StepMetadata
 from kvmem.integrations import families
 from kvmem.integrations import hf_static
-from kvmem.integrations._ops import KernelOps
+from kvmem.ops.kernel_ops import KernelOps
 
 __all__ = ["PagedKVCache", "KVPool", "parse_memory", "size_groups", "needed_blocks", "bytes_per_block"]
 
