@@ -78,9 +78,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
         d["compiler"] = std::string("unknown");
 #endif
+        // What each compiled kernel accepts, per op and device: kvmem/dispatch reads these facts
+        // (they are not restated in Python). head_dims empty = any head_dim up to max_head_dim.
+        auto facts = [](std::initializer_list<const char*> dtypes, std::initializer_list<int> head_dims,
+                        int max_head_dim) {
+          py::dict f;
+          py::list dt, hd;
+          for (auto s : dtypes) dt.append(std::string(s));
+          for (auto h : head_dims) hd.append(h);
+          f["dtypes"] = dt;
+          f["head_dims"] = hd;
+          f["max_head_dim"] = max_head_dim;
+          return f;
+        };
+        py::dict kernels;
+        for (const char* op : {"cache_write", "paged_attention", "merge_states"}) {
+          py::dict per_device;
+          per_device["cpu"] = facts({"float32", "bfloat16", "float16"}, {}, 256);
+#ifdef KVMEM_WITH_CUDA
+          if (std::string(op) == "paged_attention") {
+            per_device["cuda"] = facts({"float16", "bfloat16"}, {64, 80, 96, 112, 128, 256}, 256);
+          } else {
+            per_device["cuda"] = facts({"float32", "bfloat16", "float16"}, {}, 256);
+          }
+#endif
+          kernels[op] = per_device;
+        }
+        d["kernels"] = kernels;
         return d;
       },
-      "How this extension was built: torch_version, cuda, cuda_archs, openmp, compiler.");
+      "How this extension was built: torch_version, cuda, cuda_archs, openmp, compiler, and "
+      "kernels[op][device] = {dtypes, head_dims, max_head_dim}.");
   m.def(
       "cpu_isa", [] { return std::string(kvmem::cpu::isa_name(kvmem::cpu::cpu_isa())); },
       "The instruction set the CPU kernels dispatch to at runtime (baseline, avx2 or avx512; "
