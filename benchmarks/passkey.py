@@ -1,0 +1,173 @@
+"""Passkey retrieval on SmolLM2-135M (real weights), resumable, one JSON per trial.
+
+    python benchmarks/passkey.py --method hf --lengths 4096 8192 --seeds 100-119
+    python benchmarks/passkey.py --method extend --lengths 16384 32768 --seeds 100-129
+    python benchmarks/passkey.py --summary            # the table of every method/length run so far
+
+Methods: ``hf`` (unpatched model, HF full attention), ``paged`` (kvmem.patch, no bank),
+``extend`` (kvmem memory bank, extend mode, defaults), ``streaming`` (the bank with top_k=0:
+block-granular StreamingLLM), ``exact`` (memory bank with original positions). ``--multi`` asks for
+one of three different keys. Seeds 0-9 are for tuning; report seeds >= 100 only.
+
+Each trial writes ``<out>/<method>[-multi]_<length>_<seed>.json`` (the answer, the key, the depth,
+the needle recall when the bank reports it, the time); a trial whose file exists is skipped, so an
+interrupted run resumes where it stopped. The haystack files' sha256 are pinned in
+``<out>/haystack.json`` by the first run and checked by every later one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from kvmem.bench import passkey  # noqa: E402
+
+DEFAULT_OUT = os.path.join(HERE, "results", "passkey")
+
+
+def _seeds(spec):
+    out = []
+    for part in spec:
+        if "-" in part:
+            a, b = part.split("-")
+            out += list(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def load_model(dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvmem.generate_demo import SMOLLM2_GGUF, _find_model
+
+    path, gguf = _find_model(None)
+    kw = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    model.eval()
+    return model, tok
+
+
+def configure(model, method):
+    """Patch ``model`` for ``method`` (hf: leave it alone). Returns the patched or original model."""
+    import kvmem
+
+    kvmem.unpatch(model)
+    if method == "hf":
+        return model
+    if method == "paged":
+        return kvmem.patch(model)
+    cfg_cls = getattr(kvmem, "MemoryConfig", None)
+    if cfg_cls is None:
+        raise SystemExit(f"passkey: method {method!r} needs kvmem.MemoryConfig (the memory bank)")
+    if method == "extend":
+        cfg = cfg_cls(mode="extend")
+    elif method == "streaming":
+        cfg = cfg_cls(mode="extend", top_k=0)
+    elif method == "exact":
+        cfg = cfg_cls(mode="exact")
+    else:
+        raise SystemExit(f"passkey: unknown method {method!r}")
+    return kvmem.patch(model, memory_bank=cfg)
+
+
+def needle_recall(model, trial):
+    """Fraction of memory layers in which some KV head selected a needle block at the first answer
+    token, when the bank reports its selections (None otherwise)."""
+    report = getattr(model, "_kvmem_memory_report", None)
+    if report is None:
+        return None
+    try:
+        return report.needle_recall(trial.needle_span)
+    except Exception:
+        return None
+
+
+def run_trial(model, tok, haystack_ids, method, length, seed, multi, max_new_tokens=8):
+    trial = passkey.build_trial(tok, haystack_ids, length, seed, multi=multi)
+    ids = torch.tensor([trial.input_ids])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.eos_token_id)
+    seconds = time.perf_counter() - t0
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return {"method": method, "length": len(trial.input_ids), "target_length": length, "seed": seed,
+            "multi": multi, "depth": trial.depth, "key": trial.key, "answer": answer,
+            "correct": passkey.is_correct(answer, trial.key), "needle_span": list(trial.needle_span),
+            "needle_recall": needle_recall(model, trial), "seconds": seconds,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def summary(out_dir):
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "*_*_*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        if r.get("seed", 0) < 100:
+            continue  # tuning seeds are never reported
+        key = (r["method"] + ("-multi" if r.get("multi") else ""), r["target_length"])
+        rows.setdefault(key, []).append(r)
+    lines = ["| method | length | trials | accuracy | Wilson 95 % | needle recall | s/trial |",
+             "|---|---|---|---|---|---|---|"]
+    for (method, length), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        ok = sum(r["correct"] for r in rs)
+        lo, hi = passkey.wilson(ok, len(rs))
+        rec = [r["needle_recall"] for r in rs if r.get("needle_recall") is not None]
+        rec_s = f"{100 * sum(rec) / len(rec):.0f} %" if rec else "-"
+        secs = sum(r["seconds"] for r in rs) / len(rs)
+        lines.append(f"| {method} | {length} | {len(rs)} | {ok}/{len(rs)} = {100 * ok / len(rs):.0f} % | "
+                     f"{100 * lo:.0f}-{100 * hi:.0f} % | {rec_s} | {secs:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="hf", choices=["hf", "paged", "extend", "streaming", "exact"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    ap.add_argument("--seeds", nargs="+", default=["100-119"], help="e.g. 100-129 or 0 1 2")
+    ap.add_argument("--multi", action="store_true", help="three keys in the haystack, ask for one")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--summary", action="store_true", help="print the results table and exit")
+    args = ap.parse_args(argv)
+    if args.summary:
+        print(summary(args.out))
+        return
+    os.makedirs(args.out, exist_ok=True)
+    pin_path = os.path.join(args.out, "haystack.json")
+    pinned = json.load(open(pin_path)) if os.path.exists(pin_path) else None
+    text, hashes = passkey.haystack_text(pinned)
+    if pinned is None:
+        with open(pin_path + ".tmp", "w") as f:
+            json.dump(hashes, f, indent=1)
+        os.replace(pin_path + ".tmp", pin_path)
+    model, tok = load_model()
+    haystack_ids = tok.encode(text, add_special_tokens=False)
+    model = configure(model, args.method)
+    tag = args.method + ("-multi" if args.multi else "")
+    for length in args.lengths:
+        for seed in _seeds(args.seeds):
+            path = os.path.join(args.out, f"{tag}_{length}_{seed}.json")
+            if os.path.exists(path):
+                continue
+            r = run_trial(model, tok, haystack_ids, args.method, length, seed, args.multi)
+            with open(path + ".tmp", "w") as f:
+                json.dump(r, f, indent=1)
+            os.replace(path + ".tmp", path)
+            print(f"{tag} len={length} seed={seed} depth={r['depth']:.2f} key={r['key']} "
+                  f"answer={r['answer']!r} {'OK' if r['correct'] else 'WRONG'} {r['seconds']:.1f}s", flush=True)
+    print(summary(args.out))
+
+
+if __name__ == "__main__":
+    main()
