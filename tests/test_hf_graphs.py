@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 import torch._dynamo.testing  # noqa: E402
 
 from kvmem.integrations import DecodeGraphRunner, PagedKVCache, patch, unpatch  # noqa: E402
-from kvmem.integrations.hf_attention import cache_kwarg  # noqa: E402
+from kvmem.integrations.hf.compat import cache_kwarg  # noqa: E402
 from test_hf import (assert_same_generation, gen, generate_patched, left_pad, memory_bound_ok, rel_err, tiny_llama,  # noqa: E402
                      tiny_qwen2_sliding)
 
