@@ -132,8 +132,9 @@ STAGES: Tuple[Callable[[LayerStep], None], ...] = (write, evict, select, attend)
 def run_layer(ops, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], k_cache: torch.Tensor,
               v_cache: torch.Tensor, metadata: StepMetadata, attention: LayerAttention,
               context: Optional[LayerContext] = None, *,
-              stages: Tuple[Callable[[LayerStep], None], ...] = STAGES) -> torch.Tensor:
-    """Run one layer's step through ``stages`` (default write -> evict -> select -> attend).
+              stages: Optional[Tuple[Callable[[LayerStep], None], ...]] = None) -> torch.Tensor:
+    """Run one layer's step through ``stages`` (default ``STAGES``, read at each call: write ->
+    evict -> select -> attend).
 
     Parameters
     ----------
@@ -151,7 +152,7 @@ def run_layer(ops, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch
     """
     step = LayerStep(ops, q, k, v, k_cache, v_cache, metadata, attention,
                      context if context is not None else LayerContext())
-    for stage in stages:
+    for stage in STAGES if stages is None else stages:
         stage(step)
     return step.out
 

@@ -8,6 +8,7 @@ Modules, each importing only those before it (one direction, no cycles):
                  thread-local slot)
 ``fingerprint``  ``model_fingerprint``: the key of everything never reused across models
 ``steps``        the ``PagedKVCache`` step machine (planning, the layer step, static decode steps)
+``rows``         ``PagedKVCache`` row operations (prefix reuse, crop, beam-search reordering)
 ``cache``        ``PagedKVCache``: the transformers ``Cache``
 ``attention``    the ``"kvmem"`` attention and mask functions
 ``graphs``       ``DecodeGraphRunner``: static decode steps (CUDA graphs / torch.compile)
