@@ -4,7 +4,7 @@ the small argument helpers the manager's modules share."""
 from __future__ import annotations
 
 import operator
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
