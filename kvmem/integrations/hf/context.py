@@ -19,7 +19,9 @@ thread-local slot naming it (``current()``; the only thread-local of the integra
 Thread-local, so that a forward of another model in another thread never takes this step's path.
 The context also carries what the layer stages (``kvmem.layer``) read: the step's plan, the
 per-layer position embeddings the attention modules applied (``position_embeddings``, recorded by
-``kvmem.patch``'s pre-hooks) and, later, the memory bank's selections.
+``kvmem.patch``'s pre-hooks; a model given ``attn_implementation="kvmem"`` without ``kvmem.patch``
+records none; in a CUDA-graph replay no Python runs, and the record holds the captured graph's
+tensors, which each replay rewrites in place) and, later, the memory bank's selections.
 """
 
 from __future__ import annotations
