@@ -12,7 +12,7 @@ from kvmem import nn  # noqa: E402  (torch only; never imports transformers)
 
 __all__ = ["ops", "backends", "build_info", "BlockAllocator", "KVCacheManager", "LayerGroupSpec",
            "CacheFullError", "cache_write", "paged_attention", "merge_states", "nn", "patch", "unpatch",
-           "PagedKVCache", "__version__"]
+           "PagedKVCache", "model_fingerprint", "__version__"]
 
 # The Hugging Face integration, imported on first use so that `import kvmem` never imports
 # transformers.
@@ -20,7 +20,8 @@ _LAZY = {
     "patch": ("kvmem.integrations.hf", "patch"),
     "unpatch": ("kvmem.integrations.hf", "unpatch"),
     "register": ("kvmem.integrations.hf", "register"),
-    "PagedKVCache": ("kvmem.integrations.hf_cache", "PagedKVCache"),
+    "PagedKVCache": ("kvmem.integrations.hf", "PagedKVCache"),
+    "model_fingerprint": ("kvmem.integrations.hf.fingerprint", "model_fingerprint"),
 }
 
 

@@ -160,6 +160,7 @@ def main(argv=None):
     transformers = require_transformers("generate_demo")
     import kvmem
     from kvmem.integrations import patch, unpatch
+    from kvmem.integrations.hf.compat import output_cache
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -186,12 +187,12 @@ def main(argv=None):
         out_ref, pre, dec = run(model, ids, a.max_new_tokens, f"HF default ({default_attn}){tag}", device)
         prev = best.get("HF default")
         best["HF default"] = (min(pre, prev[0]) if prev else pre, min(dec, prev[1]) if prev else dec,
-                              dynamic_cache_bytes(out_ref.past_key_values), None,
-                              type(out_ref.past_key_values).__name__)
+                              dynamic_cache_bytes(output_cache(out_ref)), None,
+                              type(output_cache(out_ref)).__name__)
         patch(model, block_size=a.block_size, backend=a.backend, cuda_graph=a.cuda_graph)
         try:
             out, pre, dec = run(model, ids, a.max_new_tokens, f"kvmem{tag}", device)
-            cache = out.past_key_values  # read before unpatch (which releases a kept pool's cache)
+            cache = output_cache(out)  # read before unpatch (which releases a kept pool's cache)
             held, reserved, usage = cache.kv_bytes_held(), cache.kv_bytes_reserved(), cache.usage()
         finally:
             unpatch(model)

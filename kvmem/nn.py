@@ -20,6 +20,7 @@ from typing import Optional, Union
 import torch
 
 from kvmem.cache.metadata import StepMetadata, StepPlan
+from kvmem.layer import LayerAttention, LayerContext, run_layer
 
 __all__ = ["PagedAttention", "static_metadata"]
 
@@ -39,7 +40,8 @@ def static_metadata(md: StepMetadata, *, max_seqlen_q: int, max_seqlen_k: int) -
 
 
 class PagedAttention(torch.nn.Module):
-    """Paged attention of one layer: ``cache_write`` of the new tokens, then ``paged_attention``.
+    """Paged attention of one layer: ``cache_write`` of the new tokens, then ``paged_attention``
+    (``kvmem.layer.run_layer``, the step every kvmem attention path runs).
 
     Parameters
     ----------
@@ -127,7 +129,5 @@ class PagedAttention(torch.nn.Module):
             raise ValueError(f"PagedAttention: window={self.window} is wider than the window {md.window} of the "
                              f"metadata's layer group, whose older blocks are freed")
         sinks = None if self.sink_logits is None else self.sink_logits.detach().float()
-        self._ops.cache_write(k, v, k_cache, v_cache, md.slot_mapping)
-        return self._ops.paged_attention(q, k_cache, v_cache, md.block_table, md.seq_lens, md.cu_seqlens_q,
-                                         md.max_seqlen_q, md.max_seqlen_k, scale=self.scale, window=window,
-                                         softcap=self.softcap, sink_logits=sinks)
+        attention = LayerAttention(self.scale, window, self.softcap, sinks)
+        return run_layer(self._ops, q, k, v, k_cache, v_cache, md, attention, LayerContext(self.layer_idx))

@@ -19,6 +19,9 @@ transformers = pytest.importorskip("transformers")
 import kvmem  # noqa: E402
 from kvmem.integrations import PagedKVCache, UnsupportedModelError, is_patched, patch, register, unpatch  # noqa: E402
 from kvmem.integrations import families  # noqa: E402
+from kvmem.integrations.hf.compat import cache_kwarg, output_cache  # noqa: E402
+
+CACHE_KW = cache_kwarg(transformers.LlamaForCausalLM)  # "cache" from transformers 5.24, "past_key_values" before
 
 transformers.logging.set_verbosity_error()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,10 +153,10 @@ def test_smollm2_greedy_64_tokens_identical(smol):
     g = dict(input_ids=ids, max_new_tokens=64, min_new_tokens=64)
     ref = gen(smol, **g)
     out = patched_generate(smol, **g)
-    assert type(ref.past_key_values).__name__ == "DynamicCache"
-    assert isinstance(out.past_key_values, PagedKVCache)
+    assert type(output_cache(ref)).__name__ == "DynamicCache"
+    assert isinstance(output_cache(out), PagedKVCache)
     assert_same_generation(out, ref)
-    assert out.past_key_values.get_seq_length() == ids.shape[1] + 63
+    assert output_cache(out).get_seq_length() == ids.shape[1] + 63
     # unpatch restored the original model: bit-identical logits again
     again = gen(smol, input_ids=ids, max_new_tokens=2)
     assert torch.equal(again.logits[0], ref.logits[0]) and torch.equal(again.logits[1], ref.logits[1])
@@ -163,7 +166,7 @@ def test_smollm2_ragged_batch_equals_rows(smol):
     ids, mask = left_pad(PROMPTS, pad=2)
     n = 24
     out = patched_generate(smol, input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.row_lengths() == [len(p) + n - 1 for p in PROMPTS]  # padding is not stored
     for i, p in enumerate(PROMPTS):
         ref = gen(smol, input_ids=torch.tensor([p]), max_new_tokens=n, min_new_tokens=n)
@@ -178,7 +181,7 @@ def test_smollm2_beam_search_identical(smol):
     ref = gen(smol, **g)
     out = patched_generate(smol, patch_kw=dict(block_size=8), **g)
     assert torch.equal(out.sequences, ref.sequences)
-    assert isinstance(out.past_key_values, PagedKVCache)
+    assert isinstance(output_cache(out), PagedKVCache)
 
 
 def test_smollm2_prompt_lookup_identical(smol):
@@ -232,7 +235,7 @@ def test_long_generation_crosses_many_pages():
     ref = gen(m, **g)
     out = patched_generate(m, patch_kw=dict(block_size=4), **g)
     assert_same_generation(out, ref)
-    cache = out.past_key_values
+    cache = output_cache(out)
     u = cache.usage()
     assert u["full"].blocks_used == -(-cache.row_lengths()[0] // 4) >= 60  # > 60 pages
     assert u["sliding_16"].blocks_used <= 16 // 4 + 1  # pages that left the window were freed
@@ -247,7 +250,7 @@ def test_beam_search_and_return_sequences_tiny_sliding():
     ref = gen(m, **g)
     out = patched_generate(m, patch_kw=dict(block_size=4), **g)
     assert torch.equal(out.sequences, ref.sequences)
-    assert out.past_key_values.batch_size == 6
+    assert output_cache(out).batch_size == 6
 
 
 def test_ragged_batch_sliding_matches_unpatched_batch():
@@ -257,7 +260,7 @@ def test_ragged_batch_sliding_matches_unpatched_batch():
     ref = gen(m, **g)
     out = patched_generate(m, patch_kw=dict(block_size=4), **g)
     assert_same_generation(out, ref)
-    assert memory_bound_ok(out.past_key_values)
+    assert memory_bound_ok(output_cache(out))
 
 
 def test_prompt_lookup_tiny_accepts_candidates():
@@ -291,11 +294,11 @@ def test_attn_implementation_kvmem_from_pretrained(tmp_path):
     m2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="kvmem").eval()
     assert m2.config._attn_implementation == "kvmem"
     out = gen(m2, input_ids=ids, max_new_tokens=20)
-    assert isinstance(out.past_key_values, PagedKVCache)
+    assert isinstance(output_cache(out), PagedKVCache)
     assert_same_generation(out, ref)
     m.set_attn_implementation("kvmem")
     out2 = gen(m, input_ids=ids, max_new_tokens=20)
-    assert isinstance(out2.past_key_values, PagedKVCache)
+    assert isinstance(output_cache(out2), PagedKVCache)
     assert_same_generation(out2, ref)
     m.set_attn_implementation("sdpa")
 
@@ -311,7 +314,7 @@ def test_no_cache_and_dynamic_cache_paths():
             out = m(input_ids=ids, attention_mask=mask, use_cache=False).logits
             real = mask.bool()
             assert rel_err(out[real], ref[real]) <= LOGIT_RTOL
-            out_dyn = m(input_ids=ids, attention_mask=mask, past_key_values=transformers.DynamicCache(config=m.config))
+            out_dyn = m(input_ids=ids, attention_mask=mask, **{CACHE_KW: transformers.DynamicCache(config=m.config)})
             assert rel_err(out_dyn.logits[real], ref[real]) <= LOGIT_RTOL
         finally:
             unpatch(m)
@@ -330,7 +333,7 @@ def test_direct_forward_with_paged_cache_and_chunked_prefill():
             cache = PagedKVCache(m.config, block_size=4, max_cache_len=64)
             outs = []
             for lo, hi in ((0, 13), (13, 14), (14, 30), (30, 40)):
-                outs.append(m(input_ids=ids[:, lo:hi], past_key_values=cache).logits)
+                outs.append(m(input_ids=ids[:, lo:hi], **{CACHE_KW: cache}).logits)
             out = torch.cat(outs, 1)
         finally:
             unpatch(m)
@@ -346,17 +349,17 @@ def test_interrupted_forward_is_rolled_back():
         patch(m)
         try:
             cache = PagedKVCache(m.config, block_size=4, max_cache_len=64)
-            m(input_ids=ids[:, :10], past_key_values=cache)
+            m(input_ids=ids[:, :10], **{CACHE_KW: cache})
 
             def boom(*a, **k):
                 raise KeyboardInterrupt
 
             h = m.model.layers[1].register_forward_pre_hook(boom)
             with pytest.raises(KeyboardInterrupt):
-                m(input_ids=ids[:, 10:], past_key_values=cache)
+                m(input_ids=ids[:, 10:], **{CACHE_KW: cache})
             h.remove()
             # the half-done step (layer 0 written) is rolled back when the next one starts
-            out = m(input_ids=ids[:, 10:], past_key_values=cache).logits
+            out = m(input_ids=ids[:, 10:], **{CACHE_KW: cache}).logits
             assert cache.get_seq_length() == 20 and cache.row_lengths() == [20]
         finally:
             unpatch(m)
@@ -372,11 +375,11 @@ def test_reorder_crop_and_select_unit():
         patch(m)
         try:
             cache = PagedKVCache(m.config, block_size=4, num_blocks=64)
-            m(input_ids=ids, past_key_values=cache)
+            m(input_ids=ids, **{CACHE_KW: cache})
             used = cache.usage()["full"].blocks_used
             cache.reorder_cache(torch.tensor([2, 2, 0]))
             assert cache.usage()["full"].blocks_used == used - 3  # row 1's blocks freed, row 2's shared
-            out = m(input_ids=more, past_key_values=cache).logits
+            out = m(input_ids=more, **{CACHE_KW: cache}).logits
             ref_ids = torch.cat([ids[[2, 2, 0]], more], 1)
             unpatch(m)
             ref = m(input_ids=ref_ids).logits[:, 10:]
@@ -385,7 +388,7 @@ def test_reorder_crop_and_select_unit():
             cache.crop(-3)
             assert cache.get_seq_length() == 10
             cache.batch_select_indices(torch.tensor([0, 2]))
-            out2 = m(input_ids=more[[0, 2]], past_key_values=cache).logits
+            out2 = m(input_ids=more[[0, 2]], **{CACHE_KW: cache}).logits
             assert rel_err(out2, ref[[0, 2]]) <= LOGIT_RTOL
             cache.crop(11)  # legacy absolute length
             assert cache.get_seq_length() == 11
@@ -402,7 +405,7 @@ def test_memory_bound_and_usage_report():
     m = tiny_qwen2_sliding(window=16)
     ids, mask = left_pad([torch.randint(1, 128, (L,)).tolist() for L in (40, 23, 31)])
     out = patched_generate(m, patch_kw=dict(block_size=8), input_ids=ids, attention_mask=mask, max_new_tokens=50)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert memory_bound_ok(cache)
     u = cache.usage()
     assert set(u) == {"full", "sliding_16"}
@@ -418,7 +421,7 @@ def test_memory_option_splits_bytes():
     m = tiny_qwen2_sliding(window=16)
     ids = torch.randint(1, 128, (1, 20))
     out = patched_generate(m, patch_kw=dict(block_size=8, memory="64KiB"), input_ids=ids, max_new_tokens=10)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.kv_bytes_reserved() <= 64 * 1024
     assert cache.usage()["full"].num_blocks > cache.usage()["sliding_16"].num_blocks
 
@@ -432,16 +435,16 @@ def test_cache_full_raises_before_mutating():
         patch(m)
         try:
             cache = PagedKVCache(m.config, block_size=4, num_blocks=5)
-            m(input_ids=ids, past_key_values=cache)  # 16 tokens: 4 blocks
+            m(input_ids=ids, **{CACHE_KW: cache})  # 16 tokens: 4 blocks
             for _ in range(4):
-                m(input_ids=ids[:, :1], past_key_values=cache)  # up to 20 tokens: 5 blocks
+                m(input_ids=ids[:, :1], **{CACHE_KW: cache})  # up to 20 tokens: 5 blocks
             before = cache.manager.debug_state()
             with pytest.raises(kvmem.CacheFullError) as e:
-                m(input_ids=ids[:, :1], past_key_values=cache)
+                m(input_ids=ids[:, :1], **{CACHE_KW: cache})
             assert cache.manager.debug_state() == before and cache.get_seq_length() == 20
             assert "full" in str(e.value) and "num_blocks=6" in str(e.value)
             cache.crop(-1)  # make room: the cache keeps working
-            m(input_ids=ids[:, :1], past_key_values=cache)
+            m(input_ids=ids[:, :1], **{CACHE_KW: cache})
             assert cache.get_seq_length() == 20
         finally:
             unpatch(m)
@@ -469,7 +472,7 @@ def test_unpatch_restores_bit_identical_outputs():
     again = gen(m, input_ids=ids, max_new_tokens=10)
     assert torch.equal(again.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(again.logits, ref.logits))
-    assert type(again.past_key_values).__name__ == "DynamicCache"
+    assert type(output_cache(again)).__name__ == "DynamicCache"
 
 
 def test_forced_backends_agree():
@@ -507,7 +510,7 @@ def test_cache_from_another_model_is_rejected():
     patch(other)
     try:
         with pytest.raises(ValueError, match="another model"):
-            other(input_ids=torch.randint(1, 128, (1, 5)), past_key_values=cache)
+            other(input_ids=torch.randint(1, 128, (1, 5)), **{CACHE_KW: cache})
     finally:
         unpatch(other)
     slide = tiny_qwen2_sliding(window=8)
@@ -515,7 +518,7 @@ def test_cache_from_another_model_is_rejected():
     patch(slide)
     try:
         with pytest.raises(ValueError, match="sliding_window=8"):
-            slide(input_ids=torch.randint(1, 128, (1, 5)), past_key_values=cache)
+            slide(input_ids=torch.randint(1, 128, (1, 5)), **{CACHE_KW: cache})
     finally:
         unpatch(slide)
 
@@ -524,7 +527,7 @@ def test_paged_cache_needs_kvmem_attention():
     m = tiny_llama(layers=2)
     cache = PagedKVCache(m.config, block_size=4, max_cache_len=32)
     with pytest.raises(RuntimeError, match="attn_implementation='kvmem'"):
-        m(input_ids=torch.randint(1, 128, (1, 5)), past_key_values=cache)
+        m(input_ids=torch.randint(1, 128, (1, 5)), **{CACHE_KW: cache})
 
 
 def test_unsupported_attention_arguments():
@@ -631,7 +634,7 @@ def test_prefix_cache_reuses_prompt_blocks_across_calls():
         batch = gen(m, input_ids=ids, attention_mask=mask, max_new_tokens=8)
         batch_fed = fed[0]
         with pytest.raises(RuntimeError, match="released"):  # a later call released the previous cache
-            m(input_ids=ids[:, :1], past_key_values=outs[0].past_key_values)
+            m(input_ids=ids[:, :1], **{CACHE_KW: output_cache(outs[0])})
     finally:
         m.model.forward = orig
         unpatch(m)
@@ -695,7 +698,7 @@ def test_pools_follow_each_layers_device_lazily():
     ref = gen(m, input_ids=ids, max_new_tokens=6)
     patch(m, block_size=8)
     try:
-        out = gen(m, input_ids=ids, max_new_tokens=6, past_key_values=cache)
+        out = gen(m, input_ids=ids, max_new_tokens=6, **{CACHE_KW: cache})
     finally:
         unpatch(m)
     assert_same_generation(out, ref)
@@ -722,7 +725,7 @@ def test_device_map_across_two_gpus():
     m = dispatch_model(m, device_map=dmap)
     out = patched_generate(m, input_ids=ids.to("cuda:0"), max_new_tokens=12)
     assert torch.equal(out.sequences.cpu(), ref.sequences)
-    devs = {i: k.device for i, (k, _) in out.past_key_values.pools.items()}
+    devs = {i: k.device for i, (k, _) in output_cache(out).pools.items()}
     assert devs == {0: torch.device("cuda:0"), 1: torch.device("cuda:0"), 2: torch.device("cuda:1"),
                     3: torch.device("cuda:1")}
 
@@ -840,5 +843,5 @@ def test_patched_model_forward_under_torch_compile():
     assert frames > 0
     assert_same_generation(out, ref)
     assert_same_generation(out2, ref2)
-    assert isinstance(out2.past_key_values, PagedKVCache)
+    assert isinstance(output_cache(out2), PagedKVCache)
     assert counter.frame_count == frames, (frames, counter.frame_count)

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kvmem.integrations import PagedKVCache, UnsupportedModelError, families, patch, unpatch  # noqa: E402
+from kvmem.integrations.hf.compat import output_cache  # noqa: E402
 from test_hf import generate_patched, memory_bound_ok  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -94,7 +95,7 @@ def test_family_prefill_and_decode_match_unpatched(name):
     finally:
         unpatch(model)
     assert model.config._attn_implementation == ref_attn
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, PagedKVCache)
     check(out, ref)
     assert memory_bound_ok(cache)  # every group, the alternating-window ones (gemma2/3, gpt_oss) included
@@ -125,7 +126,7 @@ def test_family_static_decode_compiles_fullgraph(name):
     (out,), stats = generate_patched(model, g, generate=gen, block_size=8, compile_decode=dict(backend=counter))
     check(out, ref)
     assert stats["compiled"] == 11 and counter.frame_count == 1, (stats, counter.frame_count)
-    assert memory_bound_ok(out.past_key_values)
+    assert memory_bound_ok(output_cache(out))
 
 
 @pytest.mark.parametrize("name", ["mistral", "gemma2", "gpt_oss"])
@@ -146,7 +147,7 @@ def test_family_left_padded_batch_matches_unpatched_batch(name):
     finally:
         unpatch(model)
     check(out, ref)
-    assert out.past_key_values.row_lengths() == [L + 19 for L in lens]
+    assert output_cache(out).row_lengths() == [L + 19 for L in lens]
 
 
 def test_generic_path_for_an_unlisted_family():

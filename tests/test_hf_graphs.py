@@ -19,9 +19,11 @@ transformers = pytest.importorskip("transformers")
 import torch._dynamo.testing  # noqa: E402
 
 from kvmem.integrations import DecodeGraphRunner, PagedKVCache, patch, unpatch  # noqa: E402
-from kvmem.integrations.hf_attention import cache_kwarg  # noqa: E402
+from kvmem.integrations.hf.compat import cache_kwarg, output_cache  # noqa: E402
 from test_hf import (assert_same_generation, gen, generate_patched, left_pad, memory_bound_ok, rel_err, tiny_llama,  # noqa: E402
                      tiny_qwen2_sliding)
+
+CACHE_KW = cache_kwarg(transformers.LlamaForCausalLM)  # "cache" from transformers 5.24, "past_key_values" before
 
 transformers.logging.set_verbosity_error()
 LOGIT_RTOL = 1e-4
@@ -107,9 +109,9 @@ def test_generate_with_static_decode_matches_unpatched(option):
     assert "forward" not in m.__dict__ and not hasattr(m, "_kvmem_runner")
     assert_same_generation(out, ref)
     assert_same_generation(out2, ref)
-    assert isinstance(out.past_key_values, PagedKVCache)
+    assert isinstance(output_cache(out), PagedKVCache)
     if option == "cuda_graph":
-        c1, c2 = out.past_key_values, out2.past_key_values
+        c1, c2 = output_cache(out), output_cache(out2)
         assert c1._released and c1._pool is c2._pool and c1._static is c2._static is not None
         assert memory_bound_ok(c2)
     key = "eager_static" if option == "cuda_graph" else "compiled"

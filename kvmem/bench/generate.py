@@ -134,6 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from kvmem.bench import report
     from kvmem.generate_demo import DTYPES, dynamic_cache_bytes, make_prompt, require_transformers, run
     from kvmem.integrations import patch, unpatch
+    from kvmem.integrations.hf.compat import output_cache
 
     transformers = require_transformers("python -m kvmem.bench generate")
     if a.threads:
@@ -182,12 +183,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for rep in range(max(1, a.repeats)):
                 ref, pre, dec = run(model, ids, a.new_tokens, f"HF default {n}x{bsz} [{rep + 1}]", dev)
                 best["hf"] = (min(pre, best["hf"][0]), min(dec, best["hf"][1])) if "hf" in best else (pre, dec)
-                hf_bytes = dynamic_cache_bytes(ref.past_key_values)
+                hf_bytes = dynamic_cache_bytes(output_cache(ref))
                 patch(model, **pkw)
                 try:
                     out, pre, dec = run(model, ids, a.new_tokens, f"kvmem {n}x{bsz} [{rep + 1}]", dev)
                     # read before unpatch: it releases a kept pool's live cache (cuda_graph=True)
-                    kv_held, kv_reserved = out.past_key_values.kv_bytes_held(), out.past_key_values.kv_bytes_reserved()
+                    cache = output_cache(out)
+                    kv_held, kv_reserved = cache.kv_bytes_held(), cache.kv_bytes_reserved()
                 finally:
                     unpatch(model)
                 best["kv"] = (min(pre, best["kv"][0]), min(dec, best["kv"][1])) if "kv" in best else (pre, dec)

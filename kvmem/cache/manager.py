@@ -39,130 +39,14 @@ import torch
 
 from kvmem.cache.allocator import BlockAllocator, block_hashes
 from kvmem.cache.metadata import GroupUsage, LayerGroupSpec, StepMetadata, StepPlan
-from kvmem.errors import CacheFullError
+from kvmem.cache.reserve import _Reservation
+from kvmem.cache.sequence import _BlockRow, _cdiv, _int_arg, _Seq, _upload
+from kvmem.cache.tensors import _PoolTensors
 
 __all__ = ["KVCacheManager"]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _int_arg(x, fn: str, arg: str, minimum: Optional[int] = None) -> int:
-    if isinstance(x, bool):
-        raise TypeError(f"KVCacheManager.{fn}: {arg} must be an int, got bool")
-    try:
-        x = operator.index(x)
-    except TypeError:
-        raise TypeError(f"KVCacheManager.{fn}: {arg} must be an int, got {type(x).__name__}") from None
-    if minimum is not None and x < minimum:
-        raise ValueError(f"KVCacheManager.{fn}: {arg} must be >= {minimum}, got {x}")
-    return x
-
-
-class _BlockRow:
-    """A growable int32 row of block ids (a sequence's block table in one group).
-
-    Kept as numpy so ``plan()`` copies whole rows at memcpy speed instead of converting Python
-    lists element by element every step.
-    """
-
-    __slots__ = ("buf", "n")
-
-    def __init__(self, blocks: Sequence[int] = ()):
-        self.buf = np.full(max(16, 2 * len(blocks)), -1, dtype=np.int32)
-        self.n = len(blocks)
-        self.buf[: self.n] = blocks
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return int(self.buf[i])
-
-    def __setitem__(self, i: int, block: int) -> None:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        self.buf[i] = block
-
-    def extend(self, blocks: Sequence[int]) -> None:
-        k = len(blocks)
-        if self.n + k > len(self.buf):
-            grown = np.full(max(2 * len(self.buf), self.n + k), -1, dtype=np.int32)
-            grown[: self.n] = self.buf[: self.n]
-            self.buf = grown
-        self.buf[self.n : self.n + k] = blocks
-        self.n += k
-
-    def truncate(self, n: int) -> None:
-        self.buf[n : self.n] = -1
-        self.n = min(self.n, n)
-
-    def view(self) -> np.ndarray:
-        return self.buf[: self.n]
-
-    def live_reversed(self, start: int = 0) -> List[int]:
-        """Held blocks (>= 0) at indices >= ``start``, last first."""
-        v = self.buf[start : self.n]
-        return v[v >= 0][::-1].tolist()
-
-    def tolist(self) -> List[int]:
-        return self.buf[: self.n].tolist()
-
-    def copy(self) -> "_BlockRow":
-        r = _BlockRow()
-        r.buf, r.n = self.buf.copy(), self.n
-        return r
-
-
-class _Seq:
-    """One sequence's state. ``tables[g]`` is ``[-1] * num_dead[g] + live blocks``."""
-
-    __slots__ = ("num_tokens", "tables", "num_dead", "token_ids", "hashes", "num_registered")
-
-    def __init__(self, group_names):
-        self.num_tokens = 0
-        self.tables: Dict[str, _BlockRow] = {g: _BlockRow() for g in group_names}
-        self.num_dead: Dict[str, int] = {g: 0 for g in group_names}
-        # Known token ids (at least num_tokens of them), or None once they are unknown.
-        self.token_ids: Optional[List[int]] = []
-        self.hashes: List[bytes] = []  # chain hashes of known full blocks
-        self.num_registered = 0  # blocks [0, num_registered) were offered to the prefix cache
-
-    def clone(self) -> "_Seq":
-        s = _Seq(())
-        s.num_tokens = self.num_tokens
-        s.tables = {g: t.copy() for g, t in self.tables.items()}
-        s.num_dead = dict(self.num_dead)
-        s.token_ids = None if self.token_ids is None else list(self.token_ids)
-        s.hashes = list(self.hashes)
-        s.num_registered = self.num_registered
-        return s
-
-    def state(self) -> tuple:
-        return (
-            self.num_tokens,
-            tuple(sorted((g, tuple(t.tolist())) for g, t in self.tables.items())),
-            tuple(sorted(self.num_dead.items())),
-            None if self.token_ids is None else tuple(self.token_ids),
-            tuple(self.hashes),
-            self.num_registered,
-        )
-
-
-def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host array -> tensor on ``device`` (one non-blocking copy from pinned memory for CUDA)."""
-    t = torch.from_numpy(array)
-    if device.type == "cpu":
-        return t
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
-class KVCacheManager:
+class KVCacheManager(_Reservation, _PoolTensors):
     """Block tables of every sequence in every layer group, and the step planner.
 
     Parameters
@@ -175,6 +59,9 @@ class KVCacheManager:
         None = the batch's widest sequence
     bytes_per_block: bytes of one block over all layers of a group, K and V (see
         ``kvmem.cache.page_bytes``): an int for every group or a mapping; enables bytes in ``usage()``
+    hash_seed: bytes the prefix-reuse hash chain starts from (the parent of every sequence's first
+        block), e.g. ``kvmem.model_fingerprint(model)``: blocks are only ever reused by sequences
+        hashed from the same seed, so two models never share cached blocks. None: the plain chain
     """
 
     def __init__(
@@ -186,6 +73,7 @@ class KVCacheManager:
         *,
         max_blocks_per_seq: Optional[int] = None,
         bytes_per_block: Union[None, int, Mapping[str, int]] = None,
+        hash_seed: Union[None, bytes, str] = None,
     ):
         self._block_size = _int_arg(block_size, "__init__", "block_size", 1)
         groups = tuple(groups)
@@ -216,6 +104,11 @@ class KVCacheManager:
             self._bytes_per_block = dict(bytes_per_block or {})
         else:
             self._bytes_per_block = {g: _int_arg(bytes_per_block, "__init__", "bytes_per_block", 0) for g in names}
+        if isinstance(hash_seed, str):
+            hash_seed = hash_seed.encode()
+        if hash_seed is not None and not isinstance(hash_seed, bytes):
+            raise TypeError(f"KVCacheManager: hash_seed must be None, bytes or a str, got {type(hash_seed).__name__}")
+        self.hash_seed: Optional[bytes] = hash_seed
         self._seqs: Dict[Hashable, _Seq] = {}
         #: group name -> copy-on-write (src_block, dst_block) pairs not yet applied to the pools
         self.pending_copies: Dict[str, List[Tuple[int, int]]] = {g: [] for g in names}
@@ -277,7 +170,7 @@ class KVCacheManager:
         bs = self._block_size
         seq = _Seq(self._groups)
         seq.token_ids = tokens
-        seq.hashes = block_hashes(tokens, bs)
+        seq.hashes = block_hashes(tokens, bs, self.hash_seed)
         k_max = max(0, (len(tokens) - 1) // bs)
         present = {g: [a.lookup(h) for h in seq.hashes[:k_max]] for g, a in self._allocators.items()}
         # Full groups need every block of the prefix; sliding groups only those a query at the
@@ -496,52 +389,6 @@ class KVCacheManager:
             copies={g: tuple(c) for g, c in self.pending_copies.items() if c},
         )
 
-    def apply_copies(self, pools: Union[Mapping[int, object], Sequence[object]]) -> None:
-        """Apply and clear the pending copy-on-write copies: ``pool[dst] = pool[src]``.
-
-        Copies are applied in the order they were recorded (a batch of ``index_copy_`` per run of
-        pairs without read-after-write or write-after-write hazards).
-
-        Parameters
-        ----------
-        pools: layer index -> that layer's pools: a tensor or a tuple such as ``(k_cache, v_cache)``,
-            each ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any tensor whose dim 0 is the
-            block); a mapping, or a sequence indexed by layer. Every layer of every group with
-            pending copies must be present.
-        """
-        todo = {g: c for g, c in self.pending_copies.items() if c}
-        if not todo:
-            return
-        work = []
-        for g, pairs in todo.items():
-            n = self._allocators[g].num_blocks
-            for layer in self._groups[g].layers:
-                try:
-                    entry = pools[layer]
-                except (KeyError, IndexError):
-                    raise ValueError(f"KVCacheManager.apply_copies: no pools for layer {layer} (group {g!r})") from None
-                tensors = (entry,) if isinstance(entry, torch.Tensor) else tuple(entry)
-                for t in tensors:
-                    if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] < n:
-                        raise ValueError(
-                            f"KVCacheManager.apply_copies: layer {layer}'s pools must be tensors with at least "
-                            f"{n} blocks in dim 0 (group {g!r}), got {getattr(t, 'shape', type(t).__name__)}"
-                        )
-                work.extend((t, g) for t in tensors)
-        chunks = {g: _hazard_free_runs(pairs) for g, pairs in todo.items()}
-        index_cache: Dict[Tuple[str, torch.device], list] = {}
-        for t, g in work:
-            key = (g, t.device)
-            if key not in index_cache:
-                index_cache[key] = [
-                    tuple(_upload(np.asarray(idx, dtype=np.int64), t.device) for idx in (src, dst))
-                    for src, dst in chunks[g]
-                ]
-            for src, dst in index_cache[key]:
-                t.index_copy_(0, dst, t.index_select(0, src))
-        for g in todo:
-            self.pending_copies[g] = []
-
     # ------------------------------------------------------------------ memory
     def usage(self) -> Dict[str, GroupUsage]:
         """Per group: blocks used/free/cached, tokens held, bytes (when ``bytes_per_block`` given)."""
@@ -561,40 +408,6 @@ class KVCacheManager:
                 bytes_total=None if per is None else per * a.num_blocks,
             )
         return out
-
-    def make_pools(
-        self,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype = torch.float16,
-        device: Union[None, str, torch.device, Mapping[int, Union[str, torch.device]]] = None,
-        fill: Optional[float] = None,
-        layers: Optional[Sequence[int]] = None,
-    ) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-        """Allocate K/V pools for every layer (or ``layers``): layer -> (k_cache, v_cache).
-
-        ``device`` is one device for all pools, or a mapping layer -> device (a model split over
-        several GPUs keeps each layer's pools next to its weights); default: the manager's.
-
-        Returns
-        -------
-        dict of layer -> two tensors [num_blocks of the layer's group, block_size, num_kv_heads, head_dim]
-        """
-        per_layer = isinstance(device, Mapping)
-        one = self.device if device is None or per_layer else torch.device(device)
-        pools = {}
-        for layer, g in sorted(self._layer_to_group.items()):
-            if layers is not None and layer not in layers:
-                continue
-            dev = torch.device(device.get(layer, one) or one) if per_layer else one
-            shape = (self._allocators[g].num_blocks, self._block_size, num_kv_heads, head_dim)
-            pair = tuple(
-                torch.empty(shape, dtype=dtype, device=dev) if fill is None
-                else torch.full(shape, fill, dtype=dtype, device=dev)
-                for _ in range(2)
-            )
-            pools[layer] = pair
-        return pools
 
     def reset_prefix_cache(self) -> None:
         """Forget all block hashes (cached free blocks become plain free)."""
@@ -638,130 +451,3 @@ class KVCacheManager:
                 raise ValueError(f"KVCacheManager.{fn}: {arg} holds {t}, outside int64")
             out.append(t)
         return out
-
-    def _dead_blocks(self, group: str, first_query_pos: int) -> int:
-        """Leading blocks no query at ``>= first_query_pos`` can see (0 for full attention)."""
-        window = self._groups[group].window
-        if window is None:
-            return 0
-        lo = max(0, first_query_pos - window + 1)  # visible_key_range's lower bound
-        return lo // self._block_size
-
-    def _reserve(self, seq_ids, nums, tok_lists, fn: str) -> None:
-        """Check, then commit, the slot reservation of a batch (see the module docstring)."""
-        bs = self._block_size
-        seqs = [self._get(s, fn) for s in seq_ids]
-        if len({id(s) for s in seqs}) != len(seqs):
-            raise ValueError(f"KVCacheManager.{fn}: a sequence appears twice in the batch")
-        # Token bookkeeping (validated now, applied at commit).
-        new_known = []
-        for seq, n, tok in zip(seqs, nums, tok_lists):
-            if tok is not None:
-                tok = self._tokens_arg(tok, fn, "token_ids")
-                if len(tok) != n:
-                    raise ValueError(f"KVCacheManager.{fn}: got {len(tok)} token ids for {n} new tokens")
-            known = seq.token_ids
-            if known is None:
-                new_known.append(None)
-                continue
-            overlap = known[seq.num_tokens : seq.num_tokens + n]
-            if tok is not None:
-                if tok[: len(overlap)] != overlap:
-                    raise ValueError(
-                        f"KVCacheManager.{fn}: token_ids differ from the sequence's known (prompt) tokens"
-                    )
-                new_known.append(tok[len(overlap) :])
-            else:
-                new_known.append([] if len(overlap) == n else None)
-        # Simulate every group: releases (sliding window) first, then copy-on-write and new blocks.
-        plans = {}
-        for g, a in self._allocators.items():
-            refcounts = a._refcounts  # read-only fast path (same package)
-            sim: Dict[int, int] = {}
-            avail = a.num_free
-            releases = []
-            for seq in seqs:
-                table = seq.tables[g]
-                dead = max(seq.num_dead[g], self._dead_blocks(g, seq.num_tokens))
-                idxs = [i for i in range(seq.num_dead[g], dead) if table[i] >= 0]
-                for i in idxs:
-                    b = table[i]
-                    sim[b] = sim.get(b, refcounts[b]) - 1
-                    avail += sim[b] == 0
-                releases.append((idxs, dead))
-            cows, need = [], 0
-            for seq, n in zip(seqs, nums):
-                L, cow = seq.num_tokens, False
-                if n > 0 and L % bs:
-                    b = seq.tables[g][L // bs]
-                    r = sim.get(b, refcounts[b])
-                    if r > 1:
-                        cow, sim[b] = True, r - 1
-                cows.append(cow)
-                need += cow + _cdiv(L + n, bs) - len(seq.tables[g])
-            if need > avail:
-                raise CacheFullError(need, avail, group=g, num_blocks=a.num_blocks)
-            plans[g] = (releases, cows)
-        # Commit.
-        for g, (releases, cows) in plans.items():
-            a = self._allocators[g]
-            for seq, (idxs, dead) in zip(seqs, releases):
-                if idxs:
-                    table = seq.tables[g]
-                    a.free([table[i] for i in idxs])
-                    for i in idxs:
-                        table[i] = -1
-                seq.num_dead[g] = dead
-            for seq, n, cow in zip(seqs, nums, cows):
-                table, L = seq.tables[g], seq.num_tokens
-                if n > 0 and L % bs:
-                    i = L // bs
-                    if cow:
-                        (fresh,) = a.allocate(1)
-                        self.pending_copies[g].append((table[i], fresh))
-                        a.free([table[i]])
-                        table[i] = fresh
-                    elif a.block_hash(table[i]) is not None:
-                        a.unregister(table[i])  # written in place: its old hash no longer holds
-                grow = _cdiv(L + n, bs) - len(table)
-                if grow:
-                    table.extend(a.allocate(grow))
-        for seq, n, extra in zip(seqs, nums, new_known):
-            seq.num_tokens += n
-            if extra is None:
-                seq.token_ids = None
-            else:
-                seq.token_ids.extend(extra)
-            self._register_full_blocks(seq)
-
-    def _register_full_blocks(self, seq: _Seq) -> None:
-        if seq.token_ids is None:
-            return
-        bs = self._block_size
-        full = min(seq.num_tokens, len(seq.token_ids)) // bs
-        if full <= seq.num_registered:
-            return
-        if len(seq.hashes) < full:
-            parent = seq.hashes[-1] if seq.hashes else None
-            seq.hashes.extend(block_hashes(seq.token_ids[: full * bs], bs, parent, len(seq.hashes)))
-        for g, a in self._allocators.items():
-            table = seq.tables[g]
-            for i in range(seq.num_registered, full):
-                if table[i] >= 0:
-                    a.register(table[i], seq.hashes[i])
-        seq.num_registered = full
-
-
-def _hazard_free_runs(pairs: Sequence[Tuple[int, int]]) -> List[Tuple[List[int], List[int]]]:
-    """Split copy pairs into runs that one gather + scatter applies as if one by one."""
-    runs, src, dst, written = [], [], [], set()
-    for s, d in pairs:
-        if s in written or d in written:  # read-after-write or write-after-write: new run
-            runs.append((src, dst))
-            src, dst, written = [], [], set()
-        src.append(s)
-        dst.append(d)
-        written.add(d)
-    if src:
-        runs.append((src, dst))
-    return runs

@@ -1,39 +1,35 @@
-"""kvmem's entries in Hugging Face's attention, mask and generate machinery.
+"""kvmem's attention and mask functions for Hugging Face's attention interfaces.
 
-* ``kvmem_attention_forward`` is registered in ``AttentionInterface`` as ``"kvmem"``. With a
-  ``PagedKVCache`` it writes the layer's new keys/values into the paged pools and runs
-  ``kvmem.paged_attention`` over them; with any other cache (``DynamicCache``) or none
-  (``use_cache=False``) it runs the same kernel over the dense keys/values it is given, viewed as
-  pages (zero-copy without padding). During a static decode step
-  (``PagedKVCache.static_decode_step``) it runs the kernel over the cache's fixed-shape metadata
-  buffers instead: device work only, for CUDA graphs and ``torch.compile(fullgraph=True)``.
-* ``kvmem_mask`` is registered in ``AttentionMaskInterface`` as ``"kvmem"``: it hands the kernels
+* ``kvmem_attention_forward`` (registered as ``"kvmem"``): with a ``PagedKVCache`` step in flight
+  it takes the layer's stashed keys/values from the step context and the cache writes them into
+  the paged pools and attends; during a static decode step it runs the layer step over the
+  cache's fixed-shape buffers (device work only, for CUDA graphs and
+  ``torch.compile(fullgraph=True)``); with any other cache (``DynamicCache``) or none
+  (``use_cache=False``) it runs the same layer step over the dense keys/values it is given, viewed
+  as pages (zero-copy without padding). All three are ``kvmem.layer.run_layer``.
+* ``kvmem_mask`` (registered as ``"kvmem"`` in ``AttentionMaskInterface``): it hands the kernels
   the 2D padding mask ``[batch, kv_len]`` (lengths), never a dense L x L mask, and refuses mask
   patterns it cannot express (chunked, packed sequences, bidirectional, custom overlays) instead
   of dropping them.
-* ``install_generate_hook`` wraps ``GenerationMixin._prepare_cache_for_generation`` so that
-  ``generate()`` on a model whose attention is ``"kvmem"`` creates a ``PagedKVCache`` (sized for the
-  call) where it would have created a ``DynamicCache``; every other model is untouched.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
 import torch
 
-from kvmem.integrations import families, hf_static
+from kvmem.cache.metadata import StepMetadata
+from kvmem.integrations import families
+from kvmem.integrations.hf import compat, context
+from kvmem.layer import LayerAttention, run_layer, tokens
 from kvmem.ops.kernel_ops import KernelOps
-from kvmem.integrations.hf_cache import current_cache
 
-__all__ = ["ATTN_NAME", "kvmem_attention_forward", "kvmem_mask", "register", "is_registered",
-           "install_generate_hook", "uses_kvmem"]
+__all__ = ["ATTN_NAME", "kvmem_attention_forward", "dense_attention", "kvmem_mask", "uses_kvmem"]
 
 ATTN_NAME = "kvmem"
 _default_ops = KernelOps("auto")
-_registered = False
 
 
 def _as_float(x) -> Optional[float]:
@@ -86,24 +82,22 @@ def kvmem_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if s_aux is not None:
         sinks = s_aux.detach().to(torch.float32).reshape(-1).contiguous()
     layer_idx = getattr(module, "layer_idx", None)
-    st = hf_static.active()
-    if st is not None and st.active:  # a static decode step (the mask was checked on the device before it)
-        return st.attend(layer_idx, query, scale=scale, window=window, softcap=softcap, sink_logits=sinks), None
-    cache = current_cache()
-    if cache is not None and cache.owns(layer_idx, key):
-        out = cache.attend(layer_idx, query, attention_mask, scale=scale, window=window, softcap=softcap,
-                           sink_logits=sinks)
-    else:
-        ops = getattr(module, "_kvmem_ops", None) or _default_ops
-        out = dense_attention(ops, query, key, value, attention_mask, scale=scale, window=window,
-                              softcap=softcap, sink_logits=sinks)
-    return out, None
+    attention = LayerAttention(scale, window, softcap, sinks)
+    step = context.current()
+    if step is not None:
+        st = step.static
+        if st is not None and st.active:  # a static decode step (the mask was checked on the device before it)
+            return step.run_static(layer_idx, query, key, value, attention), None
+        if step.take(layer_idx, key):  # the keys a PagedKVCache's update() just stashed
+            return step.cache.attend_layer(step, layer_idx, query, attention_mask, attention), None
+    ops = getattr(module, "_kvmem_ops", None) or _default_ops
+    return dense_attention(ops, query, key, value, attention_mask, attention), None
 
 
 def dense_attention(ops: KernelOps, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: Optional[torch.Tensor], *, scale: float, window: Optional[int],
-                    softcap: Optional[float], sink_logits: Optional[torch.Tensor]) -> torch.Tensor:
-    """Causal attention over dense keys/values through the paged kernel (no cache, or a DynamicCache).
+                    attention_mask: Optional[torch.Tensor], attention: LayerAttention) -> torch.Tensor:
+    """Causal attention over dense keys/values through the layer step (no cache, or a DynamicCache):
+    ``kvmem.layer.run_layer`` with nothing to write.
 
     Without padding each row's keys ``[K, Hkv, D]`` are one page (a strided view, no copy); with
     padding the keys are copied into 1-token pages and each row's block table lists its real
@@ -122,17 +116,15 @@ def dense_attention(ops: KernelOps, query: torch.Tensor, key: torch.Tensor, valu
     B, Hq, S, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     dev = query.device
-    q = query.transpose(1, 2).reshape(B * S, Hq, D)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    kw = dict(scale=scale, window=window, softcap=softcap, sink_logits=sink_logits)
+    q = tokens(query)
     if attention_mask is None:
         k_pages = key.transpose(1, 2)  # [B, K, Hkv, D]: B pages of K tokens
         v_pages = value.transpose(1, 2)
         table = torch.arange(B, dtype=torch.int32, device=dev).view(B, 1)
         seq_lens = torch.full((B,), K, dtype=torch.int32, device=dev)
         cu = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=dev)
-        out = ops.paged_attention(q, k_pages, v_pages, table, seq_lens, cu, S, K, **kw)
+        md = StepMetadata(table, seq_lens, cu, None, S, K, attention.window)
+        out = run_layer(ops, q, None, None, k_pages, v_pages, md, attention)
         return out.view(B, S, Hq, D)
     if attention_mask.shape[1] < K or attention_mask.shape[0] != B:
         raise ValueError(f"kvmem: attention mask of shape {tuple(attention_mask.shape)} for {B} rows of {K} keys")
@@ -146,7 +138,8 @@ def dense_attention(ops: KernelOps, query: torch.Tensor, key: torch.Tensor, valu
     cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
     cu[1:] = torch.cumsum(qmask.sum(1), 0)
     index = qmask.reshape(-1).nonzero().flatten()
-    out = ops.paged_attention(q.index_select(0, index), k_pages, v_pages, table, seq_lens, cu, S, K, **kw)
+    md = StepMetadata(table, seq_lens, cu, None, S, K, attention.window)
+    out = run_layer(ops, q.index_select(0, index), None, None, k_pages, v_pages, md, attention)
     full = out.new_zeros(B * S, Hq, D)
     full.index_copy_(0, index, out)
     return full.view(B, S, Hq, D)
@@ -167,7 +160,7 @@ def kvmem_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_of
         for mask patterns kvmem cannot express (custom ``or``/``and`` mask functions, chunked
         attention, packed sequences, bidirectional attention).
     """
-    from transformers.masking_utils import causal_mask_function
+    causal_mask_function = compat.causal_mask_function()
 
     if kwargs.get("use_vmap") or kwargs.get("allow_is_bidirectional_skip") is not None:
         what = "custom mask functions (or_mask_function / and_mask_function, e.g. bidirectional image tokens)" \
@@ -192,96 +185,3 @@ def uses_kvmem(model) -> bool:
     if config is None:
         return False
     return getattr(families.text_config(config), "_attn_implementation", None) == ATTN_NAME
-
-
-_OK_CACHE_IMPLEMENTATIONS = (None, "dynamic", "hybrid", "sliding_window")
-
-
-def make_generate_cache(model, generation_config, model_kwargs, batch_size, max_cache_length) -> None:
-    """Put a ``PagedKVCache`` sized for this ``generate()`` call into ``model_kwargs``."""
-    from kvmem.integrations.hf import options_of
-
-    impl = getattr(generation_config, "cache_implementation", None)
-    if impl not in _OK_CACHE_IMPLEMENTATIONS:
-        raise ValueError(f"kvmem: generate(cache_implementation={impl!r}) is not supported with "
-                         f"attn_implementation='kvmem', which brings its own paged cache; drop cache_implementation")
-    expand = max(getattr(generation_config, "num_beams", None) or 1,
-                 getattr(generation_config, "num_return_sequences", None) or 1)
-    model_kwargs[cache_kwarg(model)] = options_of(model).make_cache(
-        model, max_batch_size=batch_size, max_cache_len=max_cache_length, expand=expand)
-
-
-def cache_kwarg(model) -> str:
-    """The name ``generate()``'s model kwargs give the cache: ``"cache"`` from transformers 5.24
-    (``past_key_values`` is its deprecated alias there), ``"past_key_values"`` before."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _hooked(orig):
-    @functools.wraps(orig)
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if (uses_kvmem(self) and model_kwargs.get("past_key_values") is None and model_kwargs.get("cache") is None
-                and getattr(generation_config, "use_cache", True) is not False
-                and not getattr(self.config, "is_encoder_decoder", False)):
-            names = ("generation_mode", "batch_size", "max_cache_length")
-            bound = dict(zip(names, args))
-            bound.update(kwargs)
-            make_generate_cache(self, generation_config, model_kwargs, bound.get("batch_size"),
-                                bound.get("max_cache_length"))
-            return None
-        return orig(self, generation_config, model_kwargs, *args, **kwargs)
-
-    _prepare_cache_for_generation._kvmem_orig = orig
-    return _prepare_cache_for_generation
-
-
-def install_generate_hook() -> None:
-    """Wrap ``GenerationMixin._prepare_cache_for_generation`` once (inert unless attention is kvmem)."""
-    from transformers.generation.utils import GenerationMixin
-
-    orig = GenerationMixin.__dict__["_prepare_cache_for_generation"]
-    if getattr(orig, "_kvmem_orig", None) is None:
-        GenerationMixin._prepare_cache_for_generation = _hooked(orig)
-
-
-def instance_generate_hook(model) -> bool:
-    """For a model class that overrides ``_prepare_cache_for_generation``: wrap it on the instance.
-
-    Returns whether an instance attribute was set.
-    """
-    import types
-
-    cls_fn = type(model)._prepare_cache_for_generation
-    if getattr(cls_fn, "_kvmem_orig", None) is not None:
-        return False
-    model._prepare_cache_for_generation = types.MethodType(_hooked(cls_fn), model)
-    return True
-
-
-def is_registered() -> bool:
-    return _registered
-
-
-def register() -> None:
-    """Register ``"kvmem"`` with HF's attention and mask interfaces and hook ``generate`` (idempotent).
-
-    After this, ``from_pretrained(..., attn_implementation="kvmem")`` and
-    ``model.set_attn_implementation("kvmem")`` work, and ``generate()`` on such a model uses a
-    ``PagedKVCache``.
-    """
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTN_NAME, kvmem_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, kvmem_mask)
-    install_generate_hook()
-    _registered = True

@@ -45,15 +45,15 @@ from typing import Optional
 
 import torch
 
-from kvmem.integrations.hf_attention import cache_kwarg
-from kvmem.integrations.hf_cache import PagedKVCache
+from kvmem.integrations.hf.cache import PagedKVCache
+from kvmem.integrations.hf.compat import CACHE_KWARGS, cache_kwarg, causal_lm_output, kwargs_cache
 
 __all__ = ["DecodeGraphRunner", "install", "uninstall"]
 
 _MISSING = object()
 
 # Keyword arguments a decode step may carry and still run static (generate() passes these).
-_STEP_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
+_STEP_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", *CACHE_KWARGS, "use_cache",
                           "return_dict", "logits_to_keep", "output_attentions", "output_hidden_states",
                           "inputs_embeds", "cache_position"})
 
@@ -173,9 +173,7 @@ class DecodeGraphRunner:
         lk = kwargs.get("logits_to_keep")
         if lk is not None and (isinstance(lk, bool) or not isinstance(lk, int)):
             return None
-        cache = kwargs.get("cache")
-        if cache is None:
-            cache = kwargs.get("past_key_values")
+        cache = kwargs_cache(kwargs)
         if not isinstance(cache, PagedKVCache) or cache.batch_size != ids.shape[0] or cache.get_seq_length() == 0:
             return None
         if cache.pools_device() is None:
@@ -189,9 +187,7 @@ class DecodeGraphRunner:
             return self._forward(*args, **kwargs)
         logits = self.decode_step(kwargs["input_ids"], cache, attention_mask=kwargs.get("attention_mask"),
                                   position_ids=kwargs.get("position_ids"), logits_to_keep=kwargs.get("logits_to_keep"))
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        return CausalLMOutputWithPast(logits=logits, **{self._cache_kw: cache})
+        return causal_lm_output(logits, self._cache_kw, cache)
 
     # ------------------------------------------------------------------ internals
     def _run_model(self, input_ids, position_ids, cache, logits_to_keep):

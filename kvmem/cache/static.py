@@ -1,4 +1,6 @@
-"""Fixed-shape decode-step metadata of a ``PagedKVCache``: what CUDA graphs and ``torch.compile`` need.
+"""Fixed-shape decode-step metadata of a paged cache: what CUDA graphs and ``torch.compile`` need.
+
+Torch only; the Hugging Face cache (``kvmem.integrations.hf.PagedKVCache``) is its user.
 
 Why the step is split in two
 ----------------------------
@@ -12,9 +14,10 @@ split:
   (``KVCacheManager.plan`` with a fixed ``max_blocks_per_seq``), pending copy-on-write copies are
   applied, and the step's metadata is copied *in place* into the persistent buffers below; the
   attention mask is checked on the device (``torch._assert_async``), never read back.
-* **device half**, the forward: ``PagedKVCache.update`` writes the new keys/values at the static
-  ``slot_mapping`` and the ``"kvmem"`` attention function runs ``paged_attention`` over the static
-  block table and ``seq_lens`` with constant host bounds (``max_seqlen_q = 1``, ``max_seqlen_k`` =
+* **device half**, the forward: the ``"kvmem"`` attention function runs the layer step
+  (``kvmem.layer.run_layer``) over ``metadata(layer)``: the new keys/values are written at the
+  static ``slot_mapping`` and ``paged_attention`` reads the static block table and ``seq_lens``
+  with constant host bounds (``max_seqlen_q = 1``, ``max_seqlen_k`` =
   the table's capacity). Nothing in it depends on a host value that changes between steps.
 
 vLLM's decode CUDA graphs and FlashInfer's plan/run split follow the same rule. The shapes are
@@ -32,35 +35,13 @@ builds every step's metadata (eager and static), and the copy is a few hundred b
 
 from __future__ import annotations
 
-import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["StaticDecodeBuffers", "active", "check_decode_mask", "tokens"]
+from kvmem.cache.metadata import StepMetadata
 
-# .buffers: the StaticDecodeBuffers of this thread's static step in flight. Thread-local, so that an
-# eager forward of another model in another thread never takes the static path (torch.compile
-# traces reads of it and guards on them like any attribute).
-_tls = threading.local()
-
-
-def tokens(x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[B, H, S, D] -> [B*S, H, D] (token-major; a view when B == 1 or S == 1), real tokens only."""
-    B, H, S, D = x.shape
-    t = x.transpose(1, 2).reshape(B * S, H, D)
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t if index is None else t.index_select(0, index)
-
-
-def active() -> Optional["StaticDecodeBuffers"]:
-    """The ``StaticDecodeBuffers`` of this thread's static decode step in flight, or None (eager steps)."""
-    return getattr(_tls, "buffers", None)
-
-
-def _set_active(buffers: Optional["StaticDecodeBuffers"]) -> None:
-    _tls.buffers = buffers
+__all__ = ["StaticDecodeBuffers", "check_decode_mask"]
 
 
 class StaticDecodeBuffers:
@@ -74,7 +55,6 @@ class StaticDecodeBuffers:
     width: block-table width (blocks per row the buffers can address)
     block_size: tokens per block
     device: of the pools and buffers
-    ops: the cache's ``KernelOps``
 
     Attributes
     ----------
@@ -83,14 +63,13 @@ class StaticDecodeBuffers:
     seq_lens: [rows] int32, KV lengths after this step's write (all groups)
     cu_seqlens_q: [rows + 1] int32, ``arange(rows + 1)`` (one query per row)
     max_seqlen_k: host int ``width * block_size`` (constant)
+    group_metadata: group name -> the ``StepMetadata`` over these buffers (same objects every step)
     pools: layer -> (k_cache, v_cache) of the cache
     """
 
-    def __init__(self, groups, num_layers: int, rows: int, width: int, block_size: int, device: torch.device,
-                 ops):
+    def __init__(self, groups, num_layers: int, rows: int, width: int, block_size: int, device: torch.device):
         self.rows, self.width, self.block_size = int(rows), int(width), int(block_size)
         self.device = torch.device(device)
-        self.ops = ops
         self.max_seqlen_k = self.width * self.block_size
         self.seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=self.device)
         self.cu_seqlens_q = torch.arange(self.rows + 1, dtype=torch.int32, device=self.device)
@@ -104,6 +83,9 @@ class StaticDecodeBuffers:
             for layer in g.layers:
                 layer_group[layer], layer_window[layer] = g.name, g.window
         self.layer_group, self.layer_window = layer_group, layer_window
+        self.group_metadata: Dict[str, StepMetadata] = {
+            g.name: StepMetadata(self.block_table[g.name], self.seq_lens, self.cu_seqlens_q, self.slot_mapping[g.name],
+                                 1, self.max_seqlen_k, g.window) for g in groups}
         self.pools: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.active = False  # True between the host half and the end of the step
 
@@ -114,25 +96,9 @@ class StaticDecodeBuffers:
             self.slot_mapping[name].copy_(md.slot_mapping, non_blocking=True)
         self.seq_lens.copy_(md.seq_lens, non_blocking=True)
 
-    # ------------------------------------------------------------------ device half (traced / captured)
-    def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Write the step's keys/values ``[rows, Hkv, 1, D]`` of one layer into its pools."""
-        k_cache, v_cache = self.pools[layer_idx]
-        self.ops.cache_write(tokens(key), tokens(value), k_cache, v_cache,
-                             self.slot_mapping[self.layer_group[layer_idx]])
-
-    def attend(self, layer_idx: int, query: torch.Tensor, *, scale: float, window: Optional[int],
-               softcap: Optional[float], sink_logits: Optional[torch.Tensor]) -> torch.Tensor:
-        """Paged attention of one layer's queries ``[rows, Hq, 1, D]``; returns ``[rows, 1, Hq, D]``."""
-        if window != self.layer_window[layer_idx]:
-            raise ValueError(f"kvmem: layer {layer_idx} attends with sliding_window={window} but this PagedKVCache "
-                             f"was built with window {self.layer_window[layer_idx]} for it")
-        B, Hq, S, D = query.shape
-        k_cache, v_cache = self.pools[layer_idx]
-        out = self.ops.paged_attention(tokens(query), k_cache, v_cache, self.block_table[self.layer_group[layer_idx]],
-                                       self.seq_lens, self.cu_seqlens_q, 1, self.max_seqlen_k, scale=scale,
-                                       window=window, softcap=softcap, sink_logits=sink_logits)
-        return out.view(B, S, Hq, D)
+    def metadata(self, layer_idx: int) -> StepMetadata:
+        """The step's ``StepMetadata`` of ``layer_idx``'s group (persistent buffers, constant bounds)."""
+        return self.group_metadata[self.layer_group[layer_idx]]
 
 
 def check_decode_mask(mask: torch.Tensor, seq_lens: torch.Tensor) -> None:

@@ -1,0 +1,63 @@
+"""``KVPool``: paged K/V pools and their ``KVCacheManager``, kept across successive caches."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+
+from kvmem.cache.manager import KVCacheManager
+from kvmem.cache.metadata import LayerGroupSpec
+from kvmem.cache.sizing import bytes_per_block
+
+__all__ = ["KVPool"]
+
+
+class KVPool:
+    """Paged K/V pools and their ``KVCacheManager``, shared by successive caches
+    (``kvmem.patch(model, prefix_cache=True)``: full prompt blocks of one ``generate()`` call are
+    reused by later calls with the same prefix).
+
+    Parameters
+    ----------
+    groups: the model's layer groups
+    num_kv_heads, head_dim: of every layer
+    block_size: tokens per block
+    num_blocks: group name -> blocks
+    dtype, device: of the pools; ``device`` may map layer -> device (a model split over GPUs)
+    fingerprint: the model's ``kvmem.model_fingerprint`` (or None): the seed of the prefix hash
+        chain, so blocks cached for one model are never found by another; a cache of another
+        model must not use this pool (``PagedKVCache`` checks)
+    """
+
+    def __init__(self, groups: Sequence[LayerGroupSpec], num_kv_heads: int, head_dim: int, block_size: int,
+                 num_blocks: Dict[str, int], dtype: torch.dtype,
+                 device: Union[str, torch.device, Mapping[int, Union[str, torch.device]]], *,
+                 fingerprint: Optional[str] = None):
+        self.groups = tuple(groups)
+        self.num_layers = sum(len(g.layers) for g in self.groups)
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.fingerprint = fingerprint
+        self.layer_devices = ({int(k): torch.device(v) for k, v in device.items()}
+                              if isinstance(device, Mapping) else None)
+        self.block_size, self.dtype = block_size, dtype
+        self.device = self.layer_devices.get(0) if self.layer_devices else torch.device(device)
+        per_block = bytes_per_block(self.groups, block_size, self.num_kv_heads, self.head_dim, dtype)
+        self.manager = KVCacheManager(dict(num_blocks), block_size, self.groups, self.device,
+                                      bytes_per_block=per_block, hash_seed=fingerprint)
+        self.pools = self.manager.make_pools(self.num_kv_heads, self.head_dim, dtype,
+                                             self.layer_devices or self.device)
+        self.ids = itertools.count()
+        self.live = None  # the cache currently using the pool
+        #: (rows, width, device) -> StaticDecodeBuffers shared by the caches living in this pool
+        self.static: Dict[tuple, object] = {}
+
+    @property
+    def num_blocks(self) -> Dict[str, int]:
+        return {g.name: self.manager.allocator(g.name).num_blocks for g in self.groups}
+
+    def fits(self, need: Dict[str, int]) -> bool:
+        nb = self.num_blocks
+        return all(nb.get(k, 0) >= v for k, v in need.items())

@@ -1,0 +1,370 @@
+"""``kvmem.PagedKVCache``: a transformers ``Cache`` whose keys/values live in kvmem's paged pools.
+
+The HF ``Cache`` API (lengths, ``update``, beam-search reordering, ``crop``, prefix reuse, memory
+use) is here; the step machine (planning, the layer step, static decode steps) is the mixin in
+``kvmem.integrations.hf.steps``, whose docstring tells how a forward step runs.
+
+Lengths: ``get_seq_length()`` is the *logical* length (the number of columns HF has fed, padding
+included, like ``DynamicCache``); each row's KV length excludes its padding.
+
+Row operations (prefix reuse, ``crop``, beam-search reordering) are the mixin in
+``kvmem.integrations.hf.rows``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Mapping
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+
+from kvmem.cache import GroupUsage, KVCacheManager, KVPool, LayerGroupSpec, StaticDecodeBuffers
+from kvmem.cache.sizing import bytes_per_block, parse_memory, size_groups
+from kvmem.integrations import families
+from kvmem.integrations.hf import context
+from kvmem.integrations.hf.compat import Cache, CacheLayerMixin
+from kvmem.integrations.hf.context import StepContext
+from kvmem.integrations.hf.rows import _RowOps
+from kvmem.integrations.hf.steps import _StepMachine
+from kvmem.ops.kernel_ops import KernelOps
+
+__all__ = ["PagedKVCache"]
+
+
+class _PagedLayer(CacheLayerMixin):
+    """A per-layer view (HF's ``Cache.layers`` entries); state lives in the parent cache."""
+
+    is_compileable = False
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, parent: "PagedKVCache", layer_idx: int, window: Optional[int]):
+        super().__init__()
+        self._parent = weakref.ref(parent)
+        self.layer_idx = layer_idx
+        self.is_sliding = window is not None
+        self.sliding_window = window
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._parent().update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
+        return self._parent().get_mask_sizes(query_length, self.layer_idx)
+
+    def get_seq_length(self) -> int:
+        return self._parent().get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        pass
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise RuntimeError("kvmem: reorder a PagedKVCache as a whole (cache.reorder_cache), not per layer")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("kvmem: crop a PagedKVCache as a whole (cache.crop), not per layer")
+
+
+class PagedKVCache(_StepMachine, _RowOps, Cache):
+    """A transformers ``Cache`` backed by kvmem's paged KV pools (use with ``attn_implementation="kvmem"``).
+
+    Every layer's keys/values live in NHD pools ``[num_blocks, block_size, num_kv_heads, head_dim]``
+    managed by a ``KVCacheManager``: full-attention layers form one layer group, sliding-window
+    layers one group per window (their blocks that left the window are freed). Each batch row is
+    one sequence; padding tokens (``attention_mask == 0``) are never stored.
+
+    Parameters
+    ----------
+    config: the model's ``PretrainedConfig`` (the decoder text config is used)
+    block_size: tokens per block (page)
+    num_blocks: blocks per layer group: an int for every group, or a mapping group name -> int
+        (names: ``"full"`` and ``"sliding_<W>"``, see ``group_names``)
+    memory: total bytes for all pools (int, or a string like ``"2GiB"``), split over the groups;
+        used when ``num_blocks`` is None
+    max_batch_size, max_cache_len: size the pools for this many rows of up to this many tokens
+        (``generate()`` passes them) when neither ``num_blocks`` nor ``memory`` is given
+    dtype, device: of the pools (default: those of the first keys written). Without ``device``
+        each layer's pools are allocated at its first ``update``, on its keys' device, so a model
+        split over several GPUs (``device_map="auto"``) keeps every layer's pools next to it.
+    backend: ``"auto"`` or a kvmem backend name (``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``)
+    pool: a ``KVPool`` to use instead of allocating pools (prefix caching across caches)
+
+    Notes
+    -----
+    Pools are allocated at the first ``update`` (or ``early_initialization``). Running out of blocks
+    raises ``kvmem.CacheFullError`` before the step changes anything.
+
+    ``is_compileable`` stays False: transformers would then build 4D masks and compile the whole
+    forward, prefill included, around a cache whose planning is host code. Compile or capture the
+    decode step instead (``static_decode_step``, ``kvmem.integrations.DecodeGraphRunner``).
+    """
+
+    is_compileable = False
+
+    def __init__(self, config, *, block_size: int = 16, num_blocks: Union[None, int, Mapping] = None,
+                 memory: Union[None, int, float, str] = None, max_batch_size: Optional[int] = None,
+                 max_cache_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                 device: Union[None, str, torch.device] = None, backend: str = "auto",
+                 pool: Optional["KVPool"] = None):
+        families.resolve(config)
+        tc = families.text_config(config)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"PagedKVCache: block_size must be an int >= 1, got {block_size!r}")
+        self.model_type = getattr(tc, "model_type", "?")
+        self.num_layers, self.num_kv_heads, self.head_dim = families.kv_dims(config)
+        self.windows: List[Optional[int]] = families.layer_windows(config)
+        self.groups: Tuple[LayerGroupSpec, ...] = tuple(
+            LayerGroupSpec(name, layers, w) for name, layers, w in families.group_layers(self.windows))
+        self.block_size = block_size
+        if num_blocks is not None and not isinstance(num_blocks, Mapping):
+            if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+                raise ValueError(f"PagedKVCache: num_blocks must be an int >= 1 or a mapping, got {num_blocks!r}")
+        if isinstance(num_blocks, Mapping):
+            missing = [g.name for g in self.groups if g.name not in num_blocks]
+            if missing:
+                raise ValueError(f"PagedKVCache: num_blocks has no entry for group(s) {missing} "
+                                 f"(groups: {self.group_names})")
+        self._num_blocks_arg = num_blocks
+        self._memory = None if memory is None else parse_memory(memory)
+        self._max_batch_size = max_batch_size
+        self._max_cache_len = max_cache_len
+        self._dtype = dtype
+        self._device = None if device is None else torch.device(device)
+        self._pool_dtype: Optional[torch.dtype] = None
+        self._step_md: Dict[tuple, object] = {}  # per-device copies of this step's metadata/index
+        self.ops = KernelOps(backend)
+        self._manager: Optional[KVCacheManager] = None
+        self._pools: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seq_ids: List[int] = []
+        self._ids = itertools.count()
+        self._seen = 0
+        self._step: Optional[StepContext] = None  # the eager step in flight
+        self._static: Optional[StaticDecodeBuffers] = None  # fixed-shape decode metadata
+        #: layer -> (cos, sin) the layer's attention module applied in the latest step (kvmem.patch's
+        #: pre-hooks record them, ``record_position_embeddings``); the step contexts share this dict
+        self._position_embeddings: Dict[int, tuple] = {}
+        self._released = False
+        self._pool = pool
+        if pool is not None:
+            if (pool.num_layers, pool.num_kv_heads, pool.head_dim, pool.block_size, pool.groups) != (
+                    self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.groups):
+                raise ValueError("PagedKVCache: the KVPool was made for another model or block size")
+            self._manager, self._pools, self._ids = pool.manager, pool.pools, pool.ids
+            self._pool_dtype = pool.dtype
+        super().__init__(layers=[_PagedLayer(self, i, w) for i, w in enumerate(self.windows)])
+
+    # ------------------------------------------------------------------ description
+    @property
+    def group_names(self) -> List[str]:
+        """Names of the layer groups (``"full"``, ``"sliding_<W>"``)."""
+        return [g.name for g in self.groups]
+
+    @property
+    def manager(self) -> Optional[KVCacheManager]:
+        """The ``KVCacheManager`` (None until the pools are allocated)."""
+        return self._manager
+
+    @property
+    def pools(self) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+        """layer -> ``(k_cache, v_cache)``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        return dict(self._pools)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g.name}: {len(g.layers)} layers" for g in self.groups)
+        state = "unallocated" if self._manager is None else f"{len(self._seq_ids)} rows, {self._seen} tokens"
+        return f"PagedKVCache({self.model_type}, block_size={self.block_size}, {groups}; {state})"
+
+    # ------------------------------------------------------------------ HF Cache API
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Logical length: columns fed so far (padding included), like ``DynamicCache``."""
+        return self._seen
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        st = self._static
+        if st is not None and st.active:  # a static step: constant (no host int that changes per step)
+            return 0
+        return self._seen
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> Tuple[int, int]:
+        st = self._static
+        if st is not None and st.active:  # kvmem's mask function needs no sizes; keep the graph constant
+            return st.max_seqlen_k, 0
+        return self._seen + int(query_length), 0
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        return -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # transformers < 5.16
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._seq_ids) if self._seq_ids else -1
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._manager is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def is_sliding(self) -> List[bool]:
+        return [w is not None for w in self.windows]
+
+    @property
+    def is_linear(self) -> List[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def is_dummy(self) -> List[bool]:
+        return [False] * self.num_layers
+
+    def offload(self, *args, **kwargs) -> None:
+        pass
+
+    def prefetch(self, *args, **kwargs) -> None:
+        pass
+
+    def activate_past_recording(self) -> None:
+        pass  # crop() can always roll back (blocks left of a sliding window are freed only past every query)
+
+    def is_recording_past(self, layer_idx: int = 0) -> bool:
+        return False
+
+    def has_previous_state(self, layer_idx=None, state_idx=None) -> bool:
+        raise ValueError("PagedKVCache holds attention layers only; it has no linear-attention state")
+
+    def early_initialization(self, batch_size: int, num_heads, head_dim, dtype: torch.dtype, device) -> None:
+        """Allocate the pools now (otherwise done at the first ``update``)."""
+        heads = num_heads if isinstance(num_heads, int) else set(num_heads)
+        dims = head_dim if isinstance(head_dim, int) else set(head_dim)
+        if heads not in (self.num_kv_heads, {self.num_kv_heads}) or dims not in (self.head_dim, {self.head_dim}):
+            raise ValueError(f"PagedKVCache: built for {self.num_kv_heads} KV heads of dim {self.head_dim}, "
+                             f"got num_heads={num_heads}, head_dim={head_dim}")
+        if self._manager is None:
+            self._allocate(batch_size, 0, dtype, torch.device(device), eager=True)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Stash this layer's new keys/values for kvmem's attention function (which writes them).
+
+        Parameters
+        ----------
+        key_states, value_states: [batch, num_kv_heads, new_tokens, head_dim] (after RoPE)
+        layer_idx: the layer
+
+        Returns
+        -------
+        ``(key_states, value_states)`` unchanged; only ``attn_implementation="kvmem"`` can use them.
+        """
+        if self._released:
+            raise RuntimeError("kvmem: this PagedKVCache was released: a later generate() call of its prefix-caching "
+                               "model reuses the pool it lived in")
+        st = self._static
+        if st is not None and st.active:  # static decode step: the attention function writes (run_static)
+            if key_states.shape[0] != st.rows or key_states.shape[2] != 1:
+                raise ValueError(f"kvmem: a static decode step takes keys [{st.rows}, Hkv, 1, D], got "
+                                 f"{tuple(key_states.shape)} for layer {layer_idx}")
+            return key_states, value_states
+        self._check_kv(key_states, value_states, layer_idx)
+        step = self._step
+        if step is None or layer_idx in step.updated:
+            step = self._begin_step(key_states)
+        elif step.pending:
+            other = next(iter(step.pending))
+            raise RuntimeError(
+                f"kvmem: PagedKVCache.update ran for layer {layer_idx} but layer {other}'s keys were never "
+                f"consumed: a PagedKVCache only works with attn_implementation='kvmem' (kvmem.patch(model) "
+                f"or model.set_attn_implementation('kvmem')); this model uses "
+                f"{getattr(self, '_attn_hint', 'another attention implementation')}")
+        if key_states.shape[0] != step.batch or key_states.shape[2] != step.q_len:
+            raise ValueError(f"kvmem: layer {layer_idx} got keys of shape {tuple(key_states.shape)} but this step "
+                             f"has batch {step.batch} and {step.q_len} new tokens")
+        step.updated.add(layer_idx)
+        step.pending[layer_idx] = (key_states, value_states)
+        context.enter(step)
+        return key_states, value_states
+
+    def reset(self) -> None:
+        """Drop every sequence (the pools stay allocated)."""
+        if self._manager is not None:
+            for s in self._seq_ids:
+                self._manager.free_sequence(s)
+        if self._step is not None:
+            context.leave(self._step)
+        self._seq_ids, self._seen, self._step = [], 0, None
+
+    def release(self) -> None:
+        """Free every sequence and refuse further use (the pool's registered prompt blocks stay cached)."""
+        self.reset()
+        self._released = True
+
+    # ------------------------------------------------------------------ memory
+    def usage(self) -> Dict[str, GroupUsage]:
+        """Per layer group: blocks used/free, tokens held, bytes held (``bytes_used``) and reserved."""
+        return {} if self._manager is None else self._manager.usage()
+
+    def kv_bytes_held(self) -> int:
+        """Bytes of the blocks in use, all groups, K and V."""
+        return sum(u.bytes_used or 0 for u in self.usage().values())
+
+    def kv_bytes_reserved(self) -> int:
+        """Bytes of the allocated pools."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._pools.values())
+
+    def row_lengths(self) -> List[int]:
+        """KV length of each batch row (padding excluded)."""
+        return [] if self._manager is None else [self._manager.seq_len(s) for s in self._seq_ids]
+
+    # ------------------------------------------------------------------ internals
+    def _check_kv(self, k, v, layer_idx) -> None:
+        ok = (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4
+              and k.shape[1] == self.num_kv_heads and k.shape[3] == self.head_dim and v.shape == k.shape
+              and isinstance(layer_idx, int) and 0 <= layer_idx < self.num_layers)
+        if not ok:
+            got = f"key_states {tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__}, " \
+                  f"value_states {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+            raise ValueError(
+                f"kvmem: this PagedKVCache was built for a {self.model_type} model with {self.num_layers} layers, "
+                f"{self.num_kv_heads} KV heads and head_dim {self.head_dim} (keys [batch, {self.num_kv_heads}, "
+                f"tokens, {self.head_dim}]); got {got} for layer {layer_idx!r}. Is it a cache from another model?")
+        pair = self._pools.get(layer_idx)
+        if pair is not None and k.device != pair[0].device:
+            raise ValueError(f"kvmem: layer {layer_idx} keys are on {k.device}, "
+                             f"its PagedKVCache pools on {pair[0].device}")
+
+    def _allocate(self, rows: int, step_len: int, dtype: torch.dtype, device: torch.device,
+                  eager: bool = False) -> None:
+        per_block = bytes_per_block(self.groups, self.block_size, self.num_kv_heads, self.head_dim, dtype)
+        blocks = size_groups(self.groups, self.block_size, per_block, rows=rows, step_len=step_len,
+                             num_blocks=self._num_blocks_arg, memory=self._memory,
+                             max_batch_size=self._max_batch_size, max_cache_len=self._max_cache_len)
+        self._manager = KVCacheManager(blocks, self.block_size, self.groups, device, bytes_per_block=per_block)
+        self._pool_dtype = dtype
+        if self._device is not None or eager:
+            self._pools = self._manager.make_pools(self.num_kv_heads, self.head_dim, dtype, device)
+        # else: each layer's pools at its first update, on its keys' device (_layer_pools)
+
+    def record_position_embeddings(self, layer_idx: int, position_embeddings) -> None:
+        """Keep the ``(cos, sin)`` layer ``layer_idx``'s attention module applies this step (for the
+        layer stages' ``LayerContext.position_embeddings``; keys are stored after RoPE)."""
+        self._position_embeddings[layer_idx] = position_embeddings
+
+    def _layer_pools(self, layer_idx: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        pair = self._pools.get(layer_idx)
+        if pair is None:
+            pair = self._manager.make_pools(self.num_kv_heads, self.head_dim, self._pool_dtype, device,
+                                            layers=[layer_idx])[layer_idx]
+            self._pools[layer_idx] = pair
+        return pair

@@ -1,0 +1,68 @@
+"""``KvmemOptions``: what ``kvmem.patch`` stores on a model for ``generate()`` to build its cache."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from kvmem.cache import KVPool, parse_memory
+from kvmem.ops.kernel_ops import check_backend
+
+__all__ = ["KvmemOptions", "options_of", "check_args"]
+
+
+@dataclass
+class KvmemOptions:
+    """Options ``generate()`` uses to build a model's ``PagedKVCache`` (see ``kvmem.patch``).
+
+    Attributes
+    ----------
+    backend, block_size, num_blocks, memory, prefix_cache, cuda_graph, compile_decode: ``kvmem.patch``'s
+    pool: the ``KVPool`` kept across calls (``prefix_cache`` / ``cuda_graph``)
+    prompt: ``(input_ids, attention_mask)`` of the ``generate()`` call in flight, set by the
+        generate wrapper of a prefix-caching / CUDA-graph model for the cache hook (explicit
+        state of this model's options, not a thread-local)
+    """
+
+    backend: str = "auto"
+    block_size: int = 16
+    num_blocks: Union[None, int, Mapping] = None
+    memory: Union[None, int, str] = None
+    prefix_cache: bool = False
+    cuda_graph: bool = False
+    compile_decode: Union[None, bool, dict] = None
+    pool: Optional[KVPool] = field(default=None, repr=False)
+    prompt: Optional[tuple] = field(default=None, repr=False)
+
+
+def options_of(model) -> KvmemOptions:
+    """The options ``kvmem.patch`` stored on ``model`` (defaults when it was not patched)."""
+    return getattr(model, "_kvmem_options", None) or KvmemOptions()
+
+
+def check_args(backend, block_size, num_blocks, memory, prefix_cache, cuda_graph, compile_decode):
+    """Validate ``kvmem.patch``'s options; returns ``(backend, block_size)`` normalised."""
+    backend = check_backend(backend)
+    try:
+        if isinstance(block_size, bool):
+            raise TypeError
+        block_size = operator.index(block_size)
+    except TypeError:
+        raise TypeError(f"kvmem.patch: block_size must be an int, got {type(block_size).__name__}") from None
+    if block_size < 1:
+        raise ValueError(f"kvmem.patch: block_size must be >= 1, got {block_size}")
+    if num_blocks is not None and not isinstance(num_blocks, Mapping):
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"kvmem.patch: num_blocks must be None, an int >= 1 or a mapping, got {num_blocks!r}")
+    if memory is not None:
+        parse_memory(memory)
+    if not isinstance(prefix_cache, bool):
+        raise TypeError(f"kvmem.patch: prefix_cache must be a bool, got {type(prefix_cache).__name__}")
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"kvmem.patch: cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if compile_decode is not None and not isinstance(compile_decode, (bool, dict)):
+        raise TypeError(f"kvmem.patch: compile_decode must be None, a bool or a dict of torch.compile options, "
+                        f"got {type(compile_decode).__name__}")
+    return backend, block_size

@@ -1,0 +1,205 @@
+"""``kvmem.patch`` / ``kvmem.unpatch``: run a Hugging Face causal LM on kvmem's paged KV cache.
+
+>>> model = kvmem.patch(model)                      # attention -> "kvmem", generate() -> PagedKVCache
+>>> out = model.generate(**inputs, max_new_tokens=64)
+>>> kvmem.unpatch(model)                            # exactly the original behaviour again
+>>> kvmem.patch(model, cuda_graph=True)            # decode steps replayed from CUDA graphs (on CUDA)
+
+Equivalently, after ``kvmem.integrations.hf.register()`` (``kvmem.patch`` calls it),
+``from_pretrained(..., attn_implementation="kvmem")`` or ``model.set_attn_implementation("kvmem")``
+give the same ``generate()`` behaviour with default options (without the position-embedding
+record of ``kvmem.patch``'s pre-hooks, which nothing consumes yet).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Union
+
+from kvmem.integrations import families
+from kvmem.integrations.hf import compat, graphs
+from kvmem.integrations.hf.attention import ATTN_NAME, kvmem_attention_forward, kvmem_mask, uses_kvmem
+from kvmem.integrations.hf.cache import PagedKVCache
+from kvmem.integrations.hf.generate import capturing_generate, install_generate_hook, instance_generate_hook
+from kvmem.integrations.hf.options import KvmemOptions, check_args
+from kvmem.ops.kernel_ops import KernelOps
+
+__all__ = ["patch", "unpatch", "is_patched", "register", "is_registered"]
+
+_MISSING = object()
+_registered = False
+
+
+def _record_position_embeddings(module, args, kwargs):
+    """Pre-hook of a patched attention module: a ``PagedKVCache`` records the ``(cos, sin)`` the
+    module is about to apply (``LayerContext.position_embeddings``)."""
+    pe = kwargs.get("position_embeddings")
+    if pe is None:
+        return None
+    cache = compat.kwargs_cache(kwargs)
+    if isinstance(cache, PagedKVCache):
+        cache.record_position_embeddings(module.layer_idx, pe)
+    return None
+
+
+@dataclass
+class _PatchState:
+    attn: list  # (config, saved _attn_implementation_internal or _MISSING)
+    instance_hook: bool
+    modules: list  # attention modules given a _kvmem_ops attribute
+    hooks: list = field(default_factory=list)  # handles of the position-embedding pre-hooks
+
+
+def is_patched(model) -> bool:
+    """Whether ``kvmem.patch`` was applied to ``model`` (and not undone)."""
+    return getattr(model, "_kvmem_state", None) is not None
+
+
+def _all_configs(model):
+    """Every config object the attention implementation may be stored on (deduplicated)."""
+    PreTrainedModel = compat.pretrained_model_class()
+    seen, out = set(), []
+
+    def add(cfg):
+        if cfg is None or id(cfg) in seen:
+            return
+        seen.add(id(cfg))
+        out.append(cfg)
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            add(getattr(cfg, key, None))
+
+    add(getattr(model, "config", None))
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            add(m.config)
+    return out
+
+
+def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Union[None, int, Mapping] = None,
+          memory: Union[None, int, str] = None, prefix_cache: bool = False, cuda_graph: bool = False,
+          compile_decode: Union[None, bool, dict] = None):
+    """Run ``model``'s attention on kvmem's paged kernels and make ``generate()`` use a ``PagedKVCache``.
+
+    Parameters
+    ----------
+    model: a Hugging Face causal LM (``PreTrainedModel`` with ``generate``) of a supported family
+        (``kvmem.integrations.families``)
+    backend: ``"auto"`` (fastest capable) or ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``
+    block_size: tokens per KV page
+    num_blocks: pages per layer group (int, or mapping ``"full"`` / ``"sliding_<W>"`` -> int);
+        default: sized per ``generate()`` call for its batch and ``max_length``
+    memory: total bytes for the KV pools (int or e.g. ``"2GiB"``), split over the layer groups
+    prefix_cache: keep the KV pools across ``generate()`` calls and start each call from the cached
+        blocks of its prompts' longest cached prefix (full blocks of earlier prompts; rows of a
+        batch start from the same column, left padding allowed): only the rest of the prompt is
+        computed. The cache a call returns is released by the next call.
+    cuda_graph: run ``generate()``'s decode steps (one token per row) with static, fixed-shape
+        metadata, captured in a CUDA graph once per batch size (per ``generate()`` call) and
+        replayed; prefill stays eager. On a device without CUDA graphs the same static step runs
+        eagerly. The KV pools are kept across calls (as with ``prefix_cache``, the cache a call
+        returns is released by the next call), so later calls of the same batch size and length
+        replay the graphs captured by the first. See ``kvmem.integrations.DecodeGraphRunner``.
+    compile_decode: True or a dict of ``torch.compile`` options (``fullgraph=True`` by default):
+        compile the static decode step (with ``cuda_graph`` on CUDA, the compiled step is captured)
+
+    Returns
+    -------
+    the same ``model`` (patched in place). Patching a patched model is a no-op.
+
+    Raises
+    ------
+    kvmem.integrations.families.UnsupportedModelError
+        naming the unsupported model type / feature and the supported families.
+    """
+    if is_patched(model):
+        return model
+    backend, block_size = check_args(backend, block_size, num_blocks, memory, prefix_cache, cuda_graph,
+                                     compile_decode)
+    if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
+        raise families.UnsupportedModelError(
+            f"kvmem.patch: expected a transformers PreTrainedModel, got {type(model).__name__}. "
+            f"{families.supported_list()}.")
+    families.resolve(model.config, model)
+    register()
+    saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal", _MISSING)) for cfg in _all_configs(model)]
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+        if not uses_kvmem(model):
+            raise families.UnsupportedModelError(
+                f"kvmem.patch: {type(model).__name__} did not accept attn_implementation='kvmem'. "
+                f"{families.supported_list()}.")
+    except BaseException:
+        _restore_attn(saved)
+        raise
+    ops = KernelOps(backend)
+    modules, hooks = [], []
+    for m in model.modules():
+        if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention"):
+            hooks.append(m.register_forward_pre_hook(_record_position_embeddings, with_kwargs=True))
+            if backend != "auto":
+                m._kvmem_ops = ops
+                modules.append(m)
+    model._kvmem_options = KvmemOptions(backend=backend, block_size=block_size, num_blocks=num_blocks,
+                                        memory=memory, prefix_cache=prefix_cache, cuda_graph=cuda_graph,
+                                        compile_decode=compile_decode)
+    if cuda_graph or compile_decode:
+        graphs.install(model, cuda_graph=cuda_graph, compile=compile_decode or None)
+    if prefix_cache or cuda_graph:
+        model.generate = types.MethodType(capturing_generate, model)
+    model._kvmem_state = _PatchState(attn=saved, instance_hook=instance_generate_hook(model), modules=modules,
+                                     hooks=hooks)
+    return model
+
+
+def _restore_attn(saved) -> None:
+    for cfg, value in saved:
+        if value is _MISSING:
+            cfg.__dict__.pop("_attn_implementation_internal", None)
+        else:
+            cfg.__dict__["_attn_implementation_internal"] = value
+
+
+def unpatch(model):
+    """Undo ``kvmem.patch``: the original attention implementation and ``generate()`` cache.
+
+    A model that is not patched is returned unchanged (no-op).
+    """
+    state = getattr(model, "_kvmem_state", None)
+    if state is None:
+        return model
+    _restore_attn(state.attn)
+    if state.instance_hook:
+        model.__dict__.pop("_prepare_cache_for_generation", None)
+    for m in state.modules:
+        m.__dict__.pop("_kvmem_ops", None)
+    for h in state.hooks:
+        h.remove()
+    graphs.uninstall(model)
+    opts = model.__dict__.pop("_kvmem_options", None)
+    if opts is not None and opts.pool is not None and opts.pool.live is not None:
+        opts.pool.live.release()
+    if opts is not None and (opts.prefix_cache or opts.cuda_graph):
+        model.__dict__.pop("generate", None)
+    model.__dict__.pop("_kvmem_state", None)
+    return model
+
+
+def is_registered() -> bool:
+    return _registered
+
+
+def register() -> None:
+    """Register ``"kvmem"`` with HF's attention and mask interfaces and hook ``generate`` (idempotent).
+
+    After this, ``from_pretrained(..., attn_implementation="kvmem")`` and
+    ``model.set_attn_implementation("kvmem")`` work, and ``generate()`` on such a model uses a
+    ``PagedKVCache``.
+    """
+    global _registered
+    if _registered:
+        return
+    compat.register_interfaces(ATTN_NAME, kvmem_attention_forward, kvmem_mask)
+    install_generate_hook()
+    _registered = True
