@@ -629,3 +629,7 @@ def paged_attention(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seq
     else:
         launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                        max_seqlen_q, scale, causal, window, softcap, sink_logits)
+
+
+AOT_KERNELS = {"prefill": _prefill_kernel, "decode": _decode_kernel, "decode_reduce": _decode_reduce_kernel}
+aot_variants = _cfg.aot_variants  # for tools/aot_compile_triton.py
