@@ -37,11 +37,13 @@ def run_reference(p) -> None:
 
 
 def run_compiled(p) -> None:
-    _ext.get_op(OP)(*_kernel_args(p, KERNEL_FEATURES))
+    args = _kernel_args(p, KERNEL_FEATURES)  # first: raises if p uses an argument the kernel lacks
+    _ext.get_op(OP)(*args)
 
 
 def run_triton(p) -> None:
-    importlib.import_module("kvmem.ops.paged_attention.triton").paged_attention(*_kernel_args(p, KERNEL_FEATURES))
+    args = _kernel_args(p, KERNEL_FEATURES)
+    importlib.import_module("kvmem.ops.paged_attention.triton").paged_attention(*args)
 
 
 CAPABILITIES = (
