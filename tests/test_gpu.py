@@ -97,11 +97,11 @@ def test_triton_kernels_are_compiled():
 def _triton_modules():
     """(cache_write, shared Triton facts, merge_states, paged_attention) Triton modules: each op
     folder's ``triton`` (kvmem.ops.<op> is the public function, so import the modules by path)
-    and ``kvmem.ops._triton`` (interpreting(), every op's aot_variants(), DTYPE_NAMES)."""
+    and ``kvmem.ops.triton_aot`` (interpreting(), every op's aot_variants(), DTYPE_NAMES)."""
     import importlib
 
     return tuple(importlib.import_module(m) for m in (
-        "kvmem.ops.cache_write.triton", "kvmem.ops._triton", "kvmem.ops.merge_states.triton",
+        "kvmem.ops.cache_write.triton", "kvmem.ops.triton_aot", "kvmem.ops.merge_states.triton",
         "kvmem.ops.paged_attention.triton"))
 
 

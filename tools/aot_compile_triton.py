@@ -3,7 +3,7 @@
 
 Every (kernel, dtype, constexprs, num_warps, num_stages) that the launchers or the autotuner can
 choose (every op's ``kvmem/ops/<op>/triton.py`` ``aot_variants()``, gathered by
-``kvmem.ops._triton.aot_variants``) is compiled with ``triton.compile`` for
+``kvmem.ops.triton_aot.aot_variants``) is compiled with ``triton.compile`` for
 each target compute capability (default sm80 and sm90), with the argument specialisation the
 JIT gives the same launch through the public ops, so the compiled code (software pipelining,
 vectorisation, shared memory) matches what runs:
@@ -56,7 +56,6 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 2
 
 def family_limit(cc: int) -> int:
     """The smallest shared-memory limit among the GPUs that run the config family of ``cc``."""
-    from kvmem.ops import _triton
     from kvmem.ops.paged_attention import configs
 
     fam = configs.family_of_cc(cc)
@@ -83,9 +82,9 @@ _DIV16 = re.compile(r"^head_dim$|^stride_(qt|qh|kb|ks|kh|vb|vs|vh|ot|oh|ps|pt|ph
 
 
 def _kernel_fn(kernel: str):
-    from kvmem.ops import _triton
+    from kvmem.ops import triton_aot
 
-    return _triton.aot_kernels()[kernel]
+    return triton_aot.aot_kernels()[kernel]
 
 
 def do_not_specialize(fn) -> set:
@@ -226,14 +225,14 @@ def main(argv=None) -> int:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvmem_aot_cache_")
     import triton
 
-    from kvmem.ops import _triton
+    from kvmem.ops import triton_aot
     from kvmem.ops.paged_attention import configs
 
     for cc in args.cc:
         if cc not in SMEM_LIMIT:
             ap.error(f"unknown shared-memory limit for cc {cc}")
     limits = {cc: family_limit(cc) for cc in args.cc}
-    jobs = [(v, cc) for cc in args.cc for v in _triton.aot_variants(configs.family_of_cc(cc))
+    jobs = [(v, cc) for cc in args.cc for v in triton_aot.aot_variants(configs.family_of_cc(cc))
             if args.filter in v.name]
     print(f"triton {triton.__version__}: {len(jobs)} compiles for sm{', sm'.join(map(str, args.cc))}, "
           f"{args.jobs} jobs", flush=True)

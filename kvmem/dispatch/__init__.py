@@ -12,11 +12,11 @@ A rejection is either *inapplicable* (wrong device, not built, not installed: si
 This package imports no op: the op folders register into it when ``kvmem.ops`` is imported.
 """
 
-from kvmem.dispatch.backends import (Backend, CompiledBackend, CpuBackend, CudaBackend, ReferenceBackend,
-                                     TritonBackend)
+from kvmem.dispatch.backends import (BACKENDS, BY_NAME, Backend, CompiledBackend, CpuBackend, CudaBackend,
+                                     ReferenceBackend, TritonBackend, forced)
 from kvmem.dispatch.call import Call, aligned_16, describe
 from kvmem.dispatch.capability import SAME_AS_DTYPE, Capability, Rejection, capabilities, capability, register
-from kvmem.dispatch.select import BACKENDS, BY_NAME, _logged, _select, explain, forced, logger, select
+from kvmem.dispatch.select import _logged, _select, explain, logger, select
 
 __all__ = ["Backend", "CompiledBackend", "CpuBackend", "CudaBackend", "ReferenceBackend", "TritonBackend",
            "Call", "aligned_16", "describe", "SAME_AS_DTYPE", "Capability", "Rejection", "capabilities",

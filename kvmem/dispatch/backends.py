@@ -11,19 +11,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from kvmem import _ext, verified
 from kvmem.dispatch.capability import Capability, Rejection, capability
-
-
-def forced_name() -> Optional[str]:
-    """The backend ``KVMEM_BACKEND`` forces (None for auto); a ValueError for an unknown name."""
-    from kvmem.dispatch.select import forced
-
-    return forced()
 
 
 class Backend:
@@ -114,7 +107,7 @@ class CudaBackend(CompiledBackend):
         why = super().rejects(call)
         if why is not None:
             return why
-        if forced_name() != "cuda":
+        if forced() != "cuda":
             arch = cuda_arch()
             if not verified.is_verified("cuda", arch, call):
                 return ("inapplicable", f"not in the verified record for {arch} "
@@ -138,7 +131,7 @@ class TritonBackend(Backend):
 
     def rejects(self, call) -> Rejection:
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        if call.device_type == "cpu" and interpret and forced_name() == "triton":
+        if call.device_type == "cpu" and interpret and forced() == "triton":
             cap = self.capability(call.op)
             if cap is not None:
                 cap = dataclasses.replace(cap, devices=cap.devices + ("cpu",))
@@ -152,3 +145,17 @@ class TritonBackend(Backend):
         if cap is None:
             return ("inapplicable", f"{self.name} has no {call.op} kernel")
         return cap.rejects(call)
+
+
+BACKENDS: List[Backend] = [CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend()]  # fastest first
+BY_NAME: Dict[str, Backend] = {b.name: b for b in BACKENDS}
+
+
+def forced() -> Optional[str]:
+    """The backend ``KVMEM_BACKEND`` names (None for unset/auto); ValueError for an unknown name."""
+    name = os.environ.get("KVMEM_BACKEND", "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in BY_NAME:
+        raise ValueError(f"KVMEM_BACKEND must be one of auto, {', '.join(BY_NAME)}; got {name!r}")
+    return name

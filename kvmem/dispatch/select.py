@@ -5,27 +5,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
-from kvmem.dispatch.backends import Backend, CpuBackend, CudaBackend, ReferenceBackend, TritonBackend
+from kvmem.dispatch.backends import BACKENDS, BY_NAME, Backend, forced
 from kvmem.dispatch.call import Call
 
 logger = logging.getLogger("kvmem")
-
-BACKENDS: List[Backend] = [CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend()]  # fastest first
-BY_NAME: Dict[str, Backend] = {b.name: b for b in BACKENDS}
-
-
-def forced() -> Optional[str]:
-    """The backend ``KVMEM_BACKEND`` names (None for unset/auto); ValueError for an unknown name."""
-    name = os.environ.get("KVMEM_BACKEND", "").strip().lower()
-    if not name or name == "auto":
-        return None
-    if name not in BY_NAME:
-        raise ValueError(f"KVMEM_BACKEND must be one of auto, {', '.join(BY_NAME)}; got {name!r}")
-    return name
-
 
 _logged: set = set()
 

@@ -4,10 +4,9 @@ this module does not import triton.
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -51,31 +50,3 @@ class AotVariant:
 
 def block_ds() -> list:
     return sorted({block_d(hd) for hd in HEAD_DIMS})
-
-
-def triton_modules() -> Dict[str, object]:
-    """``{op: kvmem.ops.<op>.triton}`` for every registered op that has Triton kernels (imports triton)."""
-    from kvmem.ops import OP_NAMES
-
-    mods = {}
-    for op in OP_NAMES:
-        try:
-            mods[op] = importlib.import_module(f"kvmem.ops.{op}.triton")
-        except ModuleNotFoundError as e:
-            if e.name != f"kvmem.ops.{op}.triton":
-                raise
-    return mods
-
-
-def aot_variants(arch: int = 80) -> Iterator[AotVariant]:
-    """Every Triton kernel variant of every op (each op's ``triton.aot_variants``)."""
-    for mod in triton_modules().values():
-        yield from mod.aot_variants(arch)
-
-
-def aot_kernels() -> Dict[str, object]:
-    """``{AotVariant.kernel: jit function}`` of every op's Triton kernels."""
-    out = {}
-    for mod in triton_modules().values():
-        out.update(mod.AOT_KERNELS)
-    return out

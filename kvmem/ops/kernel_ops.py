@@ -56,9 +56,9 @@ class KernelOps:
                     slot_mapping: torch.Tensor) -> None:
         """Write ``k``/``v`` ``[T, Hkv, D]`` into the pools at ``slot_mapping`` ``[T]`` (-1 skips)."""
         if self.backend == "auto" and torch.compiler.is_compiling():
-            import kvmem
+            from kvmem.ops.cache_write import cache_write
 
-            kvmem.cache_write(k, v, k_cache, v_cache, slot_mapping, check=False)
+            cache_write(k, v, k_cache, v_cache, slot_mapping, check=False)
             return
         from kvmem.ops.cache_write.params import CacheWriteParams
 
@@ -72,9 +72,9 @@ class KernelOps:
         """Causal paged attention of ``q`` ``[T, Hq, D]``; returns ``out`` ``[T, Hq, D]`` (q's dtype)."""
         kw = dict(scale=scale, causal=True, window=window, softcap=softcap, sink_logits=sink_logits)
         if self.backend == "auto" and torch.compiler.is_compiling():
-            import kvmem
+            from kvmem.ops.paged_attention import paged_attention
 
-            return kvmem.paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
+            return paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
                                          max_seqlen_k, check=False, **kw)
         from kvmem.ops.paged_attention.params import PagedAttentionParams
 
