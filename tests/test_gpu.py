@@ -25,7 +25,7 @@ import torch
 
 import kvmem
 from cases import FEATURES, MODES, make_case, to_device
-from kvmem import backends, verified
+from kvmem import verified
 from kvmem.ops import reference
 from kvmem.ops.paged_attention.capabilities import CUDA_MAX_SEQLEN_Q
 from tolerances import assert_close

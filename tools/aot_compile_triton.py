@@ -35,7 +35,6 @@ Works with triton 3.6 and 3.9 (same ``ASTSource(fn, signature, constexprs, attrs
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import subprocess

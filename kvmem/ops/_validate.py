@@ -14,7 +14,6 @@ whose message names the op, the argument and what was expected.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from kvmem.ops._validate import FLOAT_DTYPES, QUANT_CACHE_DTYPES, fail, host_int, kv_scales, shape, tensor, unit_last_stride
+from kvmem.ops._validate import FLOAT_DTYPES, QUANT_CACHE_DTYPES, fail, kv_scales, shape, tensor, unit_last_stride
+
 
 def structure(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     op = "cache_write"
@@ -31,7 +30,6 @@ def structure(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=dev, like="k_cache")
     shape(op, "slot_mapping", slot_mapping, (k.shape[0],))
     kv_scales(op, k_scale, v_scale, k_cache.shape[2], dev)
-
 
 
 def values(k_cache, slot_mapping):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from kvmem.ops._validate import FLOAT_DTYPES, QUANT_CACHE_DTYPES, fail, host_int, kv_scales, shape, tensor, unit_last_stride
+from kvmem.ops._validate import FLOAT_DTYPES, shape, tensor, unit_last_stride
+
 
 def structure(out_a, lse_a, out_b, lse_b):
     op = "merge_states"

@@ -9,6 +9,7 @@ import torch
 
 from kvmem.ops._validate import FLOAT_DTYPES, QUANT_CACHE_DTYPES, fail, host_int, kv_scales, shape, tensor, unit_last_stride
 
+
 def structure(
     q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
     scale, causal, window, softcap, sink_logits, k_scale, v_scale, out, return_lse,
@@ -75,7 +76,6 @@ def structure(
         unit_last_stride(op, "out", out)
     if not isinstance(return_lse, bool):
         fail(op, "return_lse", "a bool", type(return_lse).__name__, TypeError)
-
 
 
 def values(q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window):
