@@ -146,6 +146,9 @@ def test_paged_attention_argument_end_to_end(arg, _auto):
                                          given.get("window"), given.get("softcap"), given.get("sink_logits"),
                                          given.get("k_scale"), given.get("rope_cos_sin"))
     assert feature in call.features
+    from kvmem.ops.paged_attention.params import PagedAttentionParams
+
+    assert PagedAttentionParams.build(*case.args(), **given).call() == call  # one description of a call
     why = dispatch.explain(call)
     cpu_declares = feature in dispatch.capability("paged_attention", "cpu").features
     if _ext.has_kernel("paged_attention", "cpu"):
@@ -163,6 +166,11 @@ def test_cache_write_scales_end_to_end(_auto):
     given, _ = _cache_write("k_scale")
     call = dispatch.Call.cache_write(torch.randn(3, 2, 64), torch.zeros(4, 8, 2, 64), given["k_scale"])
     assert call.features == {"kv_scale"}
+    from kvmem.ops.cache_write.params import CacheWriteParams
+
+    k_cache = torch.zeros(4, 8, 2, 64)
+    assert CacheWriteParams(torch.randn(3, 2, 64), torch.randn(3, 2, 64), k_cache, k_cache, torch.tensor([0, 1, 2]),
+                            **given).call() == dispatch.Call.cache_write(torch.randn(3, 2, 64), k_cache, **given)
     why = dispatch.explain(call)
     assert why["reference"] == "selected", why
     if _ext.has_kernel("cache_write", "cpu"):

@@ -42,7 +42,7 @@ class Backend:
 
     def run(self, op: str, params) -> None:
         """Run ``op`` on ``params`` (already validated; a call this backend does not reject)."""
-        self.capability(op).run(params)
+        capability(op, self.name).run(params)
 
 
 class ReferenceBackend(Backend):

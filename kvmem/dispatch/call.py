@@ -35,7 +35,8 @@ def aligned_16(t: torch.Tensor) -> bool:
     """Whether ``t``'s rows (every stride but the last) start on 16-byte boundaries."""
     if t.data_ptr() % 16:
         return False
-    return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+    size = t.element_size()
+    return not any((s * size) % 16 for s in t.stride()[:-1])
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
 
 
+NO_FEATURES: FrozenSet[str] = frozenset()
+
+
 def features_of(feature_of: Dict[str, str], given: Dict[str, object]) -> FrozenSet[str]:
     """Feature names of the optional arguments in ``given`` that are not None."""
-    return frozenset(feature_of[name] for name, value in given.items() if value is not None)
+    names = [feature_of[name] for name, value in given.items() if value is not None]
+    return frozenset(names) if names else NO_FEATURES
 
 
 @functools.lru_cache(maxsize=None)
@@ -21,9 +26,9 @@ def _fields(cls) -> Tuple[Tuple[str, ...], Dict[str, object]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _kept(cls, omit: Tuple[str, ...]) -> Tuple[int, ...]:
+def _kept(cls, omit: Tuple[str, ...]):
     names, _ = _fields(cls)
-    return tuple(i for i, n in enumerate(names) if n not in omit)
+    return operator.itemgetter(*(i for i, n in enumerate(names) if n not in omit))
 
 
 def flat(params, omit: Tuple[str, ...] = ()) -> tuple:
@@ -40,7 +45,7 @@ def flat(params, omit: Tuple[str, ...] = ()) -> tuple:
         value, default = getattr(params, name), defaults[name]
         if (value is not None) if default is None else (value != default):
             raise RuntimeError(f"kvmem: {type(params).__name__}.{name} is set but this kernel does not take it")
-    return tuple(values[i] for i in _kept(type(params), omit))
+    return _kept(type(params), omit)(values)
 
 
 def scale_of(scale: Optional[torch.Tensor], dtype=torch.float32) -> Optional[torch.Tensor]:

@@ -3,6 +3,7 @@ backends' dtypes come from the build."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from kvmem import _ext
@@ -15,8 +16,13 @@ ALL_FEATURES = frozenset(FEATURE_OF.values())
 KERNEL_FEATURES = frozenset()  # the cpu, cuda and triton kernels store in the cache's own dtype, unscaled
 
 
+@functools.lru_cache(maxsize=None)
+def _omitted(features) -> tuple:
+    return omitted_args(FEATURE_OF, MODIFIER_OF, features)
+
+
 def _kernel_args(params, features) -> tuple:
-    return flat(params, omitted_args(FEATURE_OF, MODIFIER_OF, features))
+    return flat(params, _omitted(features))
 
 
 def run_reference(p) -> None:

@@ -6,6 +6,7 @@ The compiled backends' dtypes and head dims come from the build
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from kvmem import _ext
@@ -21,9 +22,14 @@ KERNEL_FEATURES = frozenset({"window", "softcap", "sink_logits"})  # what the cp
 CUDA_MAX_SEQLEN_Q = 16
 
 
+@functools.lru_cache(maxsize=None)
+def _omitted(features) -> tuple:
+    return omitted_args(FEATURE_OF, MODIFIER_OF, features)
+
+
 def _kernel_args(params, features) -> tuple:
     """The schema arguments a kernel implementing ``features`` takes (it is never given others)."""
-    return flat(params, omitted_args(FEATURE_OF, MODIFIER_OF, features))
+    return flat(params, _omitted(features))
 
 
 def run_reference(p) -> None:

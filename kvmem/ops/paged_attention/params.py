@@ -92,7 +92,8 @@ class PagedAttentionParams:
 
     @property
     def features(self):
-        return features_of(FEATURE_OF, {name: getattr(self, name) for name in FEATURE_OF})
+        return features_of(FEATURE_OF, dict(window=self.window, softcap=self.softcap, sink_logits=self.sink_logits,
+                                            k_scale=self.k_scale, v_scale=self.v_scale, rope_cos_sin=self.rope_cos_sin))
 
     def call(self) -> Call:
         return _call(self.q, self.k_cache, self.v_cache, self.max_seqlen_q, self.features)
