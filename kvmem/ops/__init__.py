@@ -4,6 +4,17 @@ One folder per op (``kvmem/ops/<op>/``: public wrapper and custom op, ``params``
 ``reference``, ``capabilities``, ``triton``); importing it registers its capability records with
 ``kvmem.dispatch``. ``kvmem.ops.spec`` holds the semantics as one text and ``kvmem.ops.reference``
 the executable specification every backend is tested against.
+
+A new op is one folder ``kvmem/ops/<op>/`` holding
+
+* ``__init__.py``: the public function ``<op>`` and the custom op ``kvmem::<op>`` (its body:
+  ``dispatch.select(params.call()).run("<op>", params)``) with a fake that ``torch._check``'s shapes;
+* ``params.py``: the parameter object (``to_schema``/``from_schema``), ``FEATURE_OF`` (each optional
+  argument's feature name), ``MODIFIER_OF``, ``COMMON``, and ``@dispatch.describe("<op>")``;
+* ``validate.py``, ``reference.py`` and ``capabilities.py`` (one ``dispatch.Capability`` per backend,
+  registered at import); optionally ``triton.py`` (with ``aot_variants`` and ``AOT_KERNELS``);
+
+plus its name in ``OP_NAMES`` below and one line in ``kvmem/ops/reference.py``.
 """
 
 import importlib
