@@ -72,3 +72,11 @@ def build_info() -> dict:
     from kvmem import _C
 
     return {"built": True, **_C.build_info()}
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_facts(op: str, device_type: str) -> Optional[dict]:
+    """What the compiled ``kvmem_C::op`` kernel for ``device_type`` accepts, as the build reports
+    it: ``{"dtypes": [names], "head_dims": [ints] (empty: any up to max_head_dim),
+    "max_head_dim": int}``; None when the build reports nothing for it."""
+    return build_info().get("kernels", {}).get(op, {}).get(device_type)

@@ -25,8 +25,9 @@ import torch
 
 import kvmem
 from cases import FEATURES, MODES, make_case, to_device
-from kvmem import backends, verified
+from kvmem import _ext, verified
 from kvmem.ops import reference
+from kvmem.ops.paged_attention.capabilities import CUDA_MAX_SEQLEN_Q
 from tolerances import assert_close
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,7 +69,11 @@ def _write_record():
 
 
 def _supported(backend, dtype):
-    return not (backend == "cuda" and dtype == torch.float32)
+    """Whether ``backend`` has a paged_attention kernel for ``dtype`` (CUDA: as the build reports)."""
+    if backend != "cuda":
+        return True
+    facts = _ext.kernel_facts("paged_attention", "cuda")
+    return facts is None or str(dtype).replace("torch.", "") in facts["dtypes"]  # None: fail loudly below
 
 
 def _check(case, backend):
@@ -94,12 +99,14 @@ def test_triton_kernels_are_compiled():
 
 
 def _triton_modules():
-    """(cache_write, configs, merge_states, paged_attention) modules of kvmem.ops.triton (the
-    package exports functions of the same names, so import the modules by path)."""
+    """(cache_write, shared Triton facts, merge_states, paged_attention) Triton modules: each op
+    folder's ``triton`` (kvmem.ops.<op> is the public function, so import the modules by path)
+    and ``kvmem.ops.triton_aot`` (interpreting(), every op's aot_variants(), DTYPE_NAMES)."""
     import importlib
 
-    return tuple(importlib.import_module(f"kvmem.ops.triton.{m}")
-                 for m in ("cache_write", "configs", "merge_states", "paged_attention"))
+    return tuple(importlib.import_module(m) for m in (
+        "kvmem.ops.cache_write.triton", "kvmem.ops.triton_aot", "kvmem.ops.merge_states.triton",
+        "kvmem.ops.paged_attention.triton"))
 
 
 @pytest.mark.gpu
@@ -117,7 +124,7 @@ def test_paged_attention_gpu(monkeypatch, backend, dtype_name, head_dim, block_s
     for gi, group in enumerate(GROUPS):
         hkv = 2 if group < 7 else 1
         for mi, (mode, (q_lens, kv_lens)) in enumerate(GPU_MODES.items()):
-            if backend == "cuda" and max(q_lens) > backends.DECODE_MAX_Q:
+            if backend == "cuda" and max(q_lens) > CUDA_MAX_SEQLEN_Q:
                 continue  # prefill is not the CUDA decode kernel's job
             seed += 1
             feature = features[(gi + mi + head_dim + block_size) % len(features)]  # rotated

@@ -26,11 +26,14 @@ import torch
 if not os.environ.get("KVMEM_TRITON_GPU_CHECK") and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kvmem.ops import reference as ref
-from kvmem.ops import triton as kt
+from kvmem.dispatch import Call, capability  # noqa: E402
+from kvmem.ops import reference as ref  # noqa: E402
 
-pa = importlib.import_module("kvmem.ops.triton.paged_attention")
-cfgs = importlib.import_module("kvmem.ops.triton.configs")
+# Each op folder's Triton module (kvmem.ops.<op> is the public function: import modules by path).
+pa = importlib.import_module("kvmem.ops.paged_attention.triton")
+cw = importlib.import_module("kvmem.ops.cache_write.triton")
+ms = importlib.import_module("kvmem.ops.merge_states.triton")
+cfgs = importlib.import_module("kvmem.ops.paged_attention.configs")
 
 from tolerances import TRITON_INTERPRETER_BF16_ROUNDING  # noqa: E402  (tests/tolerances.py)
 from tolerances import TRITON_LSE as LSE_TOL  # noqa: E402
@@ -222,14 +225,14 @@ def test_paged_attention(case):
     decode = cfgs.use_decode(max(q_lens), kw["G"])
     assert decode == name.startswith(("dec", "spec")), "case does not exercise the kernel its name says"
     out, lse = poisoned_outputs(p, "padded" if "lay-pad" in name else "plain")
-    kt.paged_attention(out, lse, *args_of(p))
+    pa.paged_attention(out, lse, *args_of(p))
     check(p, out, lse, name)
 
 
 def test_paged_attention_without_lse():
     p = build([5, 1], [20, 9], D=64, bs=8, Hkv=1, G=2, dtype=F16, sink=True)
     out, _ = poisoned_outputs(p)
-    kt.paged_attention(out, None, *args_of(p))
+    pa.paged_attention(out, None, *args_of(p))
     check(p, out, None, "no-lse")
     p = build([1, 1], [200, 9], D=64, bs=8, Hkv=1, G=2, dtype=F16, sink=True)
     out, _ = poisoned_outputs(p)
@@ -385,11 +388,11 @@ def test_cache_write(dtype, src_dtype, bs, D, Hkv, layout):
         else:
             assert torch.equal(a, b)
 
-    kt.cache_write(k, v, kc, vc, slots)
+    cw.cache_write(k, v, kc, vc, slots)
     same(kc, kc_ref)
     same(vc, vc_ref)
     kc2, vc2 = kc_ref.clone(), vc_ref.clone()  # int32 slot mapping too
-    kt.cache_write(k, v, kc2, vc2, slots.int())
+    cw.cache_write(k, v, kc2, vc2, slots.int())
     same(kc2, kc_ref)
     same(vc2, vc_ref)
 
@@ -415,19 +418,24 @@ def test_merge_states(dtype, D, H):
     o_ref, l_ref = ref.merge_states(torch.nan_to_num(oa), la, torch.nan_to_num(ob), lb)
     out = torch.full_like(oa, math.nan)
     lse = torch.full_like(la, math.nan)
-    kt.merge_states(out, lse, oa, la, ob, lb_nc)
+    ms.merge_states(out, lse, oa, la, ob, lb_nc)
     torch.testing.assert_close(out.float(), o_ref.float(), **TOL[dtype])
     torch.testing.assert_close(lse, l_ref, **LSE_TOL)
 
 
+def _triton_rejects(dtype, head_dim, block_size, num_heads, num_kv_heads):
+    """The Triton paged_attention capability record's verdict on a (CUDA) call."""
+    call = Call("paged_attention", "cuda", dtype, head_dim, block_size, num_heads, num_kv_heads, dtype)
+    return capability("paged_attention", "triton").rejects(call)
+
+
 def test_supports():
-    assert kt.supports(F16, 128, 16, 32, 8) is None
-    assert kt.supports(BF16, 80, 1, 7, 1) is None
-    assert kt.supports(F32, 256, 256, 4, 4) is None
-    assert kt.supports(F16, 192, 16, 8, 8) is not None
-    assert kt.supports(F16, 128, 512, 8, 8) is not None
-    assert kt.supports(F16, 128, 16, 6, 4) is not None
-    assert kt.supports(torch.float64, 128, 16, 8, 8) is not None
+    assert _triton_rejects(F16, 128, 16, 32, 8) is None
+    assert _triton_rejects(BF16, 80, 1, 7, 1) is None
+    assert _triton_rejects(F32, 256, 256, 4, 4) is None
+    assert _triton_rejects(F16, 192, 16, 8, 8) is not None
+    assert _triton_rejects(F16, 128, 512, 8, 8) is not None
+    assert _triton_rejects(torch.float64, 128, 16, 8, 8) is not None
 
 
 def test_autotune_cache(monkeypatch):
@@ -518,7 +526,7 @@ def _gpu_full_product(dev="cuda", max_groups=None):
                             pa.launch_prefill(out, lse, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[8],
                                               a[9], a[10], a[11], a[12], cfg=c)
                             check(p, out, lse, f"gpu {kind} {dtype} D{D} bs{bs} G{G} {c}")
-                    q_spec = min(cfgs.MAX_DECODE_Q, cfgs.DECODE_ROWS[-1] // G)
+                    q_spec = min(cfgs.DECODE_KERNEL_MAX_SEQLEN_Q, cfgs.DECODE_ROWS[-1] // G)
                     steps = [("decode", [1, 1, 1], [1000, 37, 1], (None, 1, 3, 40)),
                              ("spec", [2, q_spec, 1], [300, 64 + q_spec, 40], (None, 3))]
                     for kind, ql, kl, split_counts in steps:
@@ -535,7 +543,7 @@ def _gpu_full_product(dev="cuda", max_groups=None):
                                 check(p, out, lse, f"gpu {kind} {dtype} D{D} bs{bs} G{G} {c} splits={splits}")
                         # the public entry point (heuristic configs)
                         out, lse = poisoned_outputs(p)
-                        kt.paged_attention(out, lse, *a)
+                        pa.paged_attention(out, lse, *a)
                         check(p, out, lse, f"gpu entry {kind} {dtype} D{D} bs{bs} G{G}")
     if dev == "cuda":
         torch.cuda.synchronize()

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from kvmem import _ext, backends, verified
+from kvmem import _ext, backends, dispatch, verified
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,11 +121,19 @@ def test_driver_version_unknown_without_nvidia_smi(monkeypatch):
     assert verified.gpu_driver_version() == "unknown"
 
 
+def _cuda_build_facts(op, device_type):
+    """What a CUDA build reports (csrc/torch_bindings.cpp) for ``op`` on ``device_type``."""
+    if op == "paged_attention" and device_type == "cuda":
+        return {"dtypes": ["float16", "bfloat16"], "head_dims": [64, 80, 96, 112, 128, 256], "max_head_dim": 256}
+    return {"dtypes": ["float32", "bfloat16", "float16"], "head_dims": [], "max_head_dim": 256}
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch, record_dir):
     """A CUDA extension 'built' for every op, on an sm_90 GPU; no env override."""
     monkeypatch.setattr(_ext, "has_kernel", lambda name, device_type: True)
-    monkeypatch.setattr(backends, "_cuda_arch", lambda: "sm_90")
+    monkeypatch.setattr(_ext, "kernel_facts", _cuda_build_facts)
+    monkeypatch.setattr(dispatch.backends, "cuda_arch", lambda: "sm_90")
     monkeypatch.delenv("KVMEM_BACKEND", raising=False)
     (record_dir / "cuda.json").write_text(json.dumps(verified.make_record(
         "sm_90", [_entry(), _entry(op="merge_states", block_size=0)], gpu="H100", driver="x",
@@ -149,7 +157,7 @@ def test_gate_unlisted_chooses_triton(fake_cuda):
 
 def test_gate_other_arch_chooses_triton(fake_cuda, monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setattr(backends, "_cuda_arch", lambda: "sm_86")
+    monkeypatch.setattr(dispatch.backends, "cuda_arch", lambda: "sm_86")
     assert backends.select(_call()).name == "triton"
 
 

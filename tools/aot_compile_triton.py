@@ -2,7 +2,8 @@
 """Compile every kvmem Triton kernel variant ahead of time for real GPUs (no GPU needed).
 
 Every (kernel, dtype, constexprs, num_warps, num_stages) that the launchers or the autotuner can
-choose (``kvmem.ops.triton.configs.aot_variants()``) is compiled with ``triton.compile`` for
+choose (every op's ``kvmem/ops/<op>/triton.py`` ``aot_variants()``, gathered by
+``kvmem.ops.triton_aot.aot_variants``) is compiled with ``triton.compile`` for
 each target compute capability (default sm80 and sm90), with the argument specialisation the
 JIT gives the same launch through the public ops, so the compiled code (software pipelining,
 vectorisation, shared memory) matches what runs:
@@ -34,7 +35,6 @@ Works with triton 3.6 and 3.9 (same ``ASTSource(fn, signature, constexprs, attrs
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import subprocess
@@ -48,14 +48,14 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 # cudaDevAttrMaxSharedMemoryPerBlockOptin (what Triton checks before launching), per compute
-# capability, and the capabilities that use each config family (kvmem.ops.triton.configs.arch_of).
+# capability, and the capabilities that use each config family (kvmem.ops.paged_attention.configs.arch_of).
 SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448,
               120: 101376, 121: 101376}
 
 
 def family_limit(cc: int) -> int:
     """The smallest shared-memory limit among the GPUs that run the config family of ``cc``."""
-    from kvmem.ops.triton import configs
+    from kvmem.ops.paged_attention import configs
 
     fam = configs.family_of_cc(cc)
     return min(v for k, v in SMEM_LIMIT.items() if configs.family_of_cc(k) == fam)
@@ -81,18 +81,9 @@ _DIV16 = re.compile(r"^head_dim$|^stride_(qt|qh|kb|ks|kh|vb|vs|vh|ot|oh|ps|pt|ph
 
 
 def _kernel_fn(kernel: str):
-    pa = importlib.import_module("kvmem.ops.triton.paged_attention")
-    if kernel == "prefill":
-        return pa._prefill_kernel
-    if kernel == "decode":
-        return pa._decode_kernel
-    if kernel == "decode_reduce":
-        return pa._decode_reduce_kernel
-    if kernel == "merge_states":
-        return importlib.import_module("kvmem.ops.triton.merge_states")._merge_states_kernel
-    if kernel == "cache_write":
-        return importlib.import_module("kvmem.ops.triton.cache_write")._cache_write_kernel
-    raise KeyError(kernel)
+    from kvmem.ops import triton_aot
+
+    return triton_aot.aot_kernels()[kernel]
 
 
 def do_not_specialize(fn) -> set:
@@ -233,13 +224,14 @@ def main(argv=None) -> int:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvmem_aot_cache_")
     import triton
 
-    from kvmem.ops.triton import configs
+    from kvmem.ops import triton_aot
+    from kvmem.ops.paged_attention import configs
 
     for cc in args.cc:
         if cc not in SMEM_LIMIT:
             ap.error(f"unknown shared-memory limit for cc {cc}")
     limits = {cc: family_limit(cc) for cc in args.cc}
-    jobs = [(v, cc) for cc in args.cc for v in configs.aot_variants(configs.family_of_cc(cc))
+    jobs = [(v, cc) for cc in args.cc for v in triton_aot.aot_variants(configs.family_of_cc(cc))
             if args.filter in v.name]
     print(f"triton {triton.__version__}: {len(jobs)} compiles for sm{', sm'.join(map(str, args.cc))}, "
           f"{args.jobs} jobs", flush=True)

@@ -1,11 +1,30 @@
 """kvmem's ops: public, validated entry points over ``torch.ops.kvmem.*`` custom ops.
 
-``kvmem.ops.reference`` is the specification every backend is tested against.
+One folder per op (``kvmem/ops/<op>/``: public wrapper and custom op, ``params``, ``validate``,
+``reference``, ``capabilities``, ``triton``); importing it registers its capability records with
+``kvmem.dispatch``. ``kvmem.ops.spec`` holds the semantics as one text and ``kvmem.ops.reference``
+the executable specification every backend is tested against.
+
+A new op is one folder ``kvmem/ops/<op>/`` holding
+
+* ``__init__.py``: the public function ``<op>`` and the custom op ``kvmem::<op>`` (its body:
+  ``dispatch.select(params.call()).run("<op>", params)``) with a fake that ``torch._check``'s shapes;
+* ``params.py``: the parameter object (``to_schema``/``from_schema``), ``FEATURE_OF`` (each optional
+  argument's feature name), ``MODIFIER_OF``, ``COMMON``, and ``@dispatch.describe("<op>")``;
+* ``validate.py``, ``reference.py`` and ``capabilities.py`` (one ``dispatch.Capability`` per backend,
+  registered at import); optionally ``triton.py`` (with ``aot_variants`` and ``AOT_KERNELS``);
+
+plus its name in ``OP_NAMES`` below and one line in ``kvmem/ops/reference.py``.
 """
 
-from kvmem.ops import reference
-from kvmem.ops.cache_write import cache_write
-from kvmem.ops.merge_states import merge_states
-from kvmem.ops.paged_attention import paged_attention
+import importlib
 
-__all__ = ["cache_write", "paged_attention", "merge_states", "reference"]
+OP_NAMES = ("cache_write", "paged_attention", "merge_states")  # the op registry: one name per op folder
+
+for _name in OP_NAMES:  # the public function of each op folder, as kvmem.ops.<op>
+    globals()[_name] = getattr(importlib.import_module(f"kvmem.ops.{_name}"), _name)
+del _name
+
+from kvmem.ops import reference  # noqa: E402
+
+__all__ = list(OP_NAMES) + ["reference", "OP_NAMES"]

@@ -10,37 +10,37 @@ one call per layer per decode step) and through the public custom ops (``kvmem.c
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
+
+from kvmem import dispatch
 
 __all__ = ["KernelOps", "check_backend"]
 
 
 def check_backend(backend) -> str:
     """Validate a ``backend=`` argument; returns it normalised."""
-    from kvmem import backends
-
-    names = ("auto",) + tuple(backends.BY_NAME)
+    names = ("auto",) + tuple(dispatch.BY_NAME)
     if not isinstance(backend, str) or backend.strip().lower() not in names:
         raise ValueError(f"kvmem: backend must be one of {list(names)}, got {backend!r}")
     return backend.strip().lower()
 
 
 class KernelOps:
-    """``cache_write`` and ``paged_attention`` for one backend choice (see the module docstring)."""
+    """``cache_write`` and ``paged_attention`` for one backend choice (see the module docstring).
+
+    The arguments become the op's parameter object exactly as the public ops build it
+    (``kvmem/ops/<op>/params.py``), so defaults live in one place."""
 
     def __init__(self, backend: str = "auto"):
         self.backend = check_backend(backend)
         self._checked = set()
 
-    def _forced(self, call):
-        from kvmem import backends
-
+    def _backend_for(self, call):
         if self.backend == "auto":
-            return backends.select(call)
-        b = backends.BY_NAME[self.backend]
+            return dispatch.select(call)
+        b = dispatch.BY_NAME[self.backend]
         if call not in self._checked:
             why = b.rejects(call)
             if why is not None:
@@ -48,17 +48,21 @@ class KernelOps:
             self._checked.add(call)
         return b
 
+    def _run(self, params) -> None:
+        call = params.call()
+        self._backend_for(call).run(call.op, params)
+
     def cache_write(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
         """Write ``k``/``v`` ``[T, Hkv, D]`` into the pools at ``slot_mapping`` ``[T]`` (-1 skips)."""
         if self.backend == "auto" and torch.compiler.is_compiling():
-            import kvmem
+            from kvmem.ops.cache_write import cache_write
 
-            kvmem.cache_write(k, v, k_cache, v_cache, slot_mapping, check=False)
+            cache_write(k, v, k_cache, v_cache, slot_mapping, check=False)
             return
-        from kvmem import backends
+        from kvmem.ops.cache_write.params import CacheWriteParams
 
-        self._forced(backends.Call.cache_write(k, k_cache)).cache_write(k, v, k_cache, v_cache, slot_mapping)
+        self._run(CacheWriteParams(k, v, k_cache, v_cache, slot_mapping))
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -66,20 +70,15 @@ class KernelOps:
                         window: Optional[int] = None, softcap: Optional[float] = None,
                         sink_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Causal paged attention of ``q`` ``[T, Hq, D]``; returns ``out`` ``[T, Hq, D]`` (q's dtype)."""
-        if scale is None:
-            scale = 1.0 / math.sqrt(q.shape[-1])
+        kw = dict(scale=scale, causal=True, window=window, softcap=softcap, sink_logits=sink_logits)
         if self.backend == "auto" and torch.compiler.is_compiling():
-            import kvmem
+            from kvmem.ops.paged_attention import paged_attention
 
-            return kvmem.paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
-                                         max_seqlen_k, scale=scale, causal=True, window=window, softcap=softcap,
-                                         sink_logits=sink_logits, check=False)
-        from kvmem import backends
+            return paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
+                                         max_seqlen_k, check=False, **kw)
+        from kvmem.ops.paged_attention.params import PagedAttentionParams
 
-        call = backends.Call.paged_attention(q, k_cache, v_cache, max_seqlen_q, window, softcap, sink_logits)
-        b = self._forced(call)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        b.paged_attention(out, None, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
-                          max_seqlen_k, float(scale), True, window or 0, float(softcap or 0.0), sink_logits,
-                          None, None)
-        return out
+        params = PagedAttentionParams.build(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                            max_seqlen_q, max_seqlen_k, **kw)
+        self._run(params)
+        return params.out

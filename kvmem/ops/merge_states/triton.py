@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import configs as _cfg
+from kvmem.ops import _triton as _cfg
 
 __all__ = ["merge_states"]
 
@@ -87,3 +87,15 @@ def merge_states(out, lse, out_a, lse_a, out_b, lse_b) -> None:
         num_heads, head_dim,
         BLOCK_H=bh, BLOCK_D=bd, num_warps=4,
     )
+
+
+AOT_KERNELS = {"merge_states": _merge_states_kernel}  # for tools/aot_compile_triton.py
+
+
+def aot_variants(arch: int = 80):
+    """Every variant of the kernel the launcher can pick (one per dtype and BLOCK_D)."""
+    del arch
+    for dtype in _cfg.DTYPES:
+        dn = _cfg.DTYPE_NAMES[dtype]
+        for bd in _cfg.block_ds():
+            yield _cfg.AotVariant("merge_states", dn, (("BLOCK_H", _cfg.reduce_block_h(bd)), ("BLOCK_D", bd)), 4, 3)

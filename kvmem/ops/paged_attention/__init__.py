@@ -1,14 +1,21 @@
-"""``kvmem::paged_attention``: varlen prefill, chunked prefill and decode over paged K/V."""
+"""``kvmem::paged_attention``: varlen prefill, chunked prefill and decode over paged K/V.
+
+The op folder: ``params`` (the one parameter object), ``validate``, ``reference``,
+``capabilities`` (what each backend runs), ``triton`` + ``configs`` (the Triton kernels).
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from kvmem import backends
-from kvmem.ops import _validate
+from kvmem import dispatch
+from kvmem.ops._common import check_all
+from kvmem.ops.paged_attention import capabilities, validate  # noqa: F401  (capabilities registers)
+from kvmem.ops.paged_attention.params import OP, PagedAttentionParams, default_scale
+
+__all__ = ["paged_attention", "PagedAttentionParams"]
 
 
 @torch.library.custom_op("kvmem::paged_attention", mutates_args=("out", "lse"))
@@ -34,17 +41,29 @@ def _paged_attention_op(
     rope_neox: bool = True,
 ) -> None:
     """Op schema (window <= 0 and softcap <= 0 mean none). Writes out (and lse when given)."""
-    call = backends.Call.paged_attention(q, k_cache, v_cache, max_seqlen_q, window if window > 0 else None,
-                                         softcap if softcap > 0 else None, sink_logits, k_scale, rope_cos_sin)
-    backends.select(call).paged_attention(
-        out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
-        max_seqlen_k, scale, causal, window, softcap, sink_logits, k_scale, v_scale, rope_cos_sin, rope_neox)
+    params = PagedAttentionParams.from_schema(
+        out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k, scale,
+        causal, window, softcap, sink_logits, k_scale, v_scale, rope_cos_sin, rope_neox)
+    dispatch.select(params.call()).run(OP, params)
 
 
 @_paged_attention_op.register_fake
 def _(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
       max_seqlen_k, scale, causal, window, softcap, sink_logits, k_scale, v_scale, rope_cos_sin=None,
       rope_neox=True):
+    torch._check(q.dim() == 3 and k_cache.dim() == 4 and out.dim() == 3, lambda: "paged_attention: q/out 3-D, k_cache 4-D")
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    checks = [(out.shape[i], q.shape[i], f"out.shape[{i}] vs q.shape[{i}]") for i in range(3)]
+    checks += [(v_cache.shape[i], k_cache.shape[i], f"v_cache.shape[{i}] vs k_cache.shape[{i}]") for i in range(4)]
+    checks += [(k_cache.shape[3], q.shape[2], "k_cache head_dim vs q head_dim"),
+               (num_heads % num_kv_heads, 0, "num_heads % num_kv_heads"),
+               (block_table.shape[0], seq_lens.shape[0], "block_table rows vs seq_lens"),
+               (cu_seqlens_q.shape[0], seq_lens.shape[0] + 1, "cu_seqlens_q vs seq_lens + 1")]
+    if lse is not None:
+        checks += [(lse.shape[i], q.shape[i], f"lse.shape[{i}] vs q.shape[{i}]") for i in range(2)]
+    if sink_logits is not None:
+        checks.append((sink_logits.shape[0], num_heads, "sink_logits vs num_heads"))
+    check_all(checks)
     return None
 
 
@@ -71,7 +90,7 @@ def paged_attention(
     return_lse: bool = False,
     check: bool = True,
 ):
-    """Attention of varlen queries over a paged KV cache (semantics: ``kvmem.ops.reference``).
+    """Attention of varlen queries over a paged KV cache (semantics: ``kvmem.ops.spec``).
 
     Parameters
     ----------
@@ -101,20 +120,15 @@ def paged_attention(
     -------
     out, or ``(out, lse)`` when ``return_lse``.
     """
-    if scale is None and isinstance(q, torch.Tensor) and q.dim() == 3:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    _validate.paged_attention_structure(
-        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-        scale, causal, window, softcap, sink_logits, k_scale, v_scale, out, return_lse,
-        rope_cos_sin, rope_neox)
+    scale = default_scale(q, scale)
+    validate.structure(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                       scale, causal, window, softcap, sink_logits, k_scale, v_scale, out, return_lse,
+                       rope_cos_sin, rope_neox)
     if check:
-        _validate.paged_attention_values(q, k_cache, block_table, seq_lens, cu_seqlens_q,
-                                         max_seqlen_q, max_seqlen_k, causal, window)
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
-    torch.ops.kvmem.paged_attention(
-        out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
-        max_seqlen_k, float(scale), causal, window or 0, float(softcap or 0.0), sink_logits,
-        k_scale, v_scale, rope_cos_sin, rope_neox)
-    return (out, lse) if return_lse else out
+        validate.values(q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window)
+    params = PagedAttentionParams.build(
+        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k, scale=scale,
+        causal=causal, window=window, softcap=softcap, sink_logits=sink_logits, k_scale=k_scale, v_scale=v_scale,
+        rope_cos_sin=rope_cos_sin, rope_neox=rope_neox, out=out, return_lse=return_lse)
+    torch.ops.kvmem.paged_attention(*params.to_schema())
+    return (params.out, params.lse) if return_lse else params.out

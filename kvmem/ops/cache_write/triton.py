@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import configs as _cfg
+from kvmem.ops import _triton as _cfg
 
 __all__ = ["cache_write"]
 
@@ -73,3 +73,16 @@ def cache_write(k, v, k_cache, v_cache, slot_mapping) -> None:
         num_kv_heads, head_dim, k_cache.shape[1],
         BLOCK_H=bh, BLOCK_D=bd, num_warps=4,
     )
+
+
+AOT_KERNELS = {"cache_write": _cache_write_kernel}  # for tools/aot_compile_triton.py
+
+
+def aot_variants(arch: int = 80):
+    """Every variant of the kernel the launcher can pick (one per dtype and BLOCK_D)."""
+    del arch
+    for dtype in _cfg.DTYPES:
+        dn = _cfg.DTYPE_NAMES[dtype]
+        for bd in _cfg.block_ds():
+    # The launcher accepts any k/v dtype, but caches are written in their own dtype.
+            yield _cfg.AotVariant("cache_write", dn, (("BLOCK_H", _cfg.reduce_block_h(bd)), ("BLOCK_D", bd)), 4, 3, src_dtype=dn)

@@ -1,4 +1,4 @@
-"""Launch configurations of kvmem's Triton kernels: config lists, heuristics, the autotuning
+"""Launch configurations of the Triton paged-attention kernels: config lists, heuristics, the autotuning
 cache, and the enumeration of every constexpr combination the launchers can choose (used by
 ``tools/aot_compile_triton.py``).
 
@@ -25,12 +25,15 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 112, 128, 256)
+from kvmem.ops._triton import (DTYPE_NAMES, DTYPES, HEAD_DIMS, AotVariant, block_d, interpreting,  # noqa: F401
+                               next_pow2, reduce_block_h)
+
+SUPPORTED_DTYPES = DTYPES  # the Triton capability of paged_attention (kvmem/ops/paged_attention/capabilities.py)
+SUPPORTED_HEAD_DIMS = HEAD_DIMS
 MAX_PAGE_SIZE = 256
 SEARCH_BLOCK = 128  # sequences scanned per step when a prefill program looks up its sequence
 DECODE_ROWS = (16, 64)  # padded (query x head-in-group) rows of a decode program
@@ -52,18 +55,6 @@ class DecodeConfig:
     block_n: int
     num_warps: int
     num_stages: int
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def block_d(head_dim: int) -> int:
-    return max(16, next_pow2(head_dim))
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 def _is_fp32(dtype) -> bool:
@@ -172,14 +163,17 @@ def prefill_key(dtype, head_dim, group, page_size, max_seqlen_q, arch) -> Tuple:
 # ---------------------------------------------------------------------------------------------
 
 
-MAX_DECODE_Q = 8  # longest multi-token step (speculative decoding) sent to the decode kernel
+# Longest query segment (a speculative-decoding step) the Triton op routes to its split-K decode
+# kernel; longer segments go to its prefill kernel. Not a capability limit (the Triton op takes any
+# length), unlike the CUDA capability's max_seqlen_q (kvmem/ops/paged_attention/capabilities.py).
+DECODE_KERNEL_MAX_SEQLEN_Q = 8
 
 
 def use_decode(max_seqlen_q: int, group: int) -> bool:
     """Split-K decode for single-token steps and for short multi-token steps (speculative
     decoding): its tile packs (query, head-in-group) rows, so each K/V tile is loaded once per
     KV head; it is used while those rows fit DECODE_ROWS[-1]."""
-    return max_seqlen_q <= 1 or (max_seqlen_q <= MAX_DECODE_Q and max_seqlen_q * group <= DECODE_ROWS[-1])
+    return max_seqlen_q <= 1 or (max_seqlen_q <= DECODE_KERNEL_MAX_SEQLEN_Q and max_seqlen_q * group <= DECODE_ROWS[-1])
 
 
 def decode_row_options(dtype, bd: int) -> Tuple[int, ...]:
@@ -232,11 +226,6 @@ def decode_num_splits(num_seqs: int, programs_per_seq: int, max_seqlen_k: int, b
     return max(1, min(want, cap, MAX_DECODE_SPLITS))
 
 
-def reduce_block_h(bd: int) -> int:
-    """Heads per program of the small memory-bound kernels (decode reduce, merge, cache write)."""
-    return max(1, 1024 // bd)
-
-
 # ---------------------------------------------------------------------------------------------
 # Autotuning cache
 # ---------------------------------------------------------------------------------------------
@@ -275,27 +264,8 @@ def tuned(kind: str, key: Tuple, candidates: List, heuristic, launch: Callable, 
 # Enumeration for ahead-of-time compilation
 # ---------------------------------------------------------------------------------------------
 
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-@dataclass(frozen=True)
-class AotVariant:
-    kernel: str  # "prefill" | "decode" | "decode_reduce" | "merge_states" | "cache_write"
-    dtype: str  # element type of q/out (attention), of out (merge), of the cache (cache write)
-    constexprs: Tuple[Tuple[str, object], ...]
-    num_warps: int
-    num_stages: int
-    src_dtype: Optional[str] = None  # cache write: element type of k/v
-
-    @property
-    def name(self) -> str:
-        ce = ",".join(f"{k}={v}" for k, v in self.constexprs)
-        src = f"{self.src_dtype}->" if self.src_dtype else ""
-        return f"{self.kernel}[{src}{self.dtype}; {ce}; w{self.num_warps} s{self.num_stages}]"
-
-
 def aot_variants(arch: int = 80) -> Iterator[AotVariant]:
-    """Every (kernel, dtype, constexprs, num_warps, num_stages) that the launchers or the tuner
+    """Every paged-attention (kernel, dtype, constexprs, num_warps, num_stages) that the launchers or the tuner
     can pick on ``arch`` for the supported dtypes and head dims, with and without softcap.
     Head dim, page size and group size are runtime arguments: they only pick BLOCK_D (next
     power of two of the head dim) and decode's ROWS. Causal, window, sink and lse are runtime
@@ -317,8 +287,4 @@ def aot_variants(arch: int = 80) -> Iterator[AotVariant]:
                             ("BLOCK_D", bd), ("ROWS", rows), ("BLOCK_N", c.block_n), ("SOFTCAP", softcap),
                             ("FP32", fp32)), c.num_warps, c.num_stages)
         for bd in bds:
-            bh = reduce_block_h(bd)
-            yield AotVariant("decode_reduce", dn, (("BLOCK_H", bh), ("BLOCK_D", bd)), 4, 3)
-            yield AotVariant("merge_states", dn, (("BLOCK_H", bh), ("BLOCK_D", bd)), 4, 3)
-            # The launchers accept any k/v dtype, but caches are written in their own dtype.
-            yield AotVariant("cache_write", dn, (("BLOCK_H", bh), ("BLOCK_D", bd)), 4, 3, src_dtype=dn)
+            yield AotVariant("decode_reduce", dn, (("BLOCK_H", reduce_block_h(bd)), ("BLOCK_D", bd)), 4, 3)

@@ -1,0 +1,48 @@
+"""What each backend runs of ``cache_write``, as data (read by ``kvmem.dispatch``); the compiled
+backends' dtypes come from the build."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+from kvmem import _ext
+from kvmem.dispatch import Capability, register
+from kvmem.ops._common import flat, omitted_args
+from kvmem.ops.cache_write import reference
+from kvmem.ops.cache_write.params import FEATURE_OF, MODIFIER_OF, OP
+
+ALL_FEATURES = frozenset(FEATURE_OF.values())
+KERNEL_FEATURES = frozenset()  # the cpu, cuda and triton kernels store in the cache's own dtype, unscaled
+
+
+@functools.lru_cache(maxsize=None)
+def _omitted(features) -> tuple:
+    return omitted_args(FEATURE_OF, MODIFIER_OF, features)
+
+
+def _kernel_args(params, features) -> tuple:
+    return flat(params, _omitted(features))
+
+
+def run_reference(p) -> None:
+    reference.cache_write(p.k, p.v, p.k_cache, p.v_cache, p.slot_mapping, p.k_scale, p.v_scale)
+
+
+def run_compiled(p) -> None:
+    args = _kernel_args(p, KERNEL_FEATURES)  # first: raises if p uses an argument the kernel lacks
+    _ext.get_op(OP)(*args)
+
+
+def run_triton(p) -> None:
+    args = _kernel_args(p, KERNEL_FEATURES)
+    importlib.import_module("kvmem.ops.cache_write.triton").cache_write(*args)
+
+
+CAPABILITIES = (
+    Capability(OP, "cuda", run_compiled, devices=("cuda",), from_build=True, features=KERNEL_FEATURES),
+    Capability(OP, "triton", run_triton, devices=("cuda",), features=KERNEL_FEATURES),
+    Capability(OP, "cpu", run_compiled, devices=("cpu",), from_build=True, features=KERNEL_FEATURES),
+    Capability(OP, "reference", run_reference, cache_dtypes=None, features=ALL_FEATURES),
+)
+register(*CAPABILITIES)

@@ -1,0 +1,88 @@
+"""Device helpers shared by the Triton paged-attention kernels (K/V tile gather, scores, one
+online-softmax step)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kvmem.ops._triton import interpreting
+
+# Triton's interpreter (3.6 and 3.9) multiplies bf16 operands of tl.dot as their uint16 bit
+# patterns; when interpreting, bf16 dots run on exactly-upcast fp32 operands instead (same
+# products, fp32 accumulation, as the tensor cores). Compiled code is unaffected.
+_INTERPRET_BF16_DOT = tl.constexpr(interpreting())
+
+
+@triton.jit
+def _load_kv_tile(
+    cache_ptr,
+    bt_row_ptr,
+    n,
+    n_ok,
+    offs_d,
+    page_size,
+    stride_b,
+    stride_s,
+    head_off,
+    head_dim,
+    MASK_N: tl.constexpr,
+):
+    """Gather a [BLOCK_N, BLOCK_D] tile of keys (or values) at logical positions ``n``.
+
+    ``n_ok`` masks keys (and their block-table entries) that must not be read; masked rows
+    and padded head-dim columns come back as 0.
+    """
+    blk_idx = n // page_size
+    slot = n - blk_idx * page_size
+    if MASK_N:
+        blk = tl.load(bt_row_ptr + blk_idx, mask=n_ok, other=0)
+    else:
+        blk = tl.load(bt_row_ptr + blk_idx)
+    row_off = blk.to(tl.int64) * stride_b + slot.to(tl.int64) * stride_s + head_off
+    ptrs = cache_ptr + (row_off[:, None] + offs_d[None, :])
+    if MASK_N:
+        x = tl.load(ptrs, mask=n_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _dot(a, b, FP32: tl.constexpr):
+    if FP32:
+        r = tl.dot(a, b, input_precision="ieee")
+    elif _INTERPRET_BF16_DOT and a.dtype == tl.bfloat16:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP: tl.constexpr, FP32: tl.constexpr):
+    """Scores in log2 units: ``scale*q.k*log2e`` or ``c*tanh(scale*q.k/c)*log2e``."""
+    qk = _dot(q, tl.trans(k), FP32)
+    if SOFTCAP:  # constexpr: a runtime branch here breaks triton 3.6's sm90 pipeliner
+        # tanh(x) = 1 - 2 / (exp(2x) + 1); saturates correctly at +-inf.
+        x = qk * softcap_in
+        t = 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+        s = t * softcap_out
+    else:
+        s = qk * qk_scale
+    return s
+
+
+@triton.jit
+def _online_softmax_step(
+    s, v, m_i, l_i, acc, FP32: tl.constexpr,
+):
+    """One flash-attention update; rows whose scores are all -inf stay (m=-inf, l=0, acc=0)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc += _dot(p.to(v.dtype), v, FP32)
+    return m_new, l_i, acc
