@@ -7,6 +7,7 @@ decode B=8 ctx 4096 and prefill B=1 ctx 2048 (32/8 heads, d=128, page 16, fp32),
 Prints every sample, the median per side and case, and new / old (the bar: at most 1.03).
 
     python benchmarks/ab_cpu.py --old /work/baseline [--new .] [--pairs 8] [--rounds 3] [--reps 3]
+                                [--threads N]
 
 The machine is noisy: run it with as little else running as possible, and read the raw numbers.
 """
@@ -28,7 +29,7 @@ CASES = ["decode-B8-ctx4096", "prefill-B1-ctx2048"]
 BAR = 1.03
 
 
-def run_once(tree: str, rounds: int, reps: int, python: str) -> dict:
+def run_once(tree: str, rounds: int, reps: int, python: str, threads: int | None = None) -> dict:
     """One bench process against ``tree``.
 
     Returns
@@ -37,15 +38,18 @@ def run_once(tree: str, rounds: int, reps: int, python: str) -> dict:
         case name -> median ms of kvmem over the process's rounds.
     """
     tree = os.path.abspath(tree)
+    env = dict(os.environ, PYTHONPATH=tree)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     check = subprocess.run([python, "-c", "import kvmem, kvmem._C; print(kvmem.__file__)"], cwd=tree,
-                           env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True, check=True)
+                           env=env, capture_output=True, text=True, check=True)
     where = check.stdout.strip()
     if not where.startswith(tree + os.sep):
         raise SystemExit(f"ab_cpu: kvmem imported from {where}, not from {tree}")
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([python, BENCH, "--device", "cpu", "--dtype", "float32", "--block-size", "16",
                         "--only", ",".join(CASES), "--no-sdpa", "--rounds", str(rounds), "--reps", str(reps),
-                        "--out", out], cwd=tree, env=dict(os.environ, PYTHONPATH=tree), check=True,
+                        "--out", out], cwd=tree, env=env, check=True,
                        stdout=subprocess.DEVNULL)
         (path,) = glob.glob(os.path.join(out, "*.json"))
         with open(path) as f:
@@ -61,13 +65,16 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="bench rounds per process")
     p.add_argument("--reps", type=int, default=3, help="calls per timing sample")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for the bench processes (default: inherited); 1 is the steadiest "
+                        "on a shared machine, but runs no key splits")
     a = p.parse_args(argv)
     trees = {"old": a.old, "new": a.new}
     samples = {side: {c: [] for c in CASES} for side in trees}
     for i in range(a.pairs):
         order = ["old", "new"] if i % 2 == 0 else ["new", "old"]
         for side in order:
-            ms = run_once(trees[side], a.rounds, a.reps, a.python)
+            ms = run_once(trees[side], a.rounds, a.reps, a.python, a.threads)
             for c in CASES:
                 samples[side][c].append(ms[c])
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
