@@ -1,15 +1,18 @@
-// kvmem's compiled ops: the op schemas (TORCH_LIBRARY), their CPU kernels (TORCH_LIBRARY_IMPL) and,
-// when built by setup.py as the Python extension kvmem._C, a small pybind11 module with build info.
+// kvmem's compiled ops: the op schemas (TORCH_LIBRARY, all in one block) and, when built by
+// setup.py as the Python extension kvmem._C, a small pybind11 module with build info.
 //
-// The schemas are the contract the Python layer (kvmem/ops) is written against; CUDA kernels,
-// when compiled in (KVMEM_WITH_CUDA), register themselves for the CUDA dispatch key elsewhere.
+// The schemas are the contract the Python layer (kvmem/ops) is written against (diffed against
+// tests/schemas.txt by tests/test_schemas.py). Each op's kernels register themselves next to
+// their glue: csrc/<op>/cpu.cpp (CPU) and csrc/<op>/cuda.cu (CUDA, when compiled in).
 
 #include <torch/library.h>
 #include <torch/version.h>
 
 #include <string>
 
-#include "cpu/cpu_utils.h"
+#include "common/cpu_isa.h"
+#include "common/kernel_facts.h"
+#include "paged_attention/capabilities.h"
 
 #ifndef KVMEM_CUDA_ARCHS
 #define KVMEM_CUDA_ARCHS ""
@@ -34,12 +37,6 @@ TORCH_LIBRARY(kvmem_C, m) {
   m.def(
       "merge_states(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, "
       "Tensor out_b, Tensor lse_b) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(kvmem_C, CPU, m) {
-  m.impl("cache_write", &kvmem::cpu::cache_write);
-  m.impl("paged_attention", &kvmem::cpu::paged_attention);
-  m.impl("merge_states", &kvmem::cpu::merge_states);
 }
 
 #ifdef KVMEM_PYTHON_MODULE
@@ -80,26 +77,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
         // What each compiled kernel accepts, per op and device: kvmem/dispatch reads these facts
         // (they are not restated in Python). head_dims empty = any head_dim up to max_head_dim.
-        auto facts = [](std::initializer_list<const char*> dtypes, std::initializer_list<int> head_dims,
-                        int max_head_dim) {
+        // Each list comes from the constants the kernels' dispatch switches expand
+        // (common/kernel_facts.h, csrc/<op>/capabilities.h).
+        auto facts = [](const auto& dtypes, py::list head_dims, int max_head_dim) {
           py::dict f;
-          py::list dt, hd;
-          for (auto s : dtypes) dt.append(std::string(s));
-          for (auto h : head_dims) hd.append(h);
+          py::list dt;
+          for (const char* s : dtypes) dt.append(std::string(s));
           f["dtypes"] = dt;
-          f["head_dims"] = hd;
+          f["head_dims"] = head_dims;
           f["max_head_dim"] = max_head_dim;
           return f;
         };
+        const int max_head_dim = kvmem::kMaxHeadDim;
         py::dict kernels;
         for (const char* op : {"cache_write", "paged_attention", "merge_states"}) {
           py::dict per_device;
-          per_device["cpu"] = facts({"float32", "bfloat16", "float16"}, {}, 256);
+          per_device["cpu"] = facts(kvmem::kFloatDtypeNames, py::list(), max_head_dim);
 #ifdef KVMEM_WITH_CUDA
           if (std::string(op) == "paged_attention") {
-            per_device["cuda"] = facts({"float16", "bfloat16"}, {64, 80, 96, 112, 128, 256}, 256);
+            py::list cuda_head_dims;
+            for (int h : kvmem::kPagedAttentionCudaHeadDims) cuda_head_dims.append(h);
+            per_device["cuda"] = facts(kvmem::kHalfDtypeNames, cuda_head_dims, max_head_dim);
           } else {
-            per_device["cuda"] = facts({"float32", "bfloat16", "float16"}, {}, 256);
+            per_device["cuda"] = facts(kvmem::kFloatDtypeNames, py::list(), max_head_dim);
           }
 #endif
           kernels[op] = per_device;

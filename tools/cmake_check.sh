@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CMakeLists.txt check (CI): configure and build the CPU library (libkvmem_C.so: csrc/torch_bindings.cpp
-# + csrc/cpu/*.cpp) with CMake against the venv's torch, then load it with torch.ops.load_library in
+# + csrc/common/*.cpp + csrc/<op>/cpu.cpp) with CMake against the venv's torch, then load it with torch.ops.load_library in
 # a fresh process (kvmem._C never imported) and check its ops against kvmem.ops.reference.
 #
 #   bash tools/cmake_check.sh [python]      (default .venv/bin/python; MAX_JOBS default 2)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile-check every CUDA source with nvcc for sm_80 and sm_90a (compile only: nothing runs);
-# fails on any register spill (ptxas -v).
+# fails on any register spill (ptxas -v). Prints the wall time of each compile and the total (one
+# compile at a time: a full build's critical path is the slowest file, each arch a separate job).
 # Usage: bash tools/nvcc_check.sh [python]   (python: one with torch, for its headers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,19 +24,23 @@ if ! "$PY" -c "import torch.utils.cpp_extension as c, os, sys; sys.exit(not any(
 fi
 out=$(mktemp -d)
 fail=0
+now() { date +%s.%N; }
+t_all=$(now)
 for src in "${sources[@]}"; do
   for arch in "-gencode=arch=compute_80,code=sm_80" "-gencode=arch=compute_90a,code=sm_90a"; do
+    t_one=$(now)
     if nvcc -c "$src" -o "$out/x.o" -std=c++17 -O3 $arch -Icsrc $includes $shim -I"$pyinc" \
          -DKVMEM_WITH_CUDA --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF2_OPERATORS__ \
          -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -Xptxas=-v \
          >"$out/log" 2>&1; then
+      secs=$(awk -v a="$t_one" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
       # ptxas -v: "N bytes spill stores, M bytes spill loads" per kernel; any nonzero fails.
       spills=$({ grep -Eo '[0-9]+ bytes spill (stores|loads)' "$out/log" || true; } | awk '$1 > 0' | wc -l)
       kernels=$(grep -c 'Compiling entry function' "$out/log" || true)
       if [ "$spills" -eq 0 ]; then
-        echo "nvcc_check: ok   $src ${arch##*code=} ($kernels kernels, 0 spills)"
+        echo "nvcc_check: ok   $src ${arch##*code=} ($kernels kernels, 0 spills) ${secs}s"
       else
-        echo "nvcc_check: SPILL $src ${arch##*code=}:"
+        echo "nvcc_check: SPILL $src ${arch##*code=} ${secs}s:"
         grep -E "Compiling entry function|[1-9][0-9]* bytes spill" "$out/log" | grep -B1 -E "[1-9][0-9]* bytes spill" || true
         fail=1
       fi
@@ -45,4 +50,5 @@ for src in "${sources[@]}"; do
   done
 done
 rm -rf "$out"
+echo "nvcc_check: total $(awk -v a="$t_all" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')s for ${#sources[@]} sources x 2 archs (load average $(cut -d' ' -f1 /proc/loadavg))"
 exit $fail

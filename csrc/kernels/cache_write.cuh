@@ -4,19 +4,9 @@
 
 #include <stdint.h>
 
-namespace kvmem {
+#include "cache_write/params.h"
 
-struct CacheWriteParams {
-  const void* k;              // [T, Hkv, D]
-  const void* v;              // [T, Hkv, D]
-  void* k_cache;              // [num_blocks, block_size, Hkv, D]
-  void* v_cache;              // [num_blocks, block_size, Hkv, D]
-  const int64_t* slot_mapping;  // [T]
-  int64_t k_stride_t, k_stride_h, v_stride_t, v_stride_h;     // elements
-  int64_t kc_stride_b, kc_stride_s, kc_stride_h;              // elements
-  int64_t vc_stride_b, vc_stride_s, vc_stride_h;              // elements
-  int num_kv_heads, head_dim, block_size;
-};
+namespace kvmem {
 
 // VEC elements per copy (16 bytes when head_dim and strides allow, else 1).
 template <typename T, int VEC>

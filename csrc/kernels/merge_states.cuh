@@ -6,18 +6,10 @@
 
 #include <stdint.h>
 
-#include "kernels/vec_utils.cuh"
+#include "common/cuda_vec.cuh"
+#include "merge_states/params.h"
 
 namespace kvmem {
-
-struct MergeStatesParams {
-  void* out; float* lse;                          // [T, H, D], [T, H]
-  const void* out_a; const float* lse_a;          // [T, H, D], [T, H]
-  const void* out_b; const float* lse_b;          // [T, H, D], [T, H]
-  int64_t o_stride_t, o_stride_h, a_stride_t, a_stride_h, b_stride_t, b_stride_h;       // elements
-  int64_t lse_stride_t, lse_stride_h, la_stride_t, la_stride_h, lb_stride_t, lb_stride_h;  // elements
-  int head_dim;
-};
 
 template <typename T>
 __global__ void merge_states_kernel(const MergeStatesParams p) {

@@ -11,7 +11,8 @@
 //   s_j   = scale * q_g . k_j                (softcap c: s_j = c * tanh(s_j / c))
 //   m     = max_j s_j,  l = sum_j exp(s_j - m),  acc = sum_j exp(s_j - m) * v_j
 //   out_g = acc / l,    lse_g = m + log(l)  (natural log; -inf and out = 0 when no key)
-// Splits write (out_s, lse_s) in fp32; paged_decode_reduce merges them exactly and adds the sink:
+// Splits write (out_s, lse_s) in fp32; paged_decode_reduce merges them exactly and adds the sink
+// (common/cuda_softmax.cuh):
 //   lse = log(sum_s exp(lse_s) + exp(sink_g)),  out = sum_s exp(lse_s - lse) * out_s.
 #pragma once
 
@@ -19,45 +20,19 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "kernels/vec_utils.cuh"
+#include "common/cuda_softmax.cuh"
+#include "common/cuda_varlen.cuh"
+#include "common/cuda_vec.cuh"
+#include "paged_attention/params.h"
 
 namespace kvmem {
 
-struct PagedDecodeParams {
-  const void* q;                 // [T, Hq, D]
-  const void* k_cache;           // [num_blocks, block_size, Hkv, D]
-  const void* v_cache;           // [num_blocks, block_size, Hkv, D]
-  const int32_t* block_table;    // [B, max_blocks]
-  const int32_t* seq_lens;       // [B]
-  const int32_t* cu_seqlens_q;   // [B + 1]
-  const float* sink_logits;      // [Hq] or nullptr
-  void* out;                     // [T, Hq, D] (when num_splits == 1)
-  float* lse;                    // [T, Hq] or nullptr
-  float* partial_out;            // [T, Hq, num_splits, D] fp32 (when num_splits > 1)
-  float* partial_lse;            // [T, Hq, num_splits] fp32 (when num_splits > 1)
-  int64_t q_stride_t, q_stride_h;                    // elements
-  int64_t k_stride_b, k_stride_s, k_stride_h;        // elements
-  int64_t v_stride_b, v_stride_s, v_stride_h;        // elements
-  int64_t o_stride_t, o_stride_h;                    // elements
-  int64_t lse_stride_t, lse_stride_h;                // elements
-  int64_t table_stride_b;                            // elements
-  int num_seqs, num_heads, num_kv_heads, group, head_chunks, block_size, num_splits;
-  float scale, softcap;  // softcap <= 0: none
-  int window;            // <= 0: none
-  bool causal;
+// The op's parameters (paged_attention/params.h) plus the launch's split-K state.
+struct PagedDecodeParams : PagedAttentionParams {
+  float* partial_out;  // [T, Hq, num_splits, D] fp32 (when num_splits > 1)
+  float* partial_lse;  // [T, Hq, num_splits] fp32 (when num_splits > 1)
+  int head_chunks, num_splits;
 };
-
-// Index b of the sequence owning token t: cu[b] <= t < cu[b + 1] (segments may be empty);
-// -1 when no sequence owns t (t outside [cu[0], cu[num_seqs]), or no sequences).
-__device__ __forceinline__ int sequence_of_token(const int32_t* cu, int num_seqs, int t) {
-  if (num_seqs <= 0 || t < __ldg(cu) || t >= __ldg(cu + num_seqs)) return -1;
-  int lo = 0, hi = num_seqs - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (__ldg(cu + mid) <= t) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
 
 template <typename T, int D, int G_MAX, int NUM_WARPS>
 struct DecodeShape {
@@ -212,9 +187,8 @@ paged_decode_kernel(const PagedDecodeParams p) {
     for (int g = 0; g < G_MAX; ++g) {
       const float mo = __shfl_xor_sync(0xffffffffu, m[g], off);
       const float lo_ = __shfl_xor_sync(0xffffffffu, l[g], off);
-      const float mn = fmaxf(m[g], mo);
-      const float a = mn == -INFINITY ? 0.f : exp2f(m[g] - mn);
-      const float c = mn == -INFINITY ? 0.f : exp2f(mo - mn);
+      float mn, a, c;
+      merge_state_weights(m[g], mo, mn, a, c);
       l[g] = l[g] * a + lo_ * c;
 #pragma unroll
       for (int e = 0; e < VPT * VEC; ++e) {
@@ -263,12 +237,7 @@ paged_decode_kernel(const PagedDecodeParams p) {
     o = lsum > 0.f ? o / lsum : 0.f;
     const int h = h0 + g;
     if (p.num_splits == 1) {
-      if (p.sink_logits != nullptr) {
-        const float sink = p.sink_logits[h];
-        const float tot = lse == -INFINITY ? sink : fmaxf(lse, sink) + log1pf(expf(-fabsf(lse - sink)));
-        o *= lse == -INFINITY ? 0.f : expf(lse - tot);
-        lse = tot;
-      }
+      if (p.sink_logits != nullptr) fold_sink(p.sink_logits[h], lse, o);
       T* out = static_cast<T*>(p.out) + (int64_t)t * p.o_stride_t + (int64_t)h * p.o_stride_h;
       out[d] = from_float<T>(o);
       if (p.lse != nullptr && d == 0) p.lse[(int64_t)t * p.lse_stride_t + (int64_t)h * p.lse_stride_h] = lse;
@@ -286,23 +255,12 @@ __global__ void paged_decode_reduce_kernel(const PagedDecodeParams p) {
   const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
   if (sequence_of_token(p.cu_seqlens_q, p.num_seqs, t) < 0) return;  // no partials were written
   const int64_t row0 = ((int64_t)t * p.num_heads + h) * p.num_splits;
-  float mx = p.sink_logits != nullptr ? p.sink_logits[h] : -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.partial_lse[row0 + s]);
-  float total = 0.f, o = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float ls = p.partial_lse[row0 + s];
-      if (ls == -INFINITY) continue;  // empty split: its out is 0, never read
-      const float w = expf(ls - mx);
-      total += w;
-      if (d < D) o += w * p.partial_out[(row0 + s) * D + d];
-    }
-    if (p.sink_logits != nullptr) total += expf(p.sink_logits[h] - mx);
-  }
-  const float lse = total > 0.f ? mx + logf(total) : -INFINITY;
+  float o;
+  const float lse = combine_splits(p.partial_lse + row0, p.partial_out + row0 * D, p.num_splits, D, d,
+                                   p.sink_logits != nullptr ? p.sink_logits + h : nullptr, &o);
   if (d < D) {
     T* out = static_cast<T*>(p.out) + (int64_t)t * p.o_stride_t + (int64_t)h * p.o_stride_h;
-    out[d] = from_float<T>(total > 0.f ? o / total : 0.f);
+    out[d] = from_float<T>(o);
   }
   if (p.lse != nullptr && d == 0) p.lse[(int64_t)t * p.lse_stride_t + (int64_t)h * p.lse_stride_h] = lse;
 }

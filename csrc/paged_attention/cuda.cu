@@ -1,8 +1,12 @@
 // CUDA glue for kvmem_C::paged_attention: split-K decode kernel (csrc/kernels/paged_decode.cuh).
 // Handles any query segment length correctly (each query token is its own row), but is meant for
 // decode and short speculative segments; the dispatcher sends long prefill elsewhere.
-#include "cuda/cuda_utils.h"
+#include "common/cuda_glue.h"
 #include "kernels/paged_decode.cuh"
+#include "paged_attention/capabilities.h"
+#include "paged_attention/params_from_tensors.h"
+
+#include <string>
 
 namespace kvmem {
 namespace cuda {
@@ -48,6 +52,13 @@ void launch(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cud
   }
 }
 
+// "64, 80, ..." (error messages).
+std::string head_dim_list() {
+  std::string s;
+  for (int d : kPagedAttentionCudaHeadDims) s += (s.empty() ? "" : ", ") + std::to_string(d);
+  return s;
+}
+
 template <typename T, int D>
 void launch_group(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cudaStream_t s) {
   // G_MAX query heads per CTA: the smallest of {1, 2, 4, 8} holding the group (larger groups
@@ -73,7 +84,6 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
                      double scale, bool causal, int64_t window, double softcap,
                      const std::optional<at::Tensor>& sink_logits  // [Hq] fp32
 ) {
-  (void)max_seqlen_q;
   constexpr const char* kName = "kvmem_C::paged_attention (CUDA)";
   TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && out.is_cuda(), kName, ": tensors must be on CUDA");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
@@ -84,44 +94,20 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
               ": metadata must be contiguous");
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   PagedDecodeParams p{};
-  p.q = q.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
-  p.sink_logits = sink_logits.has_value() ? sink_logits->data_ptr<float>() : nullptr;
-  p.out = out.data_ptr();
-  p.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  p.q_stride_t = q.stride(0); p.q_stride_h = q.stride(1);
-  p.k_stride_b = k_cache.stride(0); p.k_stride_s = k_cache.stride(1); p.k_stride_h = k_cache.stride(2);
-  p.v_stride_b = v_cache.stride(0); p.v_stride_s = v_cache.stride(1); p.v_stride_h = v_cache.stride(2);
-  p.o_stride_t = out.stride(0); p.o_stride_h = out.stride(1);
-  p.lse_stride_t = lse.has_value() ? lse->stride(0) : 0;
-  p.lse_stride_h = lse.has_value() ? lse->stride(1) : 0;
-  p.table_stride_b = block_table.stride(0);
-  p.num_seqs = seq_lens.size(0);
-  p.num_heads = q.size(1);
-  p.num_kv_heads = k_cache.size(2);
-  p.group = p.num_heads / p.num_kv_heads;
-  p.block_size = k_cache.size(1);
-  p.scale = static_cast<float>(scale);
-  p.softcap = static_cast<float>(softcap);
-  p.window = static_cast<int>(window);
-  p.causal = causal;
+  static_cast<PagedAttentionParams&>(p) =
+      paged_attention_params(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                             max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits);
   if (q.size(0) == 0) return;
   cudaStream_t stream = current_stream();
   const int64_t D = q.size(2);
   dispatch_half_types(q.scalar_type(), kName, [&](auto tag) {
     using T = decltype(tag);
     switch (D) {
-      case 64: launch_group<T, 64>(p, max_seqlen_k, q, stream); break;
-      case 80: launch_group<T, 80>(p, max_seqlen_k, q, stream); break;
-      case 96: launch_group<T, 96>(p, max_seqlen_k, q, stream); break;
-      case 112: launch_group<T, 112>(p, max_seqlen_k, q, stream); break;
-      case 128: launch_group<T, 128>(p, max_seqlen_k, q, stream); break;
-      case 256: launch_group<T, 256>(p, max_seqlen_k, q, stream); break;
-      default: TORCH_CHECK(false, kName, ": head_dim must be one of 64, 80, 96, 112, 128, 256; got ", D);
+#define KVMEM_HEAD_DIM_CASE(d) \
+  case d: launch_group<T, d>(p, max_seqlen_k, q, stream); break;
+      KVMEM_PAGED_ATTENTION_CUDA_HEAD_DIMS(KVMEM_HEAD_DIM_CASE)
+#undef KVMEM_HEAD_DIM_CASE
+      default: TORCH_CHECK(false, kName, ": head_dim must be one of ", head_dim_list(), "; got ", D);
     }
   });
 }

@@ -1,4 +1,5 @@
-// Shared host-side helpers for kvmem's CUDA glue (torch tensors -> kernel parameters).
+// Host-side helpers for the CUDA glue of kvmem's ops (csrc/<op>/cuda.cu): dtype dispatch, the
+// current stream, per-device caches of device queries, alignment checks.
 #pragma once
 
 // Only c10/cuda headers (no ATen/cuda/CUDAContext.h): they need no cuBLAS/cuSPARSE headers.

@@ -1,51 +1,20 @@
-// Shared helpers for kvmem's C++ CPU kernels: dtype conversion, a floating-point dispatch macro,
-// runtime CPU-ISA selection for the hot kernels, and a vectorisable exp.
+// Storage dtypes of kvmem's C++ CPU kernels (fp32, bf16, fp16; math always in fp32): scalar and
+// row conversions, and the dispatch macro over those dtypes.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
+#include <type_traits>
+
+#include "common/cpu_isa.h"
+#include "common/kernel_facts.h"
 
 namespace kvmem {
 namespace cpu {
-
-// ---------------------------------------------------------------------------------------------
-// Function attributes.
-//
-// Kernels are written as plain C++ loops (annotated with `#pragma omp simd`) inside always-inline
-// helpers, and instantiated several times: once with the build's baseline ISA (portable, SSE2 on
-// x86-64) and, on x86 with GCC/Clang, once more under `target("avx2,fma,f16c")` and once under an
-// AVX-512 target. The compiler auto-vectorises each copy for its ISA; `cpu_isa()` picks the best
-// copy the running CPU supports at runtime (no -march=native needed).
-// ---------------------------------------------------------------------------------------------
-#if defined(__GNUC__) || defined(__clang__)
-#define KVMEM_INLINE inline __attribute__((always_inline))
-#define KVMEM_RESTRICT __restrict__
-#else
-#define KVMEM_INLINE inline
-#define KVMEM_RESTRICT
-#endif
-
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-#define KVMEM_X86_MULTIVERSION 1
-#define KVMEM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define KVMEM_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define KVMEM_X86_MULTIVERSION 0
-#endif
-
-enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The best ISA level that both the CPU supports and the env var KVMEM_CPU_ISA allows
-// ("baseline" | "avx2" | "avx512"; it can only lower the level). Computed once.
-Isa cpu_isa();
-const char* isa_name(Isa isa);
 
 // ---------------------------------------------------------------------------------------------
 // Dtype helpers. Storage dtypes: float, c10::BFloat16, c10::Half. Math is always fp32.
@@ -149,47 +118,8 @@ KVMEM_INLINE void fill_zero_row(T* dst, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// exp for the softmax inner loops: inlinable and auto-vectorisable (no libm call), |rel err| about
-// 1 ulp. exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n*ln2 in [-ln2/2, ln2/2] (ln2 split in
-// a short high part and a correction so that n*ln2_hi is exact), exp(r) by its degree-7 Taylor
-// polynomial (truncation error < 1e-8 on that interval). Results below 2^-126 flush to 0, so
-// exp(-inf) == 0 (masked / empty states rely on this); x is clamped at 88 (no overflow to inf).
-// ---------------------------------------------------------------------------------------------
-KVMEM_INLINE float exp_fast(float x) {
-  const float xc = x < 88.0f ? x : 88.0f;  // (a < b ? a : b is exactly minps: NaN passes through)
-  const float t = xc * 1.44269504088896341f;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds |t| < 2^22 to an integer
-  const float nf = (t + magic) - magic;
-  const int32_t n = static_cast<int32_t>(float_to_bits(t + magic) - float_to_bits(magic));
-  float r = xc - nf * 0.693359375f;
-  r = r + nf * 2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float two_n = bits_to_float(static_cast<uint32_t>(n + 127) << 23);
-  const float res = p * two_n;
-  // Flush below 2^-126 (and -inf) to 0 with an integer mask: a select here could become a branch
-  // and stop the loop from vectorising.
-  const uint32_t keep = 0u - static_cast<uint32_t>(!(xc < -87.0f));
-  return bits_to_float(float_to_bits(res) & keep);
-}
-
-// tanh(y) = sign(y) * (1 - e) / (1 + e), e = exp(-2|y|) (absolute error ~1e-7).
-KVMEM_INLINE float tanh_fast(float y) {
-  const float e = exp_fast(-2.0f * std::fabs(y));
-  const float t = (1.0f - e) / (1.0f + e);
-  return std::copysign(t, y);
-}
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// ---------------------------------------------------------------------------------------------
-// Dispatch over the storage dtypes kvmem supports (fp32, bf16, fp16); binds `scalar_t`.
+// Dispatch over the storage dtypes kvmem supports (fp32, bf16, fp16; kFloatDtypeNames in
+// common/kernel_facts.h, reported by build_info); binds `scalar_t`.
 // ---------------------------------------------------------------------------------------------
 #define KVMEM_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                 \
   [&] {                                                                             \
@@ -217,37 +147,6 @@ KVMEM_INLINE bool is_kvmem_float_type(at::ScalarType t) {
   return t == at::ScalarType::Float || t == at::ScalarType::BFloat16 ||
          t == at::ScalarType::Half;
 }
-
-// ---------------------------------------------------------------------------------------------
-// CPU op entry points (registered in csrc/torch_bindings.cpp).
-// ---------------------------------------------------------------------------------------------
-void cache_write(const at::Tensor& k,            // [T, Hkv, D]
-                 const at::Tensor& v,            // [T, Hkv, D]
-                 at::Tensor& k_cache,            // [num_blocks, block_size, Hkv, D]
-                 at::Tensor& v_cache,            // [num_blocks, block_size, Hkv, D]
-                 const at::Tensor& slot_mapping  // [T] int64
-);
-
-void paged_attention(at::Tensor& out,                              // [T, Hq, D]
-                     const std::optional<at::Tensor>& lse,         // [T, Hq] fp32
-                     const at::Tensor& q,                          // [T, Hq, D]
-                     const at::Tensor& k_cache,                    // [num_blocks, block_size, Hkv, D]
-                     const at::Tensor& v_cache,                    // [num_blocks, block_size, Hkv, D]
-                     const at::Tensor& block_table,                // [B, max_blocks] int32
-                     const at::Tensor& seq_lens,                   // [B] int32
-                     const at::Tensor& cu_seqlens_q,               // [B + 1] int32
-                     int64_t max_seqlen_q, int64_t max_seqlen_k,   // host upper bounds (unused)
-                     double scale, bool causal, int64_t window, double softcap,
-                     const std::optional<at::Tensor>& sink_logits  // [Hq] fp32
-);
-
-void merge_states(at::Tensor& out,          // [T, H, D]
-                  at::Tensor& lse,          // [T, H] fp32
-                  const at::Tensor& out_a,  // [T, H, D]
-                  const at::Tensor& lse_a,  // [T, H] fp32
-                  const at::Tensor& out_b,  // [T, H, D]
-                  const at::Tensor& lse_b   // [T, H] fp32
-);
 
 }  // namespace cpu
 }  // namespace kvmem

@@ -1,5 +1,6 @@
 // CUDA glue for kvmem_C::cache_write (csrc/kernels/cache_write.cuh).
-#include "cuda/cuda_utils.h"
+#include "cache_write/params_from_tensors.h"
+#include "common/cuda_glue.h"
 #include "kernels/cache_write.cuh"
 
 namespace kvmem {
@@ -22,13 +23,7 @@ void cache_write(const at::Tensor& k,             // [T, Hkv, D]
               kName, ": last dimensions must be contiguous");
   const c10::cuda::OptionalCUDAGuard guard(k.device());
   if (k.size(0) == 0) return;
-  CacheWriteParams p{};
-  p.k = k.data_ptr(); p.v = v.data_ptr(); p.k_cache = k_cache.data_ptr(); p.v_cache = v_cache.data_ptr();
-  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
-  p.k_stride_t = k.stride(0); p.k_stride_h = k.stride(1); p.v_stride_t = v.stride(0); p.v_stride_h = v.stride(1);
-  p.kc_stride_b = k_cache.stride(0); p.kc_stride_s = k_cache.stride(1); p.kc_stride_h = k_cache.stride(2);
-  p.vc_stride_b = v_cache.stride(0); p.vc_stride_s = v_cache.stride(1); p.vc_stride_h = v_cache.stride(2);
-  p.num_kv_heads = k.size(1); p.head_dim = k.size(2); p.block_size = k_cache.size(1);
+  const CacheWriteParams p = cache_write_params(k, v, k_cache, v_cache, slot_mapping);
   const bool vec_ok = aligned_16(k) && aligned_16(v) && aligned_16(k_cache) && aligned_16(v_cache) &&
                       (p.head_dim * k.element_size()) % 16 == 0;
   cudaStream_t stream = current_stream();

@@ -7,10 +7,12 @@
 // spread over threads with at::parallel_for.
 
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cstring>
 
-#include "cpu_utils.h"
+#include "cache_write/params_from_tensors.h"
+#include "common/cpu_dtype.h"
 
 namespace kvmem {
 namespace cpu {
@@ -26,23 +28,18 @@ KVMEM_INLINE void copy_row(const Src* KVMEM_RESTRICT src, Dst* KVMEM_RESTRICT ds
 }
 
 template <typename Src, typename Dst>
-void cache_write_impl(const at::Tensor& k,            // [T, Hkv, D]
-                      const at::Tensor& v,            // [T, Hkv, D]
-                      at::Tensor& k_cache,            // [num_blocks, block_size, Hkv, D]
-                      at::Tensor& v_cache,            // [num_blocks, block_size, Hkv, D]
-                      const at::Tensor& slot_mapping  // [T] int64
-) {
-  const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
-  const int64_t BS = k_cache.size(1);
-  const Src* kp = k.data_ptr<Src>();
-  const Src* vp = v.data_ptr<Src>();
-  Dst* kc = k_cache.data_ptr<Dst>();
-  Dst* vc = v_cache.data_ptr<Dst>();
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  const int64_t ss = slot_mapping.stride(0);
-  const int64_t k_st = k.stride(0), k_sh = k.stride(1), v_st = v.stride(0), v_sh = v.stride(1);
-  const int64_t kc_sb = k_cache.stride(0), kc_ss = k_cache.stride(1), kc_sh = k_cache.stride(2);
-  const int64_t vc_sb = v_cache.stride(0), vc_ss = v_cache.stride(1), vc_sh = v_cache.stride(2);
+void cache_write_impl(const CacheWriteParams& p) {
+  const int64_t T = p.num_tokens, H = p.num_kv_heads, D = p.head_dim;
+  const int64_t BS = p.block_size;
+  const Src* kp = static_cast<const Src*>(p.k);
+  const Src* vp = static_cast<const Src*>(p.v);
+  Dst* kc = static_cast<Dst*>(p.k_cache);
+  Dst* vc = static_cast<Dst*>(p.v_cache);
+  const int64_t* slots = p.slot_mapping;
+  const int64_t ss = p.slot_stride;
+  const int64_t k_st = p.k_stride_t, k_sh = p.k_stride_h, v_st = p.v_stride_t, v_sh = p.v_stride_h;
+  const int64_t kc_sb = p.kc_stride_b, kc_ss = p.kc_stride_s, kc_sh = p.kc_stride_h;
+  const int64_t vc_sb = p.vc_stride_b, vc_ss = p.vc_stride_s, vc_sh = p.vc_stride_h;
   // ~16 KiB of copies per task at least.
   const int64_t row_bytes = 2 * H * D * int64_t(sizeof(Dst));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes));
@@ -62,8 +59,6 @@ void cache_write_impl(const at::Tensor& k,            // [T, Hkv, D]
     }
   });
 }
-
-}  // namespace
 
 void cache_write(const at::Tensor& k,            // [T, Hkv, D]
                  const at::Tensor& v,            // [T, Hkv, D]
@@ -93,13 +88,18 @@ void cache_write(const at::Tensor& k,            // [T, Hkv, D]
                   v_cache.stride(3) == 1,
               kName, ": the last dim of k, v and the caches must have unit stride");
   if (k.size(0) == 0 || k.size(1) == 0 || k.size(2) == 0) return;
+  const CacheWriteParams params = cache_write_params(k, v, k_cache, v_cache, slot_mapping);
   KVMEM_DISPATCH_FLOAT_TYPES(k.scalar_type(), kName, [&] {
     using src_t = scalar_t;
     KVMEM_DISPATCH_FLOAT_TYPES(k_cache.scalar_type(), kName, [&] {
-      cache_write_impl<src_t, scalar_t>(k, v, k_cache, v_cache, slot_mapping);
+      cache_write_impl<src_t, scalar_t>(params);
     });
   });
 }
 
+}  // namespace
+
 }  // namespace cpu
 }  // namespace kvmem
+
+TORCH_LIBRARY_IMPL(kvmem_C, CPU, m) { m.impl("cache_write", &kvmem::cpu::cache_write); }

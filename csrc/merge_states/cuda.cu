@@ -1,6 +1,7 @@
 // CUDA glue for kvmem_C::merge_states (csrc/kernels/merge_states.cuh).
-#include "cuda/cuda_utils.h"
+#include "common/cuda_glue.h"
 #include "kernels/merge_states.cuh"
+#include "merge_states/params_from_tensors.h"
 
 namespace kvmem {
 namespace cuda {
@@ -18,17 +19,7 @@ void merge_states(at::Tensor& out,          // [T, H, D]
               ": last dimensions must be contiguous");
   const c10::cuda::OptionalCUDAGuard guard(out.device());
   if (out.numel() == 0) return;
-  MergeStatesParams p{};
-  p.out = out.data_ptr(); p.lse = lse.data_ptr<float>();
-  p.out_a = out_a.data_ptr(); p.lse_a = lse_a.data_ptr<float>();
-  p.out_b = out_b.data_ptr(); p.lse_b = lse_b.data_ptr<float>();
-  p.o_stride_t = out.stride(0); p.o_stride_h = out.stride(1);
-  p.a_stride_t = out_a.stride(0); p.a_stride_h = out_a.stride(1);
-  p.b_stride_t = out_b.stride(0); p.b_stride_h = out_b.stride(1);
-  p.lse_stride_t = lse.stride(0); p.lse_stride_h = lse.stride(1);
-  p.la_stride_t = lse_a.stride(0); p.la_stride_h = lse_a.stride(1);
-  p.lb_stride_t = lse_b.stride(0); p.lb_stride_h = lse_b.stride(1);
-  p.head_dim = out.size(2);
+  const MergeStatesParams p = merge_states_params(out, lse, out_a, lse_a, out_b, lse_b);
   const int threads = std::min<int>(256, std::max<int>(32, p.head_dim));
   cudaStream_t stream = current_stream();
   dispatch_float_types(out.scalar_type(), kName, [&](auto tag) {

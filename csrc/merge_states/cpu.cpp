@@ -8,35 +8,35 @@
 // is read before it is written.
 
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
-#include "cpu_utils.h"
+#include <algorithm>
+#include <cmath>
+
+#include "common/cpu_dtype.h"
+#include "common/cpu_math.h"
+#include "merge_states/params_from_tensors.h"
 
 namespace kvmem {
 namespace cpu {
 namespace {
 
 template <typename scalar_t>
-void merge_impl(at::Tensor& out,          // [T, H, D]
-                at::Tensor& lse,          // [T, H] fp32
-                const at::Tensor& out_a,  // [T, H, D]
-                const at::Tensor& lse_a,  // [T, H] fp32
-                const at::Tensor& out_b,  // [T, H, D]
-                const at::Tensor& lse_b   // [T, H] fp32
-) {
-  const int64_t T = out.size(0), H = out.size(1), D = out.size(2);
+void merge_impl(const MergeStatesParams& p) {
+  const int64_t T = p.num_tokens, H = p.num_heads, D = p.head_dim;
   using Tp = scalar_t;
-  Tp* o = out.data_ptr<Tp>();
-  const Tp* oa = out_a.data_ptr<Tp>();
-  const Tp* ob = out_b.data_ptr<Tp>();
-  float* l = lse.data_ptr<float>();
-  const float* la = lse_a.data_ptr<float>();
-  const float* lb = lse_b.data_ptr<float>();
-  const int64_t o_st = out.stride(0), o_sh = out.stride(1);
-  const int64_t oa_st = out_a.stride(0), oa_sh = out_a.stride(1);
-  const int64_t ob_st = out_b.stride(0), ob_sh = out_b.stride(1);
-  const int64_t l_st = lse.stride(0), l_sh = lse.stride(1);
-  const int64_t la_st = lse_a.stride(0), la_sh = lse_a.stride(1);
-  const int64_t lb_st = lse_b.stride(0), lb_sh = lse_b.stride(1);
+  Tp* o = static_cast<Tp*>(p.out);
+  const Tp* oa = static_cast<const Tp*>(p.out_a);
+  const Tp* ob = static_cast<const Tp*>(p.out_b);
+  float* l = p.lse;
+  const float* la = p.lse_a;
+  const float* lb = p.lse_b;
+  const int64_t o_st = p.o_stride_t, o_sh = p.o_stride_h;
+  const int64_t oa_st = p.a_stride_t, oa_sh = p.a_stride_h;
+  const int64_t ob_st = p.b_stride_t, ob_sh = p.b_stride_h;
+  const int64_t l_st = p.lse_stride_t, l_sh = p.lse_stride_h;
+  const int64_t la_st = p.la_stride_t, la_sh = p.la_stride_h;
+  const int64_t lb_st = p.lb_stride_t, lb_sh = p.lb_stride_h;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, D));
   at::parallel_for(0, T * H, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -69,8 +69,6 @@ void merge_impl(at::Tensor& out,          // [T, H, D]
   });
 }
 
-}  // namespace
-
 void merge_states(at::Tensor& out,          // [T, H, D]
                   at::Tensor& lse,          // [T, H] fp32
                   const at::Tensor& out_a,  // [T, H, D]
@@ -96,9 +94,13 @@ void merge_states(at::Tensor& out,          // [T, H, D]
   TORCH_CHECK(out.stride(2) == 1 && out_a.stride(2) == 1 && out_b.stride(2) == 1, kName,
               ": the last dim of out, out_a and out_b must have unit stride");
   if (out.size(0) == 0 || out.size(1) == 0) return;
-  KVMEM_DISPATCH_FLOAT_TYPES(out.scalar_type(), kName,
-                             [&] { merge_impl<scalar_t>(out, lse, out_a, lse_a, out_b, lse_b); });
+  const MergeStatesParams params = merge_states_params(out, lse, out_a, lse_a, out_b, lse_b);
+  KVMEM_DISPATCH_FLOAT_TYPES(out.scalar_type(), kName, [&] { merge_impl<scalar_t>(params); });
 }
+
+}  // namespace
 
 }  // namespace cpu
 }  // namespace kvmem
+
+TORCH_LIBRARY_IMPL(kvmem_C, CPU, m) { m.impl("merge_states", &kvmem::cpu::merge_states); }

@@ -1,4 +1,5 @@
-// 16-byte vector loads and fp16/bf16/fp32 <-> fp32 conversions for kvmem's CUDA kernels.
+// 16-byte vector loads and fp16/bf16/fp32 <-> fp32 conversions for kvmem's CUDA kernels (device
+// code only, no torch headers).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,0 +1,17 @@
+// Facts about what kvmem's compiled kernels accept, as build_info() reports them to Python
+// (kvmem/dispatch reads them; they are not restated there). No torch or CUDA headers: included by
+// torch_bindings.cpp and by the dispatchers these names describe.
+#pragma once
+
+namespace kvmem {
+
+// KVMEM_DISPATCH_FLOAT_TYPES (cpu_dtype.h) and cuda::dispatch_float_types (cuda_glue.h).
+inline constexpr const char* kFloatDtypeNames[] = {"float32", "bfloat16", "float16"};
+// cuda::dispatch_half_types (cuda_glue.h).
+inline constexpr const char* kHalfDtypeNames[] = {"float16", "bfloat16"};
+
+// The largest head dim build_info() reports for every kernel (the CPU kernels size their scratch
+// at run time; the CUDA decode kernel's list is in paged_attention/capabilities.h).
+inline constexpr int kMaxHeadDim = 256;
+
+}  // namespace kvmem
