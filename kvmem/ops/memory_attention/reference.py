@@ -22,6 +22,8 @@ original position ``p = L - q_len + i`` (bottom-right aligned). Its keys are thr
   ``block_table[b, w0:]``, causal (``j <= p``). ``w0`` is fixed within a step, so either every
   query lies in the window (``w0 * bs <= L - q_len``) or the row has no window yet
   (``w0 == sink_blocks``: then the row is all sinks and window, as in plain causal attention).
+  Selected blocks exist only when every query lies in the window: a query sub-block that starts
+  among the sinks (a row's first chunk) selects nothing.
 
 Query head ``h_q`` reads KV head ``h_q // (Hq // Hkv)`` and its selection. One softmax covers the
 union (``sink_logits[h_q]`` joins its denominator); with ``softcap`` the score is

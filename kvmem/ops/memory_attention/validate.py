@@ -100,9 +100,9 @@ def values(q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_se
                 _fail(OP, "selected", f"positions in [-1, max_bank={max_bank})", f"{where}={entries}")
             if entries[:len(used)] != used or any(x >= y for x, y in zip(used, used[1:])):
                 _fail(OP, "selected", "ascending unique positions, -1 padding last", f"{where}={entries}")
-            if used and w0 * block_size >= seq_len:
-                _fail(OP, "selected", f"empty (-1) while row {b} has no window (window_start*block_size >= seq_len)",
-                      f"{where}={entries}")
+            if used and w0 * block_size > seq_len - q_len:
+                _fail(OP, "selected", f"empty (-1) while row {b}'s queries start before its window "
+                      "(selected blocks lie between the sinks and the window)", f"{where}={entries}")
             if not q_len:
                 continue
             pages = [banks[b][i] for i in used]
