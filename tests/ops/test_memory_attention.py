@@ -8,7 +8,7 @@ import torch
 from kvmem.ops import reference as paged_reference
 from kvmem.ops.memory_attention import memory_attention
 from memory_cases import dense_memory_attention, make_memory_case, rope_table
-from tolerances import LSE, OUT, assert_close
+from tolerances import OUT, assert_close
 
 # Ragged batches by mode: (q_lens, kv_lens), block_size 16, 1 sink block, window 32.
 MODES = {
@@ -38,6 +38,15 @@ def test_matches_dense_formulation(mode, heads):
                             seed=hash((mode, heads)) % 1000)
     out, lse = _run(case)
     assert not out.isnan().any()
+    _check_dense(case, out, lse)
+
+
+@pytest.mark.parametrize("head_dim", [128, 80])
+def test_head_dims_exact_mode(head_dim):
+    q_lens, kv_lens = MODES["mixed"]
+    case = make_memory_case(q_lens, kv_lens, num_heads=8, num_kv_heads=1, head_dim=head_dim, top_k=2, extra_bank=1,
+                            seed=head_dim)
+    out, lse = _run(case)
     _check_dense(case, out, lse)
 
 
