@@ -42,8 +42,9 @@ entries of ``selected[b, h]``:
 The caller rotates ``q`` at the same compacted position, ``p - (w0 - sink_blocks - n_sel) * bs``
 (the identity while the row has no window and no bank). That requires ``n_sel`` to be the same for
 every KV head of a row, which top-k selection gives (it fills ``min(top_k, bank_lens[b])``
-entries) and validation checks. The largest distance a query then sees is below
-``S + top_k * bs + window + chunk`` (see ``kvmem.memory.MemoryConfig``). Without ``rope_cos_sin``
+entries) and validation checks. With ``w0 = max(sink_blocks, (L_start - window) // bs)`` the
+largest distance a query then sees is below ``S + top_k * bs + window + bs + chunk``
+(``kvmem.memory.MemoryConfig.max_distance``). Without ``rope_cos_sin``
 (exact mode) keys are used as cached and positions only decide the causal mask.
 
 **Block mass.** ``block_mass: [B, Hkv, max_bank]`` fp32, when given, is overwritten with, for each
