@@ -19,7 +19,7 @@ plus its name in ``OP_NAMES`` below and one line in ``kvmem/ops/reference.py``.
 
 import importlib
 
-OP_NAMES = ("cache_write", "paged_attention", "merge_states")  # the op registry: one name per op folder
+OP_NAMES = ("cache_write", "paged_attention", "merge_states", "memory_select", "memory_attention")  # the op registry: one name per op folder
 
 for _name in OP_NAMES:  # the public function of each op folder, as kvmem.ops.<op>
     globals()[_name] = getattr(importlib.import_module(f"kvmem.ops.{_name}"), _name)

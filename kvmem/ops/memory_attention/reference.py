@@ -77,7 +77,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from kvmem.ops import reference as paged_reference
+from kvmem.ops.paged_attention import reference as paged_reference
 
 __all__ = ["memory_attention", "compacted_pages"]
 

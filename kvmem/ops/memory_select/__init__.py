@@ -1,7 +1,9 @@
-"""``memory_select`` and block summaries: which bank blocks each (row, KV head) attends to.
+"""``kvmem::memory_select`` and block summaries: which bank blocks each (row, KV head) attends to.
 
-Semantics: the module docstring of ``kvmem.ops.memory_select.reference``. Today these entry points
-validate and run the reference (no custom op or compiled backend is registered yet).
+Semantics: the module docstring of ``kvmem.ops.memory_select.reference``. The op folder:
+``params``, ``validate``, ``reference``, ``capabilities``, ``triton`` (the block-score kernel).
+The summary functions (``compute_summaries``, ``write_summaries``; between steps, at eviction)
+validate and run the reference.
 """
 
 from __future__ import annotations
@@ -10,10 +12,42 @@ from typing import Optional
 
 import torch
 
-from kvmem.ops.memory_select import reference, validate
+from kvmem import dispatch
+from kvmem.ops._common import check_all
+from kvmem.ops.memory_select import capabilities, reference, validate  # noqa: F401  (capabilities registers)
+from kvmem.ops.memory_select.params import OP, MemorySelectParams
 from kvmem.ops.memory_select.reference import SUMMARY_KINDS, block_scores
 
-__all__ = ["memory_select", "compute_summaries", "write_summaries", "block_scores", "SUMMARY_KINDS", "reference"]
+__all__ = ["memory_select", "compute_summaries", "write_summaries", "block_scores", "SUMMARY_KINDS", "reference",
+           "MemorySelectParams"]
+
+
+@torch.library.custom_op("kvmem::memory_select", mutates_args=("selected",))
+def _memory_select_op(selected: torch.Tensor, q: torch.Tensor, summaries: torch.Tensor, bank_table: torch.Tensor,
+                      bank_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
+                      query_index: Optional[torch.Tensor] = None, summary: str = "minmax") -> None:
+    """Op schema. Writes selected [batch, num_kv_heads, top_k]."""
+    params = MemorySelectParams.from_schema(selected, q, summaries, bank_table, bank_lens, cu_seqlens_q, scale,
+                                            query_index, summary)
+    dispatch.select(params.call()).run(OP, params)
+
+
+@_memory_select_op.register_fake
+def _(selected, q, summaries, bank_table, bank_lens, cu_seqlens_q, scale, query_index=None, summary="minmax"):
+    torch._check(q.dim() == 3 and summaries.dim() == 4 and selected.dim() == 3 and bank_table.dim() == 2,
+                 lambda: "memory_select: q 3-D, summaries 4-D, selected 3-D, bank_table 2-D")
+    batch = bank_table.shape[0]
+    checks = [(selected.shape[0], batch, "selected rows vs bank_table rows"),
+              (selected.shape[1], summaries.shape[1], "selected.shape[1] vs summaries' num_kv_heads"),
+              (summaries.shape[2], 2, "summaries.shape[2] vs 2"),
+              (summaries.shape[3], q.shape[2], "summaries head_dim vs q head_dim"),
+              (q.shape[1] % summaries.shape[1], 0, "num_heads % num_kv_heads"),
+              (bank_lens.shape[0], batch, "bank_lens vs bank_table rows"),
+              (cu_seqlens_q.shape[0], batch + 1, "cu_seqlens_q vs bank_table rows + 1")]
+    if query_index is not None:
+        checks.append((query_index.shape[0], batch, "query_index vs bank_table rows"))
+    check_all(checks)
+    return None
 
 
 def memory_select(
@@ -52,8 +86,10 @@ def memory_select(
     validate.select_structure(q, summaries, bank_table, bank_lens, cu_seqlens_q, top_k, scale, query_index, summary)
     if check:
         validate.select_values(q, summaries, bank_table, bank_lens, cu_seqlens_q, query_index)
-    return reference.memory_select(q, summaries, bank_table, bank_lens, cu_seqlens_q, top_k, scale=scale,
-                                   query_index=query_index, summary=summary)
+    params = MemorySelectParams.build(q, summaries, bank_table, bank_lens, cu_seqlens_q, top_k, scale=scale,
+                                      query_index=query_index, summary=summary)
+    torch.ops.kvmem.memory_select(*params.to_schema())
+    return params.selected
 
 
 def compute_summaries(

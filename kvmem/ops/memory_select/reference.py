@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SUMMARY_KINDS", "compute_summaries", "write_summaries", "block_scores", "memory_select"]
+__all__ = ["SUMMARY_KINDS", "compute_summaries", "write_summaries", "block_scores", "top_k_positions", "memory_select"]
 
 SUMMARY_KINDS = ("minmax", "box")
 
@@ -97,30 +97,53 @@ def block_scores(
     query_index: Optional[torch.Tensor] = None,
     summary: str = "minmax",
 ) -> torch.Tensor:
-    """``[batch, num_kv_heads, max_bank]`` fp32 selection scores; ``-inf`` past ``bank_lens`` or with no query."""
+    """``[batch, num_kv_heads, max_bank]`` fp32 selection scores; ``-inf`` past ``bank_lens`` or with no query.
+
+    Torch ops on the tensors' device, no host sync (entries past ``bank_lens`` may hold anything).
+    """
     num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = summaries.shape[1]
+    num_blocks, num_kv_heads = summaries.shape[0], summaries.shape[1]
     group = num_heads // num_kv_heads
     batch, max_bank = bank_table.shape
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     if query_index is None:
         query_index = default_query_index(cu_seqlens_q)
-    scores = torch.full((batch, num_kv_heads, max_bank), -math.inf, dtype=torch.float32, device=q.device)
-    lens, index = bank_lens.tolist(), query_index.tolist()
-    for b in range(batch):
-        n, t = lens[b], index[b]
-        if n == 0 or t < 0:
-            continue
-        qg = q[t].float().reshape(num_kv_heads, group, 1, head_dim)  # [Hkv, G, 1, D]
-        s = summaries[bank_table[b, :n].long()].float().transpose(0, 1)  # [Hkv, n, 2, D]
-        low, high = s[:, None, :, 0], s[:, None, :, 1]  # [Hkv, 1, n, D]
+    if q.shape[0] == 0 or num_blocks == 0 or max_bank == 0:  # nothing to score
+        return torch.full((batch, num_kv_heads, max_bank), -math.inf, dtype=torch.float32, device=q.device)
+    index = query_index.long()
+    qg = q[index.clamp(0, q.shape[0] - 1)].float().reshape(batch, num_kv_heads, group, 1, head_dim)  # [B, Hkv, G, 1, D]
+    pages = bank_table.long().clamp(0, num_blocks - 1)
+    s = summaries[pages].float().permute(0, 2, 1, 3, 4)  # [B, Hkv, max_bank, 2, D]
+    low, high = s[:, :, :, 0], s[:, :, :, 1]  # [B, Hkv, max_bank, D]
+    best = torch.full((batch, num_kv_heads, max_bank), -math.inf, device=q.device)
+    for g in range(group):  # max over the group's query heads, one head at a time (bounded memory)
+        qh = qg[:, :, g]  # [B, Hkv, 1, D]
         if summary == "minmax":
-            per_head = torch.maximum(qg * low, qg * high).sum(-1)  # [Hkv, G, n]
+            per_head = torch.maximum(qh * low, qh * high).sum(-1)
         else:
-            per_head = (qg * low + qg.abs() * high).sum(-1)
-        scores[b, :, :n] = per_head.amax(dim=1) * scale
-    return scores
+            per_head = (qh * low + qh.abs() * high).sum(-1)
+        best = torch.maximum(best, per_head)
+    live = torch.arange(max_bank, device=q.device)[None] < bank_lens.long()[:, None]  # [B, max_bank]
+    live = live & (index >= 0)[:, None]
+    return torch.where(live[:, None, :], best * scale, torch.full_like(best, -math.inf))
+
+
+def top_k_positions(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``[batch, num_kv_heads, top_k]`` int32: the ``top_k`` best positions of ``scores``
+    ``[batch, num_kv_heads, max_bank]`` by a stable top-k on ``(-score, position)``, ascending,
+    ``-1`` for ``-inf`` scores and padding (every backend finishes its scores with this)."""
+    batch, num_kv_heads, max_bank = scores.shape
+    selected = torch.full((batch, num_kv_heads, top_k), -1, dtype=torch.int32, device=scores.device)
+    k = min(top_k, max_bank)
+    if k == 0:
+        return selected
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # ties: lower position first
+    keep = torch.gather(scores, -1, order) > -math.inf
+    best = torch.where(keep, order, torch.full_like(order, max_bank))
+    best = torch.sort(best, dim=-1).values
+    selected[..., :k] = torch.where(best < max_bank, best, torch.full_like(best, -1)).to(torch.int32)
+    return selected
 
 
 def memory_select(
@@ -143,14 +166,4 @@ def memory_select(
     """
     scores = block_scores(q, summaries, bank_table, bank_lens, cu_seqlens_q, scale=scale,
                           query_index=query_index, summary=summary)
-    batch, num_kv_heads, max_bank = scores.shape
-    selected = torch.full((batch, num_kv_heads, top_k), -1, dtype=torch.int32, device=q.device)
-    k = min(top_k, max_bank)
-    if k == 0:
-        return selected
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # ties: lower position first
-    keep = torch.gather(scores, -1, order) > -math.inf
-    best = torch.where(keep, order, torch.full_like(order, max_bank))
-    best = torch.sort(best, dim=-1).values
-    selected[..., :k] = torch.where(best < max_bank, best, torch.full_like(best, -1)).to(torch.int32)
-    return selected
+    return top_k_positions(scores, top_k)
