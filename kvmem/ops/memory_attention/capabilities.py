@@ -58,13 +58,15 @@ def paged_on(backend: str):
     return run
 
 
-def composite(backend: str):
-    """The ``run`` of ``backend``'s record: ``paged.memory_attention`` on ``backend``'s paged kernels."""
+def composite(backend: str, features: frozenset):
+    """The ``run`` of ``backend``'s record (declaring ``features``): ``paged.memory_attention`` on
+    ``backend``'s paged kernels."""
     paged_attention = paged_on(backend)
 
     def run(p) -> None:
-        if p.block_mass is not None:  # the second lock: never drop an argument
-            raise RuntimeError(f"kvmem: {type(p).__name__}.block_mass is set but this kernel does not take it")
+        for arg, feature in FEATURE_OF.items():  # the second lock: an argument is never dropped
+            if feature not in features and getattr(p, arg) is not None:
+                raise RuntimeError(f"kvmem: {type(p).__name__}.{arg} is set but this kernel does not take it")
         paged.memory_attention(
             p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, p.cu_seqlens_q, p.max_seqlen_q, p.max_seqlen_k,
             sink_blocks=p.sink_blocks, window_start=p.window_start, bank_table=p.bank_table, selected=p.selected,
@@ -77,7 +79,8 @@ def composite_capability(backend: str) -> Capability:
     """``backend``'s paged_attention record, as this op's: what the paged kernels take, the
     features both ops have (not block_mass), ``kernels_of`` the paged op (its build facts)."""
     cap = dispatch.capability(PAGED_OP, backend)
-    return dataclasses.replace(cap, op=OP, run=composite(backend), features=cap.features & (ALL_FEATURES - NOT_COMPOSITE),
+    features = cap.features & (ALL_FEATURES - NOT_COMPOSITE)
+    return dataclasses.replace(cap, op=OP, run=composite(backend, features), features=features,
                                kernels_of=cap.kernel_op)
 
 
