@@ -59,7 +59,8 @@ def _block_scores_kernel(
     n_live = tl.load(bank_lens_ptr + b)
     t = tl.load(query_index_ptr + b).to(tl.int64)
     has_query = (t >= 0) & (t < num_tokens)
-    live = (offs_n < n_live) & (offs_n < max_bank) & has_query
+    n_live = tl.where(has_query, n_live, 0)  # a row without a query scores nothing
+    live = (offs_n < n_live) & (offs_n < max_bank)
     pages = tl.load(bank_ptr + b * stride_bb + offs_n, mask=live, other=0).to(tl.int64)
     s_off = pages[:, None] * stride_sb + h * stride_sh + offs_d[None, :]
     s_mask = live[:, None] & d_ok[None, :]
@@ -69,7 +70,7 @@ def _block_scores_kernel(
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     for g in range(0, group):
         qv = tl.load(q_ptr + t_safe * stride_qt + (h * group + g) * stride_qh + offs_d,
-                     mask=d_ok & has_query, other=0.0).to(tl.float32)[None, :]
+                     mask=d_ok, other=0.0).to(tl.float32)[None, :]
         if BOX:
             per_head = tl.sum(qv * low + tl.abs(qv) * high, axis=1)
         else:
