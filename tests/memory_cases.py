@@ -221,3 +221,35 @@ def dense_memory_attention(case: MemoryCase, rope_neox: bool = True):
                 for pos in sel:
                     mass[b, h, pos] += p[:, bank_t == pos].sum()
     return out, lse, mass, rest
+
+
+def memory_backends(op: str) -> list:
+    """The backends the memory tests force (``KVMEM_BACKEND``) for ``op`` on this machine: the
+    reference, the C++ CPU composite when the extension is built, Triton under the interpreter
+    (forced on CPU tensors with ``TRITON_INTERPRET=1``, as tests/conftest.py sets it without a GPU)."""
+    import os
+
+    from kvmem import _ext, dispatch
+
+    names = ["reference"]
+    if dispatch.capability(op, "cpu") is not None and _ext.has_kernel("paged_attention", "cpu"):
+        names.append("cpu")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        names.append("triton")
+    return names
+
+
+def force_backend(monkeypatch, name: str) -> None:
+    """``KVMEM_BACKEND=name`` for one test (the dispatcher's cached choices cleared)."""
+    from kvmem import dispatch
+
+    monkeypatch.setenv("KVMEM_BACKEND", name)
+    dispatch._select.cache_clear()
+
+
+def rejection(op: str, backend: str, call) -> Optional[str]:
+    """Why ``backend``'s record of ``op`` rejects ``call`` (None when it runs it)."""
+    from kvmem import dispatch
+
+    why = dispatch.BY_NAME[backend].rejects(call)
+    return None if why is None else why[1]
