@@ -1,4 +1,7 @@
-"""memory_select and block summaries: independent scoring, tie order, padding, the Quest bound, bad input."""
+"""memory_select and block summaries on every backend (the reference; the Triton block-score
+kernel forced under the interpreter): independent scoring, the reference's scores and selections
+(sets, ignoring blocks within tolerance of the k-th score), tie order, padding, the Quest bound,
+bad input."""
 
 import math
 
@@ -8,10 +11,39 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmem.ops.memory_select import block_scores, compute_summaries, memory_select, write_summaries
+from memory_cases import force_backend, memory_backends
 
 BLOCK_SIZE = 16
 # (num_heads, num_kv_heads): GQA groups 1, 3, 4, 7, 8.
 GROUPS = [(2, 2), (6, 2), (4, 1), (7, 1), (8, 1)]
+BACKENDS = memory_backends("memory_select")
+SCORE_TOL = 1e-5  # fp32 scores of two backends differ in the last bits (summation order)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    force_backend(monkeypatch, request.param)
+    return request.param
+
+
+def assert_same_selection(got, scores, top_k, tol=SCORE_TOL):
+    """``got`` [B, Hkv, top_k] is a valid top-k of ``scores`` [B, Hkv, max_bank]: ascending, -1
+    padded, ``min(top_k, live)`` entries, every block clearly above the k-th score selected and
+    none clearly below (blocks within ``tol`` of the k-th score may go either way)."""
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            row = scores[b, h].double()
+            live = int(torch.isfinite(row).sum())
+            chosen = [int(i) for i in got[b, h] if i >= 0]
+            assert chosen == sorted(set(chosen)) and len(chosen) == min(top_k, live), (b, h, chosen)
+            assert got[b, h, len(chosen):].eq(-1).all()
+            if not chosen:
+                continue
+            kth = float(torch.sort(row, descending=True, stable=True).values[len(chosen) - 1])
+            band = tol * max(1.0, abs(kth))
+            sure = {j for j in range(row.shape[0]) if row[j] > kth + band}
+            assert sure <= set(chosen), (b, h, chosen, sure)
+            assert all(row[j] >= kth - band for j in chosen), (b, h, chosen)
 
 
 def _bank(bank_lens, *, num_kv_heads=2, head_dim=64, q_lens=None, num_heads=None, seed=0, dtype=torch.float32):
@@ -63,7 +95,7 @@ def _independent_scores(q, k_cache, bank_table, bank_lens, cu, summary="minmax")
 
 @pytest.mark.parametrize("summary", ["minmax", "box"])
 @pytest.mark.parametrize("heads", GROUPS, ids=lambda h: f"Hq{h[0]}Hkv{h[1]}")
-def test_matches_independent_scoring(heads, summary):
+def test_matches_independent_scoring(heads, summary, backend):
     bank_lens, top_k = [9, 0, 3, 14], 4
     q, k_cache, _, bank_table, lens, cu = _bank(bank_lens, num_heads=heads[0], num_kv_heads=heads[1],
                                                 q_lens=[1, 2, 5, 1], seed=heads[0])
@@ -86,7 +118,7 @@ def test_matches_independent_scoring(heads, summary):
             assert all(want[b, h, j] >= kth - 1e-5 for j in got)
 
 
-def test_scores_and_padding():
+def test_scores_and_padding(backend):
     q, _, summaries, bank_table, lens, cu = _bank([5, 2, 0], seed=4)
     scores = block_scores(q, summaries, bank_table, lens, cu)
     assert scores.shape == (3, 2, bank_table.shape[1])
@@ -97,7 +129,7 @@ def test_scores_and_padding():
     assert memory_select(q, summaries, bank_table, lens, cu, 0).shape == (3, 2, 0)  # StreamingLLM
 
 
-def test_ties_take_the_lower_position():
+def test_ties_take_the_lower_position(backend):
     q, k_cache, summaries, bank_table, lens, cu = _bank([6], seed=5)
     page = bank_table[0, 4]
     for j in (1, 2, 5):  # positions 1, 2, 4, 5 hold the same page: equal scores
@@ -111,7 +143,7 @@ def test_ties_take_the_lower_position():
             assert selected[0, h].tolist() == [1, 2]
 
 
-def test_first_query_of_each_segment_and_query_index():
+def test_first_query_of_each_segment_and_query_index(backend):
     q, _, summaries, bank_table, lens, cu = _bank([8, 8], q_lens=[4, 3], seed=6)
     selected = memory_select(q, summaries, bank_table, lens, cu, 3)
     later = q.clone()
@@ -125,12 +157,49 @@ def test_first_query_of_each_segment_and_query_index():
     assert none[0].eq(-1).all() and torch.equal(none[1], by_index[1])
 
 
-def test_needle_page_is_selected():
+def test_needle_page_is_selected(backend):
     q, k_cache, summaries, bank_table, lens, cu = _bank([20], num_kv_heads=1, num_heads=3, seed=7)
     needle = int(bank_table[0, 13])
     k_cache[needle, 5, 0] = 4 * q[0, 1]  # one key aligned with one query head of the group
     write_summaries(summaries, k_cache, bank_table[0, :20])
     assert 13 in memory_select(q, summaries, bank_table, lens, cu, 1)[0, 0].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("summary", ["minmax", "box"])
+@pytest.mark.parametrize("heads", GROUPS, ids=lambda h: f"Hq{h[0]}Hkv{h[1]}")
+def test_selection_matches_the_reference_scores(heads, summary, dtype, backend):
+    """Shuffled pages, NaN in the summaries of unused pages and garbage past bank_lens, ragged
+    banks (empty, shorter and longer than top_k), an idle row: the backend's selection is a top-k
+    of the reference's scores."""
+    bank_lens, top_k = [9, 0, 3, 14, 5], 4
+    q, k_cache, _, bank_table, lens, cu = _bank(bank_lens, num_heads=heads[0], num_kv_heads=heads[1],
+                                                q_lens=[1, 2, 5, 1, 0], seed=heads[0] + 10, dtype=dtype)
+    summaries = torch.full((k_cache.shape[0], heads[1], 2, k_cache.shape[3]), math.nan)
+    write_summaries(summaries, k_cache, bank_table[bank_table >= 0], summary=summary)
+    bank_table[bank_table < 0] = 10**6  # past bank_lens: never read
+    selected = memory_select(q, summaries, bank_table, lens, cu, top_k, summary=summary)
+    scores = block_scores(q, summaries, bank_table, lens, cu, summary=summary)
+    assert selected.shape == (5, heads[1], top_k) and selected.dtype == torch.int32
+    assert selected[4].eq(-1).all() and selected[1].eq(-1).all()  # idle row, empty bank
+    assert_same_selection(selected, scores, top_k)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (the interpreter without a GPU)")
+@pytest.mark.parametrize("summary", ["minmax", "box"])
+@pytest.mark.parametrize("heads", GROUPS, ids=lambda h: f"Hq{h[0]}Hkv{h[1]}")
+def test_triton_scores_equal_the_reference(heads, summary):
+    import importlib
+
+    kernel = importlib.import_module("kvmem.ops.memory_select.triton")
+    q, k_cache, summaries, bank_table, lens, cu = _bank([40, 0, 3, 33], num_heads=heads[0], num_kv_heads=heads[1],
+                                                        q_lens=[2, 1, 3, 1], seed=heads[0] + 20)
+    write_summaries(summaries, k_cache, bank_table[bank_table >= 0], summary=summary)
+    index = torch.tensor([1, 2, -1, 6], dtype=torch.int32)
+    got = kernel.block_scores(q, summaries, bank_table, lens, index, 0.3, summary)
+    want = block_scores(q, summaries, bank_table, lens, cu, scale=0.3, query_index=index, summary=summary)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=SCORE_TOL, rtol=SCORE_TOL)
 
 
 def test_summaries_write_only_their_pages_and_apply_k_scale():
