@@ -97,7 +97,7 @@ def block_scores(q, summaries, bank_table, bank_lens, query_index, scale: float,
         q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1), summaries.stride(2),
         bank_table.stride(0), scores.stride(0), scores.stride(1),
         q.shape[0], q.shape[1] // num_kv_heads, max_bank, q.shape[2],
-        BOX=summary == "box", BLOCK_N=BLOCK_N, BLOCK_D=_cfg.block_d(q.shape[2]), num_warps=4,
+        BOX=summary == "box", BLOCK_N=BLOCK_N, BLOCK_D=_cfg.block_d(q.shape[2]), num_warps=4, num_stages=1,
     )
     return scores
 
