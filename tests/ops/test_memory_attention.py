@@ -89,8 +89,9 @@ def _check_dense(case, got, backend="reference", dtype=torch.float32, **dense_kw
 @pytest.mark.parametrize("heads", GROUPS, ids=lambda h: f"Hq{h[0]}Hkv{h[1]}")
 def test_matches_dense_formulation(mode, heads, backend):
     q_lens, kv_lens = MODES[mode]
-    if backend == "triton" and not (mode == "mixed" or heads == (6, 2)):
-        pytest.skip("Triton interpreter: every GQA group in the mixed mode, every mode with group 3 (time)")
+    if backend == "triton" and mode != "mixed":
+        pytest.skip("Triton interpreter: every GQA group in the mixed mode (test_composite_equals_reference "
+                    "runs every mode) (time)")
     case = _case(q_lens, kv_lens, num_heads=heads[0], num_kv_heads=heads[1], top_k=3, extra_bank=1,
                  seed=hash((mode, heads)) % 1000)
     got = _run(case, backend)
@@ -100,6 +101,8 @@ def test_matches_dense_formulation(mode, heads, backend):
 
 @pytest.mark.parametrize("head_dim", [128, 80])
 def test_head_dims_exact_mode(head_dim, backend):
+    if backend == "triton" and head_dim == 128:
+        pytest.skip("Triton interpreter: head dim 80 (a padded tile) only (time)")
     q_lens, kv_lens = MODES["mixed"]
     case = _case(q_lens, kv_lens, num_heads=8, num_kv_heads=1, head_dim=head_dim, top_k=2, extra_bank=1, seed=head_dim)
     _check_dense(case, _run(case, backend), backend)
@@ -136,6 +139,8 @@ def test_low_precision(dtype, backend):
 def test_selecting_every_block_is_full_attention(mode, rope, backend):
     """With the whole history in the bank and all of it selected, compaction is the identity: the
     op equals paged_attention over the full history (with RoPE at original positions too)."""
+    if backend == "triton" and mode != "mixed" and not rope:
+        pytest.skip("Triton interpreter: the mixed mode only (time)")
     q_lens, kv_lens = MODES[mode]
     case = make_memory_case(q_lens, kv_lens, num_heads=6, num_kv_heads=2, top_k=16, select_all=True,
                             rope_rot_dim=64 if rope else None, seed=11)
