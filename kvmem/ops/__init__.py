@@ -15,6 +15,11 @@ A new op is one folder ``kvmem/ops/<op>/`` holding
   registered at import); optionally ``triton.py`` (with ``aot_variants`` and ``AOT_KERNELS``);
 
 plus its name in ``OP_NAMES`` below and one line in ``kvmem/ops/reference.py``.
+
+An op built from another op's kernels (``memory_attention``: compacted tables + ``paged_attention``
+on the same backend) derives its records from that op's (``dataclasses.replace`` of its
+``Capability``, ``kernels_of`` naming it: availability and build facts are that op's). A backend
+without an implementation has no record (it then rejects the op's calls as inapplicable).
 """
 
 import importlib
