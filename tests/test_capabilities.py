@@ -16,6 +16,7 @@ import torch
 
 import kvmem
 from cases import make_case
+from memory_cases import make_memory_case
 from kvmem import _ext, dispatch
 from kvmem.ops import OP_NAMES
 
@@ -70,12 +71,31 @@ def test_every_optional_argument_is_a_feature_or_common():
         assert optional <= known, (op, optional - known)
 
 
+# (op, backend) pairs without a record (the op's capabilities.py says why); adding one is deliberate.
+NO_RECORD = {("memory_select", "cuda"), ("memory_select", "cpu")}
+
+
 def test_every_op_has_a_record_per_backend():
     for op in OP_NAMES:
         for backend in dispatch.BY_NAME:
-            assert dispatch.capability(op, backend) is not None, (op, backend)
-    assert set(dispatch.capability("paged_attention", "reference").features) == set(
-        PARAMS["paged_attention"].FEATURE_OF.values())
+            assert (dispatch.capability(op, backend) is not None) == ((op, backend) not in NO_RECORD), (op, backend)
+        # the reference declares every optional argument
+        assert set(dispatch.capability(op, "reference").features) == set(PARAMS[op].FEATURE_OF.values()), op
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cpu"])
+def test_memory_attention_records_are_the_paged_records(backend):
+    """The composite (compacted tables + paged_attention on that backend) declares what that
+    backend's paged_attention declares, the features both ops have, and never block_mass."""
+    paged, memory = dispatch.capability("paged_attention", backend), dispatch.capability("memory_attention", backend)
+    for name in ("devices", "dtypes", "cache_dtypes", "head_dims", "max_head_dim", "max_block_size", "max_seqlen_q",
+                 "needs_aligned", "from_build"):
+        assert getattr(memory, name) == getattr(paged, name), name
+    assert memory.kernels_of == "paged_attention"
+    assert memory.features == paged.features & (set(PARAMS["memory_attention"].FEATURE_OF.values()) - {"block_mass"})
+    seen, built = dispatch.BY_NAME[backend].capability("paged_attention"), dispatch.BY_NAME[backend].capability(
+        "memory_attention")  # with the build's facts (compiled backends)
+    assert (built.dtypes, built.head_dims, built.max_head_dim) == (seen.dtypes, seen.head_dims, seen.max_head_dim)
 
 
 def _call(op, arg, device_type):
@@ -91,6 +111,9 @@ def _call(op, arg, device_type):
 def test_undeclared_argument_rejects_the_backend(op, arg, backend):
     cap = dispatch.capability(op, backend)
     call = _call(op, arg, BACKEND_DEVICE[backend])
+    if cap is None:  # no record (NO_RECORD): the backend rejects every call of the op
+        assert dispatch.BY_NAME[backend].rejects(call)[0] == "inapplicable"
+        return
     assert dataclasses.replace(call, features=frozenset()).op == op
     assert cap.rejects(dataclasses.replace(call, features=frozenset())) is None, (op, backend)
     feature = _feature(op, arg)
@@ -180,3 +203,78 @@ def test_cache_write_scales_end_to_end(_auto):
     kvmem.cache_write(k, v, kc, vc, torch.tensor([0, 5, 9]), **given)
     torch.testing.assert_close(kc[0, 0], k[0] / 0.5)
     torch.testing.assert_close(vc[1, 1], v[2] / 2.0)
+
+
+def _memory_attention(arg):
+    """(params, public kwargs, case): a CPU memory_attention call whose only optional argument is ``arg``."""
+    build = {"softcap": dict(softcap=5.0), "sink_logits": dict(sink_logits=True), "k_scale": dict(kv_scale=True),
+             "v_scale": dict(kv_scale=True), "rope_cos_sin": dict(rope_rot_dim=64),
+             "rope_neox": dict(rope_rot_dim=64)}.get(arg, {})
+    case = make_memory_case([1, 3], [70, 90], num_heads=4, num_kv_heads=2, top_k=2, extra_bank=1, seed=1, **build)
+    kw = case.memory_kwargs()
+    if arg == "rope_neox":
+        kw["rope_neox"] = False
+    if arg == "block_mass":
+        kw["block_mass"] = torch.zeros(case.bank_table.shape[0], 2, case.bank_table.shape[1])
+    return kw, case
+
+
+@pytest.mark.parametrize("arg", _optional_args("memory_attention"))
+def test_undeclared_memory_attention_argument_never_reaches_a_kernel(arg):
+    from kvmem.ops.memory_attention.params import MemoryAttentionParams
+
+    kw, case = _memory_attention(arg)
+    params = MemoryAttentionParams.build(*case.args(), **kw)
+    assert _feature("memory_attention", arg) in params.features
+    for backend in dispatch.BY_NAME:
+        cap = dispatch.capability("memory_attention", backend)
+        if _feature("memory_attention", arg) in cap.features:
+            continue
+        with pytest.raises(RuntimeError, match="does not take it"):
+            cap.run(params)
+
+
+@pytest.mark.parametrize("arg", _optional_args("memory_attention"))
+def test_memory_attention_argument_end_to_end(arg, _auto):
+    """On CPU: the composite cpu backend runs the calls whose arguments its paged kernels take and
+    is rejected, naming the feature, for the others (the reference runs them); same results."""
+    from kvmem.ops.memory_attention import memory_attention
+    from kvmem.ops.memory_attention.params import MemoryAttentionParams
+
+    kw, case = _memory_attention(arg)
+    feature = _feature("memory_attention", arg)
+    call = MemoryAttentionParams.build(*case.args(), **kw).call()
+    assert feature in call.features
+    why = dispatch.explain(call)
+    if _ext.has_kernel("paged_attention", "cpu"):
+        if feature in dispatch.capability("memory_attention", "cpu").features:
+            assert why["cpu"] == "selected", why
+        else:
+            assert why["cpu"].startswith("rejected: feature") and feature in why["cpu"], why
+            assert why["reference"] == "selected", why
+    want_mass = None if "block_mass" not in kw else torch.zeros_like(kw["block_mass"])
+    out, lse = memory_attention(*case.args(), **kw, return_lse=True)
+    ref_kw = dict(kw, block_mass=want_mass) if want_mass is not None else kw
+    want, want_lse = kvmem.ops.reference.memory_attention(*case.args(), **ref_kw)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+    if want_mass is not None:
+        torch.testing.assert_close(kw["block_mass"], want_mass)
+
+
+def test_memory_select_query_index_end_to_end(_auto):
+    from kvmem.ops.memory_select import memory_select
+
+    q = torch.randn(5, 4, 64)
+    summaries = torch.randn(6, 2, 2, 64)
+    bank_table = torch.tensor([[0, 3, 5], [1, 2, -1]], dtype=torch.int32)
+    bank_lens = torch.tensor([3, 2], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    index = torch.tensor([1, 4], dtype=torch.int32)
+    call = dispatch.Call.memory_select(q, summaries, index)
+    assert call.features == {"query_index"}
+    why = dispatch.explain(call)
+    assert why["reference"] == "selected" and why["cpu"].startswith("rejected") and why["cuda"].startswith("rejected")
+    got = memory_select(q, summaries, bank_table, bank_lens, cu, 2, query_index=index)
+    assert torch.equal(got, kvmem.ops.reference.memory_select(q, summaries, bank_table, bank_lens, cu, 2,
+                                                               query_index=index))

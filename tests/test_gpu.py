@@ -238,6 +238,9 @@ def test_aot_variants_match_jit_specialization(monkeypatch):
     speculative steps, merge with contiguous lse, and cache_write."""
     pytest.importorskip("triton")
     cw, configs, ms, pa = _triton_modules()
+    import importlib
+
+    msel = importlib.import_module("kvmem.ops.memory_select.triton")
 
     if not configs.interpreting():
         pytest.skip("runs the Triton launchers under TRITON_INTERPRET=1 (CPU)")
@@ -256,7 +259,8 @@ def test_aot_variants_match_jit_specialization(monkeypatch):
 
     for mod, attr, kernel in ((pa, "_prefill_kernel", "prefill"), (pa, "_decode_kernel", "decode"),
                               (pa, "_decode_reduce_kernel", "decode_reduce"),
-                              (ms, "_merge_states_kernel", "merge_states"), (cw, "_cache_write_kernel", "cache_write")):
+                              (ms, "_merge_states_kernel", "merge_states"), (cw, "_cache_write_kernel", "cache_write"),
+                              (msel, "_block_scores_kernel", "memory_select_scores")):
         monkeypatch.setattr(mod, attr, Recorder(kernel, getattr(mod, attr)))
     monkeypatch.setenv("KVMEM_BACKEND", "triton")
     for dtype, q_lens, kv_lens, bs, hq, feats in (
@@ -274,14 +278,22 @@ def test_aot_variants_match_jit_specialization(monkeypatch):
     kv = torch.randn(4, 2, 64, dtype=torch.float16)
     cache = torch.zeros(3, 16, 1, 64, dtype=torch.float16)
     kvmem.cache_write(kv[:, :1], kv[:, 1:], cache, cache.clone(), torch.tensor([0, 5, -1, 40]))
+    from kvmem.ops.memory_select import memory_select
+
+    for summary, qdt in (("minmax", torch.bfloat16), ("box", torch.float32)):  # memory_select's block scores
+        memory_select(torch.randn(3, 4, 64, dtype=qdt), torch.randn(5, 2, 2, 64),
+                      torch.tensor([[0, 3, 1], [4, 2, 0]], dtype=torch.int32), torch.tensor([3, 1], dtype=torch.int32),
+                      torch.tensor([0, 1, 3], dtype=torch.int32), 2, summary=summary)
 
     names = {v.name for v in configs.aot_variants(80)}
     seen = set()
     for kernel, fn, args, kwargs in records:
         constexprs = {n: kwargs[n] for n in fn.arg_names if n in kwargs}
         assert len(args) + len(constexprs) == len(fn.arg_names), f"{kernel}: constexprs by keyword, the rest by position"
-        # element type of: the cache (cache_write, k is the source), out (decode_reduce), q / out (the others)
-        dtype = configs.DTYPE_NAMES[args[{"cache_write": 2, "decode_reduce": 4}.get(kernel, 0)].dtype]
+        # element type of: the cache (cache_write, k is the source), out (decode_reduce), q (memory_select_scores),
+        # q / out (the others)
+        where = {"cache_write": 2, "decode_reduce": 4, "memory_select_scores": 1}.get(kernel, 0)
+        dtype = configs.DTYPE_NAMES[args[where].dtype]
         src = configs.DTYPE_NAMES[args[0].dtype] if kernel == "cache_write" else None
         variant = configs.AotVariant(kernel, dtype, tuple(constexprs.items()), kwargs.get("num_warps", 4),
                                      kwargs.get("num_stages", 3), src)
@@ -293,4 +305,4 @@ def test_aot_variants_match_jit_specialization(monkeypatch):
             assert (i in jit_div) == ((i,) in attrs), \
                 f"{variant.name}: {name}={args[i]!r}: /16 hint JIT {i in jit_div}, AOT {(i,) in attrs}"
         seen.add(kernel)
-    assert seen == {"prefill", "decode", "decode_reduce", "merge_states", "cache_write"}
+    assert seen == {"prefill", "decode", "decode_reduce", "merge_states", "cache_write", "memory_select_scores"}

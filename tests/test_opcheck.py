@@ -1,12 +1,14 @@
 """torch.library.opcheck on every public op (schema, fake tensor, aot dispatch), on each CPU backend."""
 
 import math
+import os
 
 import pytest
 import torch
 
 import kvmem  # noqa: F401  (registers torch.ops.kvmem.*)
 from cases import make_case
+from memory_cases import make_memory_case
 from kvmem import _ext
 
 BACKENDS = ["reference"] + (["cpu"] if _ext.has_kernel("paged_attention", "cpu") else [])
@@ -52,3 +54,43 @@ def test_compiles_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got = compiled(case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.cu_seqlens_q)
     torch.testing.assert_close(got, case.reference()[0])
+
+
+# The memory ops: the reference, and the composite / kernel of each backend that can run here
+# (Triton forced on CPU tensors under the interpreter, as tests/conftest.py sets it up).
+MEMORY_ATTENTION_BACKENDS = BACKENDS + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+MEMORY_SELECT_BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.mark.parametrize("outputs", ["out", "lse", "lse_block_mass"])
+@pytest.mark.parametrize("memory_backend", MEMORY_ATTENTION_BACKENDS)
+def test_opcheck_memory_attention(memory_backend, outputs, monkeypatch):
+    from kvmem.ops.memory_attention.params import MemoryAttentionParams
+
+    if outputs == "lse_block_mass" and memory_backend != "reference":
+        pytest.skip("block_mass: reference only (other backends fall back to it)")
+    monkeypatch.setenv("KVMEM_BACKEND", memory_backend)
+    case = make_memory_case([1, 3], [70, 90], num_heads=4, num_kv_heads=2, top_k=2, extra_bank=1, softcap=5.0,
+                            sink_logits=True, seed=1)
+    for c in (case.k_cache, case.v_cache):
+        c.nan_to_num_(0.0)  # opcheck compares runs; NaN in unused slots is the op tests' job
+    kw = case.memory_kwargs()
+    if outputs == "lse_block_mass":
+        kw["block_mass"] = torch.zeros(2, 2, case.bank_table.shape[1])
+    params = MemoryAttentionParams.build(*case.args(), **kw, return_lse=outputs != "out")
+    torch.library.opcheck(torch.ops.kvmem.memory_attention.default, params.to_schema())
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+@pytest.mark.parametrize("memory_backend", MEMORY_SELECT_BACKENDS)
+def test_opcheck_memory_select(memory_backend, with_index, monkeypatch):
+    from kvmem.ops.memory_select.params import MemorySelectParams
+
+    monkeypatch.setenv("KVMEM_BACKEND", memory_backend)
+    q = torch.randn(5, 4, 64)
+    summaries = torch.randn(6, 2, 2, 64)
+    bank_table = torch.tensor([[0, 3, 5], [1, 2, -1]], dtype=torch.int32)
+    index = torch.tensor([1, 4], dtype=torch.int32) if with_index else None
+    params = MemorySelectParams.build(q, summaries, bank_table, torch.tensor([3, 2], dtype=torch.int32),
+                                      torch.tensor([0, 2, 5], dtype=torch.int32), 2, query_index=index)
+    torch.library.opcheck(torch.ops.kvmem.memory_select.default, params.to_schema())

@@ -72,6 +72,8 @@ _PTRS = {
     "merge_states": dict(out_ptr="T", lse_ptr="fp32", a_ptr="T", lse_a_ptr="fp32", b_ptr="T",
                          lse_b_ptr="fp32"),
     "cache_write": dict(k_ptr="S", v_ptr="S", k_cache_ptr="T", v_cache_ptr="T", slot_ptr="i64"),
+    "memory_select_scores": dict(scores_ptr="fp32", q_ptr="T", summaries_ptr="fp32", bank_ptr="i32",
+                                 bank_lens_ptr="i32", query_index_ptr="i32"),
 }
 _FLOATS = {"qk_scale", "softcap_in", "softcap_out"}
 # Integer arguments that are multiples of 16 in every supported layout (strides over a head dim

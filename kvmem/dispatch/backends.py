@@ -62,17 +62,18 @@ class CompiledBackend(Backend):
         cap = capability(op, self.name)
         if cap is None or not cap.from_build:
             return cap
-        facts = _ext.kernel_facts(op, self.device_type)
+        facts = _ext.kernel_facts(cap.kernel_op, self.device_type)
         if facts is None:
             return cap
         return _with_facts(cap, tuple(facts["dtypes"]), tuple(facts["head_dims"]), int(facts["max_head_dim"]))
 
     def unavailable(self, call) -> Rejection:
-        if not _ext.has_kernel(call.op, self.device_type):
-            err = _ext.load_error() or f"kvmem_C::{call.op} has no {self.device_type} kernel in this build"
+        op = capability(call.op, self.name).kernel_op  # a composite op needs the kernels it is built from
+        if not _ext.has_kernel(op, self.device_type):
+            err = _ext.load_error() or f"kvmem_C::{op} has no {self.device_type} kernel in this build"
             return ("inapplicable", f"{err}; {_ext.BUILD_HINT}")
-        if _ext.kernel_facts(call.op, self.device_type) is None:
-            return ("fallback", f"this build does not report what kvmem_C::{call.op} takes on {self.device_type} "
+        if _ext.kernel_facts(op, self.device_type) is None:
+            return ("fallback", f"this build does not report what kvmem_C::{op} takes on {self.device_type} "
                                 f"(an older build?); {_ext.BUILD_HINT}")
         return None
 

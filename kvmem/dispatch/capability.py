@@ -39,6 +39,9 @@ class Capability:
     needs_aligned: rows of q and the caches must start on 16-byte boundaries
     from_build: dtypes/head_dims/max_head_dim come from the compiled build
         (``kvmem._ext.build_info()["kernels"][op][device]``), not from this record
+    kernels_of: a composite op (one built from another op's kernels on this backend): the op
+        whose compiled kernels it runs, whose build facts and availability are this record's
+        (None: the record's own op)
     """
 
     op: str
@@ -54,6 +57,12 @@ class Capability:
     max_seqlen_q: Optional[int] = None
     needs_aligned: bool = False
     from_build: bool = False
+    kernels_of: Optional[str] = None
+
+    @property
+    def kernel_op(self) -> str:
+        """The op whose compiled kernels this record runs (``kernels_of`` or ``op``)."""
+        return self.kernels_of or self.op
 
     def rejects(self, call) -> Rejection:
         """Why this record does not cover ``call`` (a ``fallback`` rejection), or None."""

@@ -15,11 +15,16 @@ A new op is one folder ``kvmem/ops/<op>/`` holding
   registered at import); optionally ``triton.py`` (with ``aot_variants`` and ``AOT_KERNELS``);
 
 plus its name in ``OP_NAMES`` below and one line in ``kvmem/ops/reference.py``.
+
+An op built from another op's kernels (``memory_attention``: compacted tables + ``paged_attention``
+on the same backend) derives its records from that op's (``dataclasses.replace`` of its
+``Capability``, ``kernels_of`` naming it: availability and build facts are that op's). A backend
+without an implementation has no record (it then rejects the op's calls as inapplicable).
 """
 
 import importlib
 
-OP_NAMES = ("cache_write", "paged_attention", "merge_states")  # the op registry: one name per op folder
+OP_NAMES = ("cache_write", "paged_attention", "merge_states", "memory_select", "memory_attention")  # the op registry: one name per op folder
 
 for _name in OP_NAMES:  # the public function of each op folder, as kvmem.ops.<op>
     globals()[_name] = getattr(importlib.import_module(f"kvmem.ops.{_name}"), _name)

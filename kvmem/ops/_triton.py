@@ -34,7 +34,7 @@ def reduce_block_h(bd: int) -> int:
 
 @dataclass(frozen=True)
 class AotVariant:
-    kernel: str  # "prefill" | "decode" | "decode_reduce" | "merge_states" | "cache_write"
+    kernel: str  # "prefill" | "decode" | "decode_reduce" | "merge_states" | "cache_write" | "memory_select_scores"
     dtype: str  # element type of q/out (attention), of out (merge), of the cache (cache write)
     constexprs: Tuple[Tuple[str, object], ...]
     num_warps: int

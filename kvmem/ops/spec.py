@@ -8,6 +8,11 @@ checking (the public ops in ``kvmem.ops`` do that) and favour clarity over speed
 exception: they read only the pages a sequence needs, so block-table entries that lie beyond a
 sequence's needed blocks (or before its sliding window) may hold anything, -1 included.
 
+The memory-bank ops state theirs in their reference modules' docstrings:
+``kvmem.ops.memory_select.reference`` (summaries, block scores, the stable top-k) and
+``kvmem.ops.memory_attention.reference`` (sinks + selected blocks + window, compacted positions,
+block mass).
+
 Semantics (frozen by "Paged KV core 1/3"):
 
 * A *slot* is ``block * block_size + offset``. ``slot_mapping[t] == -1`` means token ``t`` is
