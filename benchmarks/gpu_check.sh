@@ -41,8 +41,9 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT="$PWD"
 
 # ---- the test files each step runs (one place to edit when tests move) ----
-TESTS_KERNELS="${KVMEM_GPU_TESTS_KERNELS:-tests/test_gpu.py}"   # CUDA + Triton vs the reference -> verified.json
-TESTS_TRITON="${KVMEM_GPU_TESTS_TRITON:-tests/test_triton.py}"  # every Triton config compiled, full product
+# CUDA + Triton vs the reference -> verified.json (the gpu tests of each op's files; one process)
+TESTS_KERNELS="${KVMEM_GPU_TESTS_KERNELS:-tests/ops/test_paged_attention_gpu.py tests/ops/test_cache_write.py tests/ops/test_merge_states.py}"
+TESTS_TRITON="${KVMEM_GPU_TESTS_TRITON:-tests/ops/test_paged_attention_triton.py}"  # every Triton config compiled, full product
 TESTS_HF="${KVMEM_GPU_TESTS_HF:-tests/test_hf.py}"              # CUDA-graph capture/replay, device_map
 
 # ---- estimates (seconds) the watchdog plans with: rough, for an H100/H200 with 16 cores; each

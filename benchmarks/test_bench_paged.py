@@ -80,7 +80,7 @@ def _case(dev, quick, batch, ctx, q_len):
     skipped += skip
     if dev != "cuda":
         skipped.append(("kvmem[triton]", "timed on CUDA only (on CPU Triton runs only in its interpreter: "
-                                         "tests/test_triton.py)"))
+                                         "tests/ops/test_paged_attention_triton.py)"))
     found, skip = peers.peer_impls(b, flex_compile=flex_compiled(dev, quick))
     skipped += skip
     byname = {i.name: i for i in forced + found}

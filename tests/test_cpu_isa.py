@@ -42,7 +42,7 @@ def _child(mode: str) -> None:
             torch.empty(1, 4, 64), torch.empty(1, 16, 2, 64))).name == "cpu"  # KVMEM_BACKEND=cpu
         features = list(FEATURES)
 
-        from test_cpu_kernels import run_and_compare
+        from backends import run_and_compare  # tests/ops/backends.py
 
         def run(case, label):
             run_and_compare(case, f"KVMEM_CPU_ISA={os.environ.get('KVMEM_CPU_ISA')} {label}")
@@ -79,7 +79,8 @@ def run_child(isa, mode="product"):
     if isa is not None:
         env["KVMEM_CPU_ISA"] = isa
     env["KVMEM_BACKEND"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    paths = [ROOT, HERE, os.path.join(HERE, "ops")]  # kvmem; cases.py; ops/backends.py
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     res = subprocess.run([sys.executable, os.path.abspath(__file__), mode], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"KVMEM_CPU_ISA={isa}:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"

@@ -1,6 +1,6 @@
 """The verified-record gate (CPU): the dispatcher picks the CUDA kernels by default only for
 configurations the committed record lists for this GPU arch; the record format round-trips from
-what tests/test_gpu.py writes, through tools/merge_verified.py, to ``is_verified``."""
+what the gpu tests of tests/ops write, through tools/merge_verified.py, to ``is_verified``."""
 
 import json
 import os

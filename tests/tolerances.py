@@ -16,9 +16,10 @@ LSE = dict(atol=5e-5, rtol=5e-5)
 # The reference checked against dense SDPA (both fp32 math, different kernels).
 DENSE = dict(atol=2e-5, rtol=2e-5)
 
-# Triton kernels (tests/test_triton.py, and the forced-Triton dispatch test): fp32 tiles go through
-# tl.dot and the interpreter's numpy matmuls, a summation order further from the reference's than
-# the C++ kernels' (hence fp32 looser than OUT); low precision is bounded by the output rounding.
+# Triton kernels (tests/ops/test_paged_attention_triton.py, the ops' Triton cases, and the
+# forced-Triton dispatch test): fp32 tiles go through tl.dot and the interpreter's numpy matmuls,
+# a summation order further from the reference's than the C++ kernels' (hence fp32 looser than
+# OUT); low precision is bounded by the output rounding.
 TRITON_OUT = {
     torch.float32: dict(atol=2e-4, rtol=2e-4),
     torch.float16: dict(atol=2e-3, rtol=2e-3),

@@ -14,7 +14,7 @@ vectorisation, shared memory) matches what runs:
   block-table rows, lse, split lse) and compiled plain here, or is a stride over head_dim-sized
   rows / head_dim itself, a multiple of 16 for every supported head dim, and marked here. An int
   argument in neither group is an error (:func:`build_source`), so the two cannot drift apart;
-  tests/test_gpu.py checks real launches against :func:`build_source` on CPU;
+  tests/ops/test_paged_attention_gpu.py checks real launches against :func:`build_source` on CPU;
 * pointers get the /16 hint (torch allocations are 16-byte aligned; the ops pass whole tensors
   or head-slices of them);
 * the slot mapping of cache_write is int64 (what the public op passes).

@@ -3,7 +3,7 @@
 
     python tools/merge_verified.py OUT/verified.json [--into kvmem/verified/cuda.json]
 
-``OUT/verified.json`` is what ``benchmarks/gpu_check.sh`` (tests/test_gpu.py) writes: the format
+``OUT/verified.json`` is what ``benchmarks/gpu_check.sh`` (the gpu tests of tests/ops) writes: the format
 of kvmem/verified/cuda.json holding the record of the GPU architecture it ran on. Each arch in it
 replaces that arch's record in the committed file (a fresh run supersedes an older one); other
 archs are kept. Then commit the file:

@@ -1,7 +1,7 @@
 """The record of configurations verified on real GPUs (``cuda.json`` beside this file).
 
-``benchmarks/gpu_check.sh`` runs every backend against the reference on a GPU; tests/test_gpu.py
-writes the CUDA passes to ``$OUT/verified.json`` in exactly this file's format, and
+``benchmarks/gpu_check.sh`` runs every backend against the reference on a GPU; the ``gpu`` tests of
+tests/ops write the CUDA passes to ``$OUT/verified.json`` in exactly this file's format, and
 ``python tools/merge_verified.py $OUT/verified.json`` merges them into ``kvmem/verified/cuda.json``
 (committing that is what lets the dispatcher choose the CUDA kernels by default on that GPU
 architecture). The format::

@@ -1,9 +1,10 @@
-"""Every GPU backend vs the reference on a real GPU (tests marked ``gpu``), plus CPU checks of
-what those tests rely on.
+"""paged_attention on a real GPU, every GPU backend (``cuda``, compiled ``triton``) vs the
+reference (tests marked ``gpu``), plus CPU checks of what those tests rely on.
 
-With ``KVMEM_VERIFY_OUT=path.json`` the CUDA configurations that passed are written there in
-exactly the format of kvmem/verified/cuda.json (one record, for this GPU's arch), and the Triton
-ones beside it as ``<path>_triton.json`` (information only: Triton needs no record).
+With ``KVMEM_VERIFY_OUT=path.json`` the CUDA configurations that passed (these tests' and
+test_cache_write.py's ``test_cache_write_and_merge_gpu``) are written there in exactly the format
+of kvmem/verified/cuda.json (one record, for this GPU's arch), and the Triton ones beside it as
+``<path>_triton.json`` (information only: Triton needs no record): tests/ops/conftest.py.
 benchmarks/gpu_check.sh does this; ``python tools/merge_verified.py path.json`` merges the CUDA
 record into kvmem/verified/cuda.json.
 
@@ -16,7 +17,6 @@ strided (interleaved K/V pool, q sliced from qkv) and contiguous layouts, and a 
 many splits.
 """
 
-import json
 import math
 import os
 
@@ -24,9 +24,9 @@ import pytest
 import torch
 
 import kvmem
+from backends import PASSED, on
 from cases import FEATURES, MODES, make_case, to_device
-from kvmem import _ext, verified
-from kvmem.ops import reference
+from kvmem import _ext
 from kvmem.ops.paged_attention.capabilities import CUDA_MAX_SEQLEN_Q
 from tolerances import assert_close
 
@@ -36,36 +36,6 @@ BLOCK_SIZES = [1, 8, 16, 32, 64, 128, 256]
 GROUPS = (1, 3, 4, 7, 8, 12, 16)  # 12 and 16: the CUDA kernel's chunks of 8 query heads
 # speculative decoding: several query tokens per sequence through the decode kernels
 GPU_MODES = {**MODES, "spec": ([2, 5, 8, 3], [9, 40, 8, 70])}
-PASSED = {}
-
-
-def _arch() -> str:
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_record():
-    yield
-    path = os.environ.get("KVMEM_VERIFY_OUT")
-    if not (path and torch.cuda.is_available() and PASSED):
-        return
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    facts = dict(gpu=torch.cuda.get_device_name(), driver=verified.gpu_driver_version(),
-                 torch_version=torch.__version__, triton_version=triton_version, cuda_version=torch.version.cuda)
-    stem, ext = os.path.splitext(path)
-    for backend, target in (("cuda", path), ("triton", f"{stem}_triton{ext or '.json'}")):
-        doc = ("CUDA configurations that passed tests/test_gpu.py; merge into kvmem/verified/cuda.json with "
-               f"`python tools/merge_verified.py {path}`" if backend == "cuda" else
-               "Triton configurations that passed tests/test_gpu.py (information only)")
-        rec = verified.make_record(_arch(), PASSED.get(backend, []), doc=doc, **facts)
-        with open(target, "w") as f:
-            json.dump(rec, f, indent=1)
-            f.write("\n")
 
 
 def _supported(backend, dtype):
@@ -110,15 +80,14 @@ def _triton_modules():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_paged_attention_gpu(monkeypatch, backend, dtype_name, head_dim, block_size):
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@on("cuda", "triton")
+def test_paged_attention_gpu(backend, dtype_name, head_dim, block_size):
     dtype = DTYPES[dtype_name]
     if not _supported(backend, dtype):
         pytest.skip(f"{backend} has no {dtype_name} paged_attention")
-    monkeypatch.setenv("KVMEM_BACKEND", backend)
     features = list(FEATURES)
     seed = 0
     for gi, group in enumerate(GROUPS):
@@ -144,12 +113,11 @@ def test_paged_attention_gpu(monkeypatch, backend, dtype_name, head_dim, block_s
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("num_splits_hint", ["short", "long"])
-def test_padding_tokens_untouched_gpu(monkeypatch, backend, num_splits_hint):
+@on("cuda", "triton")
+def test_padding_tokens_untouched_gpu(backend, num_splits_hint):
     """Rows of q past cu_seqlens_q[-1] (a CUDA graph captured for more tokens; only possible
     with check=False) belong to no sequence: not written, and no out-of-bounds reads."""
-    monkeypatch.setenv("KVMEM_BACKEND", backend)
     kv_lens = [9, 33] if num_splits_hint == "short" else [3000, 1200]
     case = make_case([1, 2], kv_lens, num_heads=24, num_kv_heads=2, head_dim=128, block_size=16,
                      dtype=torch.bfloat16, seed=5, device="cuda", sink=True)
@@ -162,42 +130,6 @@ def test_padding_tokens_untouched_gpu(monkeypatch, backend, num_splits_hint):
     ref, _ = case.reference()
     assert_close(out[:-pad], ref)
     assert bool((out[-pad:] == 7.0).all()), "padding rows were written"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_cache_write_and_merge_gpu(monkeypatch, backend, dtype_name, head_dim):
-    dtype = DTYPES[dtype_name]
-    monkeypatch.setenv("KVMEM_BACKEND", backend)
-    g = torch.Generator().manual_seed(head_dim)
-    for block_size in (1, 16, 64, 128, 256):
-        k_cache = torch.full((7, block_size, 3, head_dim), math.nan, dtype=dtype)
-        v_cache = torch.full_like(k_cache, math.nan)
-        packed = torch.randn(20, 8, head_dim, generator=g).to(dtype)
-        k, v = packed[:, :3], packed[:, 3:6]
-        slots = torch.randperm(7 * block_size, generator=g)[:20] if 7 * block_size >= 20 else \
-            torch.cat([torch.randperm(7 * block_size, generator=g), torch.full((20 - 7 * block_size,), -1)])
-        slots[::4] = -1
-        ref_k, ref_v = k_cache.clone(), v_cache.clone()
-        reference.cache_write(k, v, ref_k, ref_v, slots)
-        kc, vc = k_cache.cuda(), v_cache.cuda()
-        packed_d = packed.cuda()  # k, v stay strided slices of the packed projection on the GPU
-        kvmem.cache_write(packed_d[:, :3], packed_d[:, 3:6], kc, vc, slots.cuda())
-        torch.testing.assert_close(kc.cpu(), ref_k, equal_nan=True, atol=0, rtol=0)
-        torch.testing.assert_close(vc.cpu(), ref_v, equal_nan=True, atol=0, rtol=0)
-    out_a, out_b = (torch.randn(33, 5, head_dim, generator=g).to(dtype) for _ in range(2))
-    lse_a, lse_b = (torch.randn(33, 5, generator=g) * 3 for _ in range(2))
-    lse_a[0], lse_b[1] = -math.inf, -math.inf
-    out_a[0], out_b[1] = math.nan, math.nan
-    lse_a[2], lse_b[2] = -math.inf, -math.inf
-    out, lse = kvmem.merge_states(out_a.cuda(), lse_a.cuda(), out_b.cuda(), lse_b.cuda())
-    ref, ref_lse = reference.merge_states(out_a, lse_a, out_b, lse_b)
-    assert_close(out.cpu(), ref)
-    assert_close(lse.cpu(), ref_lse, what="lse")
-    for op in ("cache_write", "merge_states"):
-        PASSED.setdefault(backend, []).append({"op": op, "dtype": dtype_name, "head_dim": head_dim, "block_size": 0})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,14 +155,16 @@ def test_cases_keep_strides_on_device():
 def _aot_tool():
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "aot_compile_triton.py")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "tools", "aot_compile_triton.py")
     spec = importlib.util.spec_from_file_location("aot_compile_triton", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_aot_variants_match_jit_specialization(monkeypatch):
+@on("triton")
+def test_aot_variants_match_jit_specialization(backend, monkeypatch):
     """Launches through the public ops (interpreter, CPU) specialise exactly like the variant
     tools/aot_compile_triton.py compiles: same int constants (an argument equal to 1 would be
     one unless in do_not_specialize), same /16 hints, and the variant is in the enumeration.
@@ -241,10 +175,7 @@ def test_aot_variants_match_jit_specialization(monkeypatch):
     import importlib
 
     msel = importlib.import_module("kvmem.ops.memory_select.triton")
-
-    if not configs.interpreting():
-        pytest.skip("runs the Triton launchers under TRITON_INTERPRET=1 (CPU)")
-    aot = _aot_tool()
+    aot = _aot_tool()  # the backend fixture skips unless the launchers run under TRITON_INTERPRET=1 (CPU)
     records = []
 
     class Recorder:
@@ -262,7 +193,6 @@ def test_aot_variants_match_jit_specialization(monkeypatch):
                               (ms, "_merge_states_kernel", "merge_states"), (cw, "_cache_write_kernel", "cache_write"),
                               (msel, "_block_scores_kernel", "memory_select_scores")):
         monkeypatch.setattr(mod, attr, Recorder(kernel, getattr(mod, attr)))
-    monkeypatch.setenv("KVMEM_BACKEND", "triton")
     for dtype, q_lens, kv_lens, bs, hq, feats in (
             (torch.float16, [1], [5], 16, 4, {}),  # one-column block table, unsplit decode
             (torch.float16, [1, 1], [700, 40], 8, 4, dict(sink=True)),  # split decode + reduce
