@@ -1,0 +1,121 @@
+"""Memory attention on the fast paged-attention kernels: compacted block tables, one call per KV head.
+
+For each (row, KV head) the keys of memory attention — sink pages, the selected bank pages, the
+window pages — form a page-aligned *compacted* block table whose causal order is the original
+one, and whose key ``j`` sits at compacted position ``j`` (the position RoPE-on-load rotates it
+at). So memory attention *is* ``paged_attention`` over that table, for the KV head's group of
+query heads, on a one-KV-head view of the pools (the kernels take strides: no copy). This module
+builds the tables on the device (no host sync, fixed shapes for a fixed ``top_k``) and runs one
+``paged_attention`` per KV head through the dispatcher, so every paged backend (C++ CPU, Triton,
+CUDA) serves memory attention with one softmax and exact results.
+
+Cost over ``paged_attention`` on the same keys: building ``[num_kv_heads, batch, width]`` int32
+tables, and ``num_kv_heads`` kernel calls instead of one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["compacted_tables", "memory_attention"]
+
+
+def compacted_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, window_start: torch.Tensor,
+                     bank_table: torch.Tensor, selected: torch.Tensor, sink_blocks: int, block_size: int,
+                     window_blocks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The compacted block tables and key counts of every (KV head, row).
+
+    Parameters
+    ----------
+    block_table: [batch, max_blocks] int32
+    seq_lens: [batch] int32
+    window_start: [batch] int32
+    bank_table: [batch, max_bank] int32
+    selected: [batch, num_kv_heads, top_k] int32 (ascending, -1 padding last)
+    sink_blocks, block_size: host ints
+    window_blocks: host int, an upper bound of the window's page count of any row
+
+    Returns
+    -------
+    tables: [num_kv_heads, batch, sink_blocks + top_k + window_blocks] int32 (entries past a
+        table's length are arbitrary valid page ids, never read)
+    lens: [num_kv_heads, batch] int32, keys in each compacted table
+    """
+    batch, max_blocks = block_table.shape
+    num_kv_heads, top_k = selected.shape[1], selected.shape[2]
+    width = sink_blocks + top_k + window_blocks
+    dev = block_table.device
+    slot = torch.arange(width, device=dev, dtype=torch.int64)  # [W]
+    sel = selected.to(torch.int64)
+    n_sel = (sel >= 0).sum(-1)  # [B, Hkv]
+    table = block_table.to(torch.int64)
+    if bank_table.shape[1] > 0 and top_k > 0:
+        sel_pages = torch.gather(bank_table.to(torch.int64), 1, sel.clamp(min=0).reshape(batch, -1))
+        sel_pages = sel_pages.reshape(batch, num_kv_heads, top_k)
+        sel_at = sel_pages[:, :, (slot - sink_blocks).clamp(0, top_k - 1)]  # [B, Hkv, W]
+    else:
+        sel_at = torch.zeros(batch, num_kv_heads, width, dtype=torch.int64, device=dev)
+    w0 = window_start.to(torch.int64)
+    win_idx = w0[:, None, None] + (slot[None, None, :] - sink_blocks - n_sel[:, :, None])
+    win_idx = win_idx.clamp(0, max_blocks - 1)
+    win_at = torch.gather(table, 1, win_idx.reshape(batch, -1)).reshape(batch, num_kv_heads, width)
+    if sink_blocks > 0:
+        sink_at = table[:, slot.clamp(max=min(sink_blocks, max_blocks) - 1)][:, None, :]
+    else:
+        sink_at = win_at
+    in_sinks = slot[None, None, :] < sink_blocks
+    in_sel = slot[None, None, :] < sink_blocks + n_sel[:, :, None]
+    out = torch.where(in_sinks, sink_at, torch.where(in_sel, sel_at, win_at))
+    # Rows whose window is empty keep only their sinks (nothing is selected there).
+    lens64 = seq_lens.to(torch.int64)[:, None]
+    n_pages = (lens64 + block_size - 1) // block_size
+    shift = (w0[:, None] - sink_blocks - n_sel) * block_size
+    lens = torch.where(n_pages > w0[:, None], lens64 - shift, lens64.clamp(max=sink_blocks * block_size))
+    return (out.permute(1, 0, 2).to(torch.int32).contiguous(),
+            lens.t().to(torch.int32).contiguous())
+
+
+def memory_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k, *,
+                     sink_blocks: int, window_start, bank_table, selected, scale: float,
+                     softcap: Optional[float] = None, sink_logits=None, k_scale=None, v_scale=None,
+                     rope_cos_sin=None, rope_neox: bool = True, out=None, lse=None, paged_attention=None):
+    """Memory attention as ``num_kv_heads`` paged-attention calls over compacted tables.
+
+    Arguments as ``kvmem.ops.memory_attention.memory_attention`` (already validated); ``out``
+    ``[T, Hq, D]`` and ``lse`` ``[T, Hq]`` fp32 (optional) are written in place.
+    ``paged_attention``: the function to run (default: ``kvmem.paged_attention`` without checks,
+    i.e. the dispatcher's choice).
+    """
+    if paged_attention is None:
+        from kvmem.ops import paged_attention as _pa
+
+        def paged_attention(*args, **kwargs):
+            return _pa(*args, check=False, **kwargs)
+
+    num_heads = q.shape[1]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_blocks = block_table.shape[1]
+    window_blocks = max(1, min(max_blocks, -(-max_seqlen_k // block_size)) - sink_blocks)
+    tables, lens = compacted_tables(block_table, seq_lens, window_start, bank_table, selected, sink_blocks,
+                                    block_size, window_blocks)
+    max_k = min(max_seqlen_k, tables.shape[2] * block_size)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for h in range(num_kv_heads):
+        heads = slice(h * group, (h + 1) * group)
+        per_head = {}
+        if k_scale is not None:
+            per_head["k_scale"] = k_scale if k_scale.dim() == 0 else k_scale[h:h + 1]
+            per_head["v_scale"] = v_scale if v_scale.dim() == 0 else v_scale[h:h + 1]
+        res = paged_attention(
+            q[:, heads], k_cache[:, :, h:h + 1], v_cache[:, :, h:h + 1], tables[h], lens[h], cu_seqlens_q,
+            max_seqlen_q, max_k, scale=scale, causal=True, softcap=softcap,
+            sink_logits=None if sink_logits is None else sink_logits[heads],
+            rope_cos_sin=rope_cos_sin, rope_neox=rope_neox, out=out[:, heads], return_lse=lse is not None,
+            **per_head)
+        if lse is not None:
+            lse[:, heads] = res[1]
+    return out

@@ -1,0 +1,191 @@
+"""memory_select and block summaries: independent scoring, tie order, padding, the Quest bound, bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmem.ops.memory_select import block_scores, compute_summaries, memory_select, write_summaries
+
+BLOCK_SIZE = 16
+# (num_heads, num_kv_heads): GQA groups 1, 3, 4, 7, 8.
+GROUPS = [(2, 2), (6, 2), (4, 1), (7, 1), (8, 1)]
+
+
+def _bank(bank_lens, *, num_kv_heads=2, head_dim=64, q_lens=None, num_heads=None, seed=0, dtype=torch.float32):
+    """Random full pages in a shuffled pool (unused pages NaN), one bank per row."""
+    g = torch.Generator().manual_seed(seed)
+    num_heads = num_heads or 2 * num_kv_heads
+    q_lens = q_lens or [1] * len(bank_lens)
+    num_blocks = sum(bank_lens) + 4
+    k_cache = torch.full((num_blocks, BLOCK_SIZE, num_kv_heads, head_dim), math.nan, dtype=dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    bank_table = torch.full((len(bank_lens), max(bank_lens + [0]) + 1), -1, dtype=torch.int32)
+    for b, n in enumerate(bank_lens):
+        for j in range(n):
+            page = perm.pop()
+            k_cache[page] = torch.randn(BLOCK_SIZE, num_kv_heads, head_dim, generator=g).to(dtype)
+            bank_table[b, j] = page
+    summaries = torch.full((num_blocks, num_kv_heads, 2, head_dim), math.nan)
+    live = bank_table[bank_table >= 0]
+    write_summaries(summaries, k_cache, live)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=g).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return q, k_cache, summaries, bank_table, torch.tensor(bank_lens, dtype=torch.int32), cu
+
+
+def _independent_scores(q, k_cache, bank_table, bank_lens, cu, summary="minmax"):
+    """fp64, one (row, KV head, bank position) at a time, straight from the page's keys."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    scores = {}
+    for b in range(bank_table.shape[0]):
+        if cu[b + 1] == cu[b]:
+            continue
+        qt = q[int(cu[b])].double()
+        for h in range(num_kv_heads):
+            for j in range(int(bank_lens[b])):
+                keys = k_cache[int(bank_table[b, j]), :, h].double()  # [bs, D]
+                best = -math.inf
+                for hq in range(h * group, (h + 1) * group):
+                    if summary == "minmax":
+                        s = torch.maximum(qt[hq] * keys.min(0).values, qt[hq] * keys.max(0).values).sum()
+                    else:
+                        centre = keys.mean(0)
+                        s = (qt[hq] * centre + qt[hq].abs() * (keys - centre).abs().mean(0)).sum()
+                    best = max(best, float(s))
+                scores[b, h, j] = best / math.sqrt(head_dim)
+    return scores
+
+
+@pytest.mark.parametrize("summary", ["minmax", "box"])
+@pytest.mark.parametrize("heads", GROUPS, ids=lambda h: f"Hq{h[0]}Hkv{h[1]}")
+def test_matches_independent_scoring(heads, summary):
+    bank_lens, top_k = [9, 0, 3, 14], 4
+    q, k_cache, _, bank_table, lens, cu = _bank(bank_lens, num_heads=heads[0], num_kv_heads=heads[1],
+                                                q_lens=[1, 2, 5, 1], seed=heads[0])
+    summaries = torch.full((k_cache.shape[0],) + k_cache.shape[2:3] + (2, k_cache.shape[3]), math.nan)
+    write_summaries(summaries, k_cache, bank_table[bank_table >= 0], summary=summary)
+    selected = memory_select(q, summaries, bank_table, lens, cu, top_k, summary=summary)
+    assert selected.shape == (4, heads[1], top_k) and selected.dtype == torch.int32
+    want = _independent_scores(q, k_cache, bank_table, lens, cu, summary)
+    for b, n in enumerate(bank_lens):
+        for h in range(heads[1]):
+            got = [int(i) for i in selected[b, h] if i >= 0]
+            assert got == sorted(got) and len(got) == min(top_k, n)
+            assert selected[b, h, len(got):].eq(-1).all()
+            ranked = sorted(range(n), key=lambda j: (-want[b, h, j], j))
+            if not ranked:
+                continue
+            kth = want[b, h, ranked[min(top_k, n) - 1]]
+            sure = {j for j in ranked[:top_k] if abs(want[b, h, j] - kth) > 1e-5}
+            assert sure <= set(got), (b, h, got, ranked[:top_k])
+            assert all(want[b, h, j] >= kth - 1e-5 for j in got)
+
+
+def test_scores_and_padding():
+    q, _, summaries, bank_table, lens, cu = _bank([5, 2, 0], seed=4)
+    scores = block_scores(q, summaries, bank_table, lens, cu)
+    assert scores.shape == (3, 2, bank_table.shape[1])
+    assert torch.isinf(scores[0, :, 5:]).all() and torch.isinf(scores[2]).all() and scores[0, :, :5].isfinite().all()
+    selected = memory_select(q, summaries, bank_table, lens, cu, 3)
+    assert selected[1].tolist() == [[0, 1, -1], [0, 1, -1]]  # top_k > bank size: all, -1 padded
+    assert selected[2].eq(-1).all()  # empty bank
+    assert memory_select(q, summaries, bank_table, lens, cu, 0).shape == (3, 2, 0)  # StreamingLLM
+
+
+def test_ties_take_the_lower_position():
+    q, k_cache, summaries, bank_table, lens, cu = _bank([6], seed=5)
+    page = bank_table[0, 4]
+    for j in (1, 2, 5):  # positions 1, 2, 4, 5 hold the same page: equal scores
+        bank_table[0, j] = page
+    scores = block_scores(q, summaries, bank_table, lens, cu)[0]
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    selected = memory_select(q, summaries, bank_table, lens, cu, 2)
+    for h in range(2):
+        assert selected[0, h].tolist() == sorted(order[h, :2].tolist())
+        if scores[h, 4] == scores[h].max():
+            assert selected[0, h].tolist() == [1, 2]
+
+
+def test_first_query_of_each_segment_and_query_index():
+    q, _, summaries, bank_table, lens, cu = _bank([8, 8], q_lens=[4, 3], seed=6)
+    selected = memory_select(q, summaries, bank_table, lens, cu, 3)
+    later = q.clone()
+    later[1:4] = torch.randn(3, *q.shape[1:])  # tokens after row 0's first: no influence
+    assert torch.equal(memory_select(later, summaries, bank_table, lens, cu, 3), selected)
+    index = torch.tensor([2, 4], dtype=torch.int32)
+    by_index = memory_select(q, summaries, bank_table, lens, cu, 3, query_index=index)
+    alone = memory_select(q[[2, 4]], summaries, bank_table, lens, torch.tensor([0, 1, 2], dtype=torch.int32), 3)
+    assert torch.equal(by_index, alone)
+    none = memory_select(q, summaries, bank_table, lens, cu, 3, query_index=torch.tensor([-1, 4], dtype=torch.int32))
+    assert none[0].eq(-1).all() and torch.equal(none[1], by_index[1])
+
+
+def test_needle_page_is_selected():
+    q, k_cache, summaries, bank_table, lens, cu = _bank([20], num_kv_heads=1, num_heads=3, seed=7)
+    needle = int(bank_table[0, 13])
+    k_cache[needle, 5, 0] = 4 * q[0, 1]  # one key aligned with one query head of the group
+    write_summaries(summaries, k_cache, bank_table[0, :20])
+    assert 13 in memory_select(q, summaries, bank_table, lens, cu, 1)[0, 0].tolist()
+
+
+def test_summaries_write_only_their_pages_and_apply_k_scale():
+    _, k_cache, summaries, bank_table, _, _ = _bank([4], seed=8)
+    pool = torch.full_like(summaries, math.nan)
+    write_summaries(pool, k_cache, bank_table[0, :2].long())
+    assert torch.equal(pool[bank_table[0, :2].long()], summaries[bank_table[0, :2].long()])
+    untouched = torch.ones(pool.shape[0], dtype=torch.bool)
+    untouched[bank_table[0, :2].long()] = False
+    assert pool[untouched].isnan().all()
+    scale = torch.tensor([0.5, 2.0])
+    scaled = compute_summaries(k_cache, bank_table[0, :1], k_scale=scale)
+    torch.testing.assert_close(scaled, summaries[bank_table[0, :1].long()] * scale.view(1, 2, 1, 1))
+    half = compute_summaries(k_cache.to(torch.bfloat16), bank_table[0, :1])
+    assert half.dtype == torch.float32
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), head_dim=st.sampled_from([8, 64, 80]), spread=st.floats(0.01, 100.0))
+def test_minmax_score_bounds_every_key(seed, head_dim, spread):
+    """Quest's bound: a page's min/max score >= the true max q.k over its keys (fp32 rounding aside)."""
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(2, BLOCK_SIZE, 1, head_dim, generator=g) * spread
+    q = torch.randn(1, 1, head_dim, generator=g) * spread
+    summaries = compute_summaries(k_cache, torch.tensor([0, 1]))
+    bank_table = torch.tensor([[0, 1]], dtype=torch.int32)
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    bound = block_scores(q, summaries, bank_table, torch.tensor([2], dtype=torch.int32), cu, scale=1.0)[0, 0]
+    true_max = (k_cache[:, :, 0].double() @ q[0, 0].double()).amax(dim=1)
+    slack = 1e-5 * (k_cache.double().abs().amax() * q.double().abs().sum())
+    assert (bound.double() >= true_max - slack).all()
+
+
+def _bad(match, *args, **kw):
+    with pytest.raises((ValueError, TypeError), match=match):
+        memory_select(*args, **kw)
+
+
+def test_bad_input_is_named():
+    q, k_cache, summaries, bank_table, lens, cu = _bank([3, 2], seed=9)
+    _bad("'top_k'", q, summaries, bank_table, lens, cu, -1)
+    _bad("'top_k'", q, summaries, bank_table, lens, cu, 2.0)
+    _bad("'summary'", q, summaries, bank_table, lens, cu, 2, summary="mean")
+    _bad("'summaries'.*shape", q, summaries[:, :, :1], bank_table, lens, cu, 2)
+    _bad("'q'.*divisible", q[:, :3], summaries, bank_table, lens, cu, 2)
+    _bad("'bank_lens'.*max_bank", q, summaries, bank_table, lens + 5, cu, 2)
+    _bad("'bank_lens'", q, summaries, bank_table, lens.long(), cu, 2)
+    broken = bank_table.clone()
+    broken[0, 1] = -1
+    _bad("'bank_table'.*page ids", q, summaries, broken, lens, cu, 2)
+    _bad("'query_index'", q, summaries, bank_table, lens, cu, 2, query_index=torch.tensor([0, 9], dtype=torch.int32))
+    _bad("'cu_seqlens_q'", q, summaries, bank_table, lens, cu[:2], 2)
+    with pytest.raises(ValueError, match="'page_ids'"):
+        compute_summaries(k_cache, torch.tensor([k_cache.shape[0]]))
+    with pytest.raises(ValueError, match="'summaries'.*one row per page"):
+        write_summaries(summaries[:3], k_cache, torch.tensor([0]))
+    with pytest.raises(ValueError, match="'summary'"):
+        write_summaries(summaries, k_cache, torch.tensor([0]), summary="mean")
