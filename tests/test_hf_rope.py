@@ -258,3 +258,37 @@ def test_shape_errors():
         unrotate(x, torch.ones(3, 10), torch.zeros(3, 10))
     with pytest.raises(ValueError, match="differ in shape"):
         unrotate(x, torch.ones(3, 8), torch.zeros(3, 4))
+
+
+def _families():
+    from test_hf_families import BUILD
+    return sorted(BUILD)
+
+
+@pytest.mark.parametrize("family", _families())
+def test_every_family_table_matches_its_attention_modules(family):
+    """Per layer (Gemma 3: local and global bases), the (cos, sin) each attention module receives are
+    the rows of ``rope_table(model, n, layer_idx=i)``; every supported family is "neox"."""
+    from test_hf_families import build
+    model = build(family)
+    assert rope_layout(model) == "neox"
+    seen = {}
+    handles = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        handles.append(attn.register_forward_pre_hook(
+            lambda m, a, kw: seen.__setitem__(m.layer_idx, kw["position_embeddings"]), with_kwargs=True))
+    pos = torch.tensor([[0, 5, 33, 70, 200, 511]])
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5, 6, 7, 8]]), position_ids=pos)
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(seen) == list(range(len(model.model.layers)))
+    for i, (cos, sin) in seen.items():
+        half_table = rope_half_table(model, layer_idx=i)
+        rot = rotary_dim(model, layer_idx=i)
+        assert rot == (2 if half_table else 1) * cos.shape[-1]
+        want = torch.cat((cos, sin), -1) if half_table else torch.cat((cos[..., :rot // 2], sin[..., :rot // 2]), -1)
+        torch.testing.assert_close(rope_table(model, 512, layer_idx=i)[pos[0]], want[0], rtol=0, atol=1e-6)
