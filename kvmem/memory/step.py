@@ -47,7 +47,9 @@ class SegmentGroup:
     query_index: [n] int32, relative to ``t0``; -1 = selects nothing
     num_selected: [n] int32, ``min(top_k, bank_len)`` or 0 (host-known: selection fills it)
     positions: [t1 - t0] int64 compacted RoPE position of each query (extend mode)
-    max_seqlen_q, max_seqlen_k: host bounds
+    max_seqlen_q: host int, the longest segment
+    max_seqlen_k: host int, the longest *compacted* key count (sinks + selected + window keys), which
+        bounds what memory attention reads and the RoPE positions it rotates at
     """
 
     tokens: tuple
@@ -149,7 +151,7 @@ def plan_memory_step(banks: RowBanks, page_tables: Sequence[Sequence[int]], seq_
             cu_seqlens_q=_i32(cu, dev), seq_lens=_i32(seq_lens, dev), window_start=_i32(w0, dev),
             bank_lens=_i32(bank_lens, dev), query_index=_i32(query_index, dev), num_selected=_i32(n_sel, dev),
             positions=torch.as_tensor(positions.astype(np.int64)).to(dev), max_seqlen_q=int(q_len.max()),
-            max_seqlen_k=int(seq_lens.max())))
+            max_seqlen_k=int((seq_lens - (w0 - sink_blocks - n_sel) * bs).max())))
         for k, s in enumerate(part):
             last[s[0]] = (len(groups) - 1, k)
             last_w0[s[0]] = s[4]
