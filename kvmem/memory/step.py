@@ -95,7 +95,8 @@ def _i32(x, device):
 
 def plan_memory_step(banks: RowBanks, page_tables: Sequence[Sequence[int]], seq_lens_before: Sequence[int],
                      q_lens: Sequence[int], *, top_k: int, chunk_size: int, device=None,
-                     extra_summarise: Sequence[int] = (), bank_width: Optional[int] = None) -> MemoryStep:
+                     extra_summarise: Sequence[int] = (), bank_width: Optional[int] = None,
+                     pad_summarise_to: Optional[int] = None) -> MemoryStep:
     """Evict (``banks`` changes) and build the step's tables (see the module docstring).
 
     Parameters
@@ -106,6 +107,8 @@ def plan_memory_step(banks: RowBanks, page_tables: Sequence[Sequence[int]], seq_
     top_k, chunk_size: of the resolved ``MemoryConfig``
     extra_summarise: page ids to summarise too (blocks of a step that did not complete)
     bank_width: fixed ``bank_table`` width (default: the longest bank, at least 1)
+    pad_summarise_to: pad ``summarise`` with -1 (the summary pool's scratch row) to this length
+        (static shapes: a decode step evicts at most one block per row)
     """
     bs, sink_blocks = banks.block_size, banks.sink_blocks
     segs = []  # (row, t_start, t_end, seq_len, w0, bank_len, in_window)
@@ -156,6 +159,11 @@ def plan_memory_step(banks: RowBanks, page_tables: Sequence[Sequence[int]], seq_
             last[s[0]] = (len(groups) - 1, k)
             last_w0[s[0]] = s[4]
         i = j
+    if pad_summarise_to is not None:
+        if len(evicted) > pad_summarise_to:
+            raise ValueError(f"plan_memory_step: argument 'pad_summarise_to' must be >= the step's {len(evicted)} "
+                             f"evicted blocks, got {pad_summarise_to}")
+        evicted += [-1] * (pad_summarise_to - len(evicted))
     width = bank_width if bank_width is not None else max(1, max((len(p) for p in banks.pages), default=0))
     return MemoryStep(summarise=torch.as_tensor(np.asarray(evicted, dtype=np.int64)).to(device),
                       bank_table=banks.bank_table(width=width, device=device), groups=groups, last_segment=last,
