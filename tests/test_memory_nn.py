@@ -103,3 +103,47 @@ def test_memory_attention_decode_step_compiles_fullgraph(mode):
         assert torch.equal(pools[0][0], kc) and torch.equal(summaries[:-1].nan_to_num(), summ[:-1].nan_to_num())
     assert counter.frame_count == 1
     assert banks.bank_lens().tolist() == [(38 - 8) // 4 - 1, (24 - 8) // 4 - 1]
+
+
+@pytest.mark.parametrize("rot", [None, 64, 32])
+@pytest.mark.parametrize("q_lens,kv_lens", [([1, 1, 1], [100, 37, 5]), ([16, 9, 1], [120, 60, 17])])
+def test_kernels_attend_equals_the_reference(rot, q_lens, kv_lens):
+    """The seam's attend (extend mode: rotated scratch pool; exact: compacted paged tables) equals
+    memory_attention's reference with a random, pruning selection (compaction not the identity),
+    GQA 3, softcap and sink logits."""
+    from memory_cases import make_memory_case
+
+    from kvmem.memory import kernels
+    from kvmem.ops.memory_attention import memory_attention
+
+    case = make_memory_case(q_lens, kv_lens, num_heads=6, num_kv_heads=2, top_k=2, rope_rot_dim=rot,
+                            softcap=8.0, sink_logits=True, seed=3)
+    want = memory_attention(*case.args(), **case.memory_kwargs())
+    kw = case.kwargs
+    got = kernels.attend(*case.args(), sink_blocks=case.sink_blocks, window_start=case.window_start,
+                         bank_table=case.bank_table, selected=case.selected, scale=1 / math.sqrt(64),
+                         softcap=kw["softcap"], sink_logits=kw["sink_logits"], rope_cos_sin=kw.get("rope_cos_sin"))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("summary", ["minmax", "box"])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_batched_select_equals_the_reference(summary, group):
+    """Batched selection (no host sync) = the reference (random scores: no near-ties), with
+    empty banks, rows that select nothing (query_index -1) and top_k beyond the bank."""
+    from kvmem.ops.memory_select import batched, reference as select_reference
+
+    g = torch.Generator().manual_seed(group)
+    hkv, d, pages = 2, 32, 60
+    summaries = select_reference.compute_summaries(torch.randn(pages, 16, hkv, d, generator=g),
+                                                   torch.arange(pages), summary=summary)
+    q = torch.randn(9, hkv * group, d, generator=g)
+    cu = torch.tensor([0, 3, 4, 4, 9], dtype=torch.int32)
+    bank_table = torch.randperm(pages, generator=g)[:4 * 12].view(4, 12).to(torch.int32)
+    bank_lens = torch.tensor([12, 5, 3, 0], dtype=torch.int32)
+    index = torch.tensor([1, 3, -1, 4], dtype=torch.int32)
+    for top_k in (0, 4, 20):
+        want = select_reference.memory_select(q, summaries, bank_table, bank_lens, cu, top_k, query_index=index,
+                                              summary=summary)
+        got = batched.memory_select(q, summaries, bank_table, bank_lens, index, top_k, summary=summary)
+        assert torch.equal(got, want)
