@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
 
 # Wall-time budget per test module on the 2-core CI box, in seconds (the whole run must stay
 # under 30 minutes). A module over budget fails the session: trim it rather than raise this.
-BUDGET_S = {"test_triton.py": 600, "test_cpu_kernels.py": 180, "test_hf.py": 300, "test_hf_families.py": 240}
+BUDGET_S = {"test_triton.py": 600, "test_cpu_kernels.py": 180, "test_hf.py": 300, "test_hf_families.py": 240,
+            "test_hf_memory.py": 240}
 DEFAULT_BUDGET_S = 180
 _spent = defaultdict(float)
 

@@ -86,15 +86,14 @@ def _attend_rotated(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, ma
                                                      sink_blocks, block_size, window_blocks)
     width = tables.shape[2]
     positions = torch.arange(width * block_size, device=q.device).clamp(max=rope_cos_sin.shape[0] - 1)
-    positions = positions.repeat(batch)
+    cos, sin = rope_cos_sin.index_select(0, positions).float().chunk(2, dim=-1)  # [width * bs, rot/2], every row
     pages = torch.arange(batch * width, dtype=torch.int32, device=q.device).view(batch, width)
     max_k = min(max_seqlen_k, width * block_size)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for h in range(num_kv_heads):
         ids = tables[h].reshape(-1).long().clamp(min=0)  # entries past a table's length are never read
-        k = k_cache[:, :, h].index_select(0, ids).reshape(-1, 1, head_dim)  # [B * width * bs, 1, D]
-        k = _apply_rotary(k.float(), rope_cos_sin, positions).to(k_cache.dtype)
+        k = _rotate_rows(k_cache[:, :, h].index_select(0, ids).view(batch, width * block_size, head_dim), cos, sin)
         v = v_cache[:, :, h].index_select(0, ids)
         heads = slice(h * group, (h + 1) * group)
         paged_attention(q[:, heads], k.view(-1, block_size, 1, head_dim), v.view(-1, block_size, 1, head_dim),
@@ -102,3 +101,14 @@ def _attend_rotated(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, ma
                         sink_logits=None if sink_logits is None else sink_logits[heads], out=out[:, heads],
                         check=False)
     return out
+
+
+def _rotate_rows(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (neox halves) of ``k: [B, P, D]`` at positions ``0 .. P-1`` of every row, in place of
+    ``apply_rotary`` (no per-key gather of the table, no concatenation); ``cos``/``sin`` ``[P, rot/2]``."""
+    half = cos.shape[-1]
+    x = k.float() if k.dtype != torch.float32 else k.clone()
+    x1, x2 = x[..., :half].clone(), x[..., half:2 * half]
+    x[..., :half].mul_(cos).addcmul_(x2, sin, value=-1.0)
+    x2.mul_(cos).addcmul_(x1, sin)
+    return x.to(k.dtype)
