@@ -8,10 +8,11 @@ from kvmem.cache import BlockAllocator, KVCacheManager, LayerGroupSpec  # noqa: 
 from kvmem.errors import CacheFullError  # noqa: E402
 from kvmem.ops import cache_write, merge_states, paged_attention  # noqa: E402
 
+from kvmem.memory import MemoryConfig  # noqa: E402  (torch only)
 from kvmem import nn  # noqa: E402  (torch only; never imports transformers)
 
 __all__ = ["ops", "backends", "build_info", "BlockAllocator", "KVCacheManager", "LayerGroupSpec",
-           "CacheFullError", "cache_write", "paged_attention", "merge_states", "nn", "patch", "unpatch",
+           "CacheFullError", "MemoryConfig", "cache_write", "paged_attention", "merge_states", "nn", "patch", "unpatch",
            "PagedKVCache", "model_fingerprint", "__version__"]
 
 # The Hugging Face integration, imported on first use so that `import kvmem` never imports

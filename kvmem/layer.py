@@ -64,13 +64,15 @@ class LayerContext:
     layer_idx: the layer (None when the caller has no layer index)
     position_embeddings: ``(cos, sin)`` the attention module applied to this step's q/k, or None
         (keys are stored after RoPE)
-    selections: what a ``select`` stage chose (the memory bank's, later); None today
+    selections: what a ``select`` stage chose (the memory bank's: ``kvmem.memory.stages``), or None
+    memory: the layer's ``kvmem.memory.stages.LayerMemory`` (memory-bank layers), or None
     extra: stage name -> whatever a stage keeps for a later one
     """
 
     layer_idx: Optional[int] = None
     position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     selections: Optional[object] = None
+    memory: Optional[object] = None
     extra: Dict[str, object] = field(default_factory=dict)
 
 

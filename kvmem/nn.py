@@ -22,7 +22,7 @@ import torch
 from kvmem.cache.metadata import StepMetadata, StepPlan
 from kvmem.layer import LayerAttention, LayerContext, run_layer
 
-__all__ = ["PagedAttention", "static_metadata"]
+__all__ = ["PagedAttention", "MemoryAttention", "static_metadata", "static_memory_step"]
 
 
 def static_metadata(md: StepMetadata, *, max_seqlen_q: int, max_seqlen_k: int) -> StepMetadata:
@@ -131,3 +131,104 @@ class PagedAttention(torch.nn.Module):
         sinks = None if self.sink_logits is None else self.sink_logits.detach().float()
         attention = LayerAttention(self.scale, window, self.softcap, sinks)
         return run_layer(self._ops, q, k, v, k_cache, v_cache, md, attention, LayerContext(self.layer_idx))
+
+
+class MemoryAttention(torch.nn.Module):
+    """Memory-bank attention of one layer: write the step's keys/values, summarise the blocks the
+    step evicted, select each segment's top-k bank blocks, attend to sinks + selected blocks +
+    local window in one softmax (``kvmem.memory.stages``; semantics ``kvmem.ops.memory_attention``).
+
+    The caller keeps the per-step host work, once per step for every memory layer: the
+    ``RowBanks`` and ``kvmem.memory.step.plan_memory_step`` (evictions, chunks, sub-block
+    segments). Each layer owns a summary pool ``[num_blocks + 1, Hkv, 2, D]`` fp32
+    (``MemoryAttention.summary_pool``; the last row is scratch for padded eviction lists).
+
+    >>> attn = kvmem.nn.MemoryAttention(9, 3, 64, config=cfg.resolve(model_config, page_size=16))
+    >>> banks = kvmem.memory.RowBanks(sink_blocks=cfg.sink_blocks, window=cfg.window, block_size=16)
+    >>> plan = manager.plan(seq_ids, num_new_tokens)                       # once per step
+    >>> mem = plan_memory_step(banks, tables, lens_before, num_new_tokens, top_k=cfg.top_k,
+    ...                        chunk_size=cfg.chunk_size)                   # once per step
+    >>> out = attn(q, k, v, *pools[layer], plan.for_layer(layer), mem, summaries[layer])
+
+    Parameters
+    ----------
+    num_heads, num_kv_heads, head_dim: as ``PagedAttention``
+    config: a resolved ``kvmem.MemoryConfig`` (``cfg.resolve(model_config, page_size)``)
+    scale, softcap: as ``PagedAttention``
+    layer_idx: this layer's index (messages)
+    backend: ``"auto"`` or a kvmem backend name
+
+    Extend mode (``config.mode == "extend"``): pass ``q``/``k`` *before* RoPE and ``rope_cos_sin``
+    ``[P, rot_dim]`` (cos half, sin half; ``P >= config.max_distance``): queries rotate at their
+    compacted positions, keys on load at theirs. Exact mode: ``q``/``k`` as the model rotated them.
+    For a ``torch.compile(fullgraph=True)`` decode step give fixed shapes: one segment per row,
+    ``bank_width=`` and ``pad_summarise_to=`` of ``plan_memory_step``, and constant host bounds
+    (``static_memory_step``).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *, config, scale: Optional[float] = None,
+                 softcap: Optional[float] = None, layer_idx: Optional[int] = None, backend: str = "auto"):
+        super().__init__()
+        from kvmem.memory import MemoryConfig
+        from kvmem.ops.kernel_ops import KernelOps
+
+        if not isinstance(config, MemoryConfig) or not config.is_resolved:
+            raise TypeError(f"MemoryAttention: config must be a resolved kvmem.MemoryConfig "
+                            f"(MemoryConfig.resolve(model_config, page_size)), got {config!r}")
+        PagedAttention(num_heads, num_kv_heads, head_dim)  # the same argument checks
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.config = config
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.softcap = float(softcap) if softcap else None
+        self.layer_idx = layer_idx
+        self._ops = KernelOps(backend)
+
+    def summary_pool(self, num_blocks: int, device=None) -> torch.Tensor:
+        """A summary pool for a page pool of ``num_blocks`` pages: ``[num_blocks + 1, Hkv, 2, D]`` fp32, NaN."""
+        return torch.full((num_blocks + 1, self.num_kv_heads, 2, self.head_dim), float("nan"), dtype=torch.float32,
+                          device=device)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"mode={c.mode}, sinks={c.sink_tokens}, window={c.window}, top_k={c.top_k}, block={c.block_size}")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, metadata: StepMetadata, memory, summaries: torch.Tensor,
+                rope_cos_sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Write, summarise, select, attend.
+
+        Parameters
+        ----------
+        q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (the pools' dtype)
+        k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim] (block_size = the bank's)
+        metadata: the full-attention group's ``StepMetadata`` of the step
+        memory: the step's ``kvmem.memory.step.MemoryStep``
+        summaries: this layer's summary pool
+        rope_cos_sin: the RoPE table (extend mode), else None
+
+        Returns
+        -------
+        out: [T, num_heads, head_dim] in q's dtype
+        """
+        from kvmem.memory.stages import MEMORY_STAGES, LayerMemory
+
+        if (rope_cos_sin is None) != (self.config.mode == "exact"):
+            raise ValueError(f"MemoryAttention: mode={self.config.mode!r} takes rope_cos_sin "
+                             f"{'None' if self.config.mode == 'exact' else '(the RoPE table)'}")
+        if k_cache.shape[1] != self.config.block_size:
+            raise ValueError(f"MemoryAttention: pages of {k_cache.shape[1]} tokens, the bank's blocks are "
+                             f"{self.config.block_size}")
+        attention = LayerAttention(self.scale, None, self.softcap, None)
+        ctx = LayerContext(self.layer_idx, memory=LayerMemory(self.config, memory, summaries, rope_cos_sin))
+        return run_layer(self._ops, q, k, v, k_cache, v_cache, metadata, attention, ctx, stages=MEMORY_STAGES)
+
+
+def static_memory_step(memory, *, max_seqlen_q: int, max_seqlen_k: int):
+    """``memory`` (a ``MemoryStep``) with constant host bounds in every segment group, for a
+    captured decode step (as ``static_metadata``)."""
+    import dataclasses
+
+    groups = [dataclasses.replace(g, max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
+              for g in memory.groups]
+    return dataclasses.replace(memory, groups=groups)

@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
 # Keyed by basename (tests/ops/test_x.py is "test_x.py"). ops/test_paged_attention.py holds the
 # C++ product (180 s) and the reference vs dense attention (the default 180 s): their sum.
 BUDGET_S = {"test_paged_attention_triton.py": 600, "test_paged_attention.py": 360, "test_hf.py": 300,
-            "test_hf_families.py": 240}
+            "test_hf_families.py": 240,
+            "test_hf_memory.py": 300}
 DEFAULT_BUDGET_S = 180
 _spent = defaultdict(float)
 

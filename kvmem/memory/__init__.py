@@ -2,7 +2,11 @@
 
 Evicted blocks stay pages of the pool; the bank is a list of their page ids per row
 (``kvmem.memory.tables``), a summary per page (``kvmem.memory.summaries``), and the ops
-``kvmem.ops.memory_select`` / ``kvmem.ops.memory_attention``.
+``kvmem.ops.memory_select`` / ``kvmem.ops.memory_attention``. A step's host-side tables (chunks,
+sub-block segments, evictions) are ``kvmem.memory.step``; the layer stages (write -> summarise ->
+select -> attend) are ``kvmem.memory.stages``, which call the ops only through the seam
+``kvmem.memory.kernels``. Users: ``kvmem.patch(model, memory_bank=MemoryConfig(...))`` (HF) and
+``kvmem.nn.MemoryAttention`` (custom inference code).
 """
 
 from kvmem.memory.config import MemoryConfig, trained_context

@@ -13,6 +13,7 @@ Row operations (prefix reuse, ``crop``, beam-search reordering) are the mixin in
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from collections.abc import Mapping
@@ -95,6 +96,9 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         split over several GPUs (``device_map="auto"``) keeps every layer's pools next to it.
     backend: ``"auto"`` or a kvmem backend name (``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``)
     pool: a ``KVPool`` to use instead of allocating pools (prefix caching across caches)
+    memory_bank: a ``kvmem.integrations.hf.memory.BankSpec`` (``kvmem.patch(model, memory_bank=...)``
+        makes it): the full-attention layers attend to sinks + top-k bank blocks + a local window
+        (``kvmem.memory``); ``block_size`` must be the bank's
 
     Notes
     -----
@@ -112,7 +116,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                  memory: Union[None, int, float, str] = None, max_batch_size: Optional[int] = None,
                  max_cache_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                  device: Union[None, str, torch.device] = None, backend: str = "auto",
-                 pool: Optional["KVPool"] = None):
+                 pool: Optional["KVPool"] = None, memory_bank=None):
         families.resolve(config)
         tc = families.text_config(config)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -158,6 +162,17 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                 raise ValueError("PagedKVCache: the KVPool was made for another model or block size")
             self._manager, self._pools, self._ids = pool.manager, pool.pools, pool.ids
             self._pool_dtype = pool.dtype
+        self._bank = None  # the memory bank's state (kvmem.integrations.hf.memory.CacheBank)
+        self._bank_group = next((g.name for g in self.groups if g.window is None), None)
+        if memory_bank is not None:
+            from kvmem.integrations.hf.memory import CacheBank
+
+            if pool is not None:
+                raise ValueError("PagedKVCache: memory_bank cannot share a KVPool (prefix caching) yet")
+            if memory_bank.config.block_size != block_size:
+                raise ValueError(f"PagedKVCache: block_size={block_size} must be the memory bank's block_size="
+                                 f"{memory_bank.config.block_size}")
+            self._bank = CacheBank(memory_bank, self.num_kv_heads, self.head_dim)
         super().__init__(layers=[_PagedLayer(self, i, w) for i, w in enumerate(self.windows)])
 
     # ------------------------------------------------------------------ description
@@ -304,6 +319,8 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         if self._step is not None:
             context.leave(self._step)
         self._seq_ids, self._seen, self._step = [], 0, None
+        if self._bank is not None:
+            self._bank.reset()
 
     def release(self) -> None:
         """Free every sequence and refuse further use (the pool's registered prompt blocks stay cached)."""
@@ -312,16 +329,24 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
 
     # ------------------------------------------------------------------ memory
     def usage(self) -> Dict[str, GroupUsage]:
-        """Per layer group: blocks used/free, tokens held, bytes held (``bytes_used``) and reserved."""
-        return {} if self._manager is None else self._manager.usage()
+        """Per layer group: blocks used/free, tokens held, bytes held (``bytes_used``) and reserved
+        (with a memory bank, the full-attention group's bytes include its pages' summaries)."""
+        out = {} if self._manager is None else self._manager.usage()
+        if self._bank is not None and self._bank_group in out:
+            u, per = out[self._bank_group], self._bank.bytes_per_page()
+            out[self._bank_group] = dataclasses.replace(
+                u, bytes_used=None if u.bytes_used is None else u.bytes_used + per * u.blocks_used,
+                bytes_total=None if u.bytes_total is None else u.bytes_total + per * u.num_blocks)
+        return out
 
     def kv_bytes_held(self) -> int:
         """Bytes of the blocks in use, all groups, K and V."""
         return sum(u.bytes_used or 0 for u in self.usage().values())
 
     def kv_bytes_reserved(self) -> int:
-        """Bytes of the allocated pools."""
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._pools.values())
+        """Bytes of the allocated pools (and memory-bank summary pools)."""
+        held = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._pools.values())
+        return held + (0 if self._bank is None else self._bank.bytes_reserved())
 
     def row_lengths(self) -> List[int]:
         """KV length of each batch row (padding excluded)."""

@@ -77,10 +77,11 @@ class StepContext:
     index: [num_real] int64 indices of the real tokens in ``[B*S]``, None = all real
     prev_lens: per row KV lengths before the step (for rollback)
     selections: layer -> what a select stage chose (the memory bank's, later)
+    memory: the step's ``kvmem.memory.step.MemoryStep`` (a memory-bank cache), else None
     """
 
     __slots__ = ("_cache", "batch", "q_len", "ops", "static", "updated", "pending", "done", "plan", "index",
-                 "prev_lens", "position_embeddings", "selections")
+                 "prev_lens", "position_embeddings", "selections", "memory")
 
     def __init__(self, cache, batch: int, q_len: int, ops, position_embeddings: Dict[int, Tuple],
                  static: Optional[StaticDecodeBuffers] = None):
@@ -94,6 +95,7 @@ class StepContext:
         self.prev_lens = None
         self.position_embeddings = position_embeddings
         self.selections: Dict[int, object] = {}
+        self.memory = None
 
     @property
     def cache(self):

@@ -45,7 +45,7 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     rows = (max_batch_size or 1) * expand
     if not (options.prefix_cache or options.cuda_graph):
         return PagedKVCache(model.config, num_blocks=options.num_blocks, memory=options.memory,
-                            max_batch_size=rows, max_cache_len=max_cache_len, **kw)
+                            max_batch_size=rows, max_cache_len=max_cache_len, memory_bank=options.memory_bank, **kw)
     prompt = options.prompt
     rows_tokens, pads = _prompt_rows(prompt, max_batch_size, expand)
     dtype, device = model.dtype, model_layer_devices(model) or model.device

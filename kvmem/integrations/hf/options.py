@@ -20,6 +20,7 @@ class KvmemOptions:
     Attributes
     ----------
     backend, block_size, num_blocks, memory, prefix_cache, cuda_graph, compile_decode: ``kvmem.patch``'s
+    memory_bank: the resolved memory bank (``BankSpec``), None without one
     pool: the ``KVPool`` kept across calls (``prefix_cache`` / ``cuda_graph``)
     prompt: ``(input_ids, attention_mask)`` of the ``generate()`` call in flight, set by the
         generate wrapper of a prefix-caching / CUDA-graph model for the cache hook (explicit
@@ -35,6 +36,7 @@ class KvmemOptions:
     compile_decode: Union[None, bool, dict] = None
     pool: Optional[KVPool] = field(default=None, repr=False)
     prompt: Optional[tuple] = field(default=None, repr=False)
+    memory_bank: Optional[object] = None  # kvmem.integrations.hf.memory.BankSpec
 
 
 def options_of(model) -> KvmemOptions:

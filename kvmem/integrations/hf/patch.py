@@ -4,6 +4,7 @@
 >>> out = model.generate(**inputs, max_new_tokens=64)
 >>> kvmem.unpatch(model)                            # exactly the original behaviour again
 >>> kvmem.patch(model, cuda_graph=True)            # decode steps replayed from CUDA graphs (on CUDA)
+>>> kvmem.patch(model, memory_bank=kvmem.MemoryConfig(mode="extend"))  # sinks + top-k bank + window
 
 Equivalently, after ``kvmem.integrations.hf.register()`` (``kvmem.patch`` calls it),
 ``from_pretrained(..., attn_implementation="kvmem")`` or ``model.set_attn_implementation("kvmem")``
@@ -16,7 +17,7 @@ from __future__ import annotations
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 from kvmem.integrations import families
 from kvmem.integrations.hf import compat, graphs
@@ -77,9 +78,10 @@ def _all_configs(model):
     return out
 
 
-def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Union[None, int, Mapping] = None,
-          memory: Union[None, int, str] = None, prefix_cache: bool = False, cuda_graph: bool = False,
-          compile_decode: Union[None, bool, dict] = None):
+def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
+          num_blocks: Union[None, int, Mapping] = None, memory: Union[None, int, str] = None,
+          prefix_cache: bool = False, cuda_graph: bool = False, compile_decode: Union[None, bool, dict] = None,
+          memory_bank=None):
     """Run ``model``'s attention on kvmem's paged kernels and make ``generate()`` use a ``PagedKVCache``.
 
     Parameters
@@ -87,7 +89,7 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
     model: a Hugging Face causal LM (``PreTrainedModel`` with ``generate``) of a supported family
         (``kvmem.integrations.families``)
     backend: ``"auto"`` (fastest capable) or ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``
-    block_size: tokens per KV page
+    block_size: tokens per KV page (default 16, or the memory bank's ``block_size``)
     num_blocks: pages per layer group (int, or mapping ``"full"`` / ``"sliding_<W>"`` -> int);
         default: sized per ``generate()`` call for its batch and ``max_length``
     memory: total bytes for the KV pools (int or e.g. ``"2GiB"``), split over the layer groups
@@ -103,6 +105,12 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
         replay the graphs captured by the first. See ``kvmem.integrations.DecodeGraphRunner``.
     compile_decode: True or a dict of ``torch.compile`` options (``fullgraph=True`` by default):
         compile the static decode step (with ``cuda_graph`` on CUDA, the compiled step is captured)
+    memory_bank: a ``kvmem.MemoryConfig``: the full-attention layers (after its ``dense_layers``)
+        attend to attention sinks + the top-k most relevant evicted blocks + a local window
+        (``kvmem.integrations.hf.memory``; README "Memory bank"); resolved against the model here
+        (errors leave the model unpatched). The pages are its blocks. Not with ``cuda_graph``,
+        ``compile_decode`` or ``prefix_cache`` (yet). ``model._kvmem_memory_report`` then holds the
+        selections of the latest prefill (``MemoryReport``). ``memory=`` keeps meaning the KV bytes.
 
     Returns
     -------
@@ -115,13 +123,21 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
     """
     if is_patched(model):
         return model
-    backend, block_size = check_args(backend, block_size, num_blocks, memory, prefix_cache, cuda_graph,
-                                     compile_decode)
+    page_size = block_size
+    if memory_bank is not None:
+        page_size = _bank_page_size(memory_bank, block_size, prefix_cache, cuda_graph, compile_decode)
+    backend, block_size = check_args(backend, 16 if page_size is None else page_size, num_blocks, memory,
+                                     prefix_cache, cuda_graph, compile_decode)
     if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
         raise families.UnsupportedModelError(
             f"kvmem.patch: expected a transformers PreTrainedModel, got {type(model).__name__}. "
             f"{families.supported_list()}.")
     families.resolve(model.config, model)
+    bank = None
+    if memory_bank is not None:
+        from kvmem.integrations.hf.memory import bank_spec
+
+        bank = bank_spec(model, memory_bank, block_size)  # every error before the model changes
     register()
     saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal", _MISSING)) for cfg in _all_configs(model)]
     try:
@@ -143,7 +159,9 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
                 modules.append(m)
     model._kvmem_options = KvmemOptions(backend=backend, block_size=block_size, num_blocks=num_blocks,
                                         memory=memory, prefix_cache=prefix_cache, cuda_graph=cuda_graph,
-                                        compile_decode=compile_decode)
+                                        compile_decode=compile_decode, memory_bank=bank)
+    if bank is not None:
+        model._kvmem_memory_report = bank.report
     if cuda_graph or compile_decode:
         graphs.install(model, cuda_graph=cuda_graph, compile=compile_decode or None)
     if prefix_cache or cuda_graph:
@@ -151,6 +169,22 @@ def patch(model, *, backend: str = "auto", block_size: int = 16, num_blocks: Uni
     model._kvmem_state = _PatchState(attn=saved, instance_hook=instance_generate_hook(model), modules=modules,
                                      hooks=hooks)
     return model
+
+
+def _bank_page_size(memory_bank, block_size, prefix_cache, cuda_graph, compile_decode) -> Optional[int]:
+    """The page size with a memory bank (its ``block_size``); rejects what does not combine with it."""
+    from kvmem.memory import MemoryConfig
+
+    if not isinstance(memory_bank, MemoryConfig):
+        raise TypeError(f"kvmem.patch: memory_bank must be a kvmem.MemoryConfig, got {type(memory_bank).__name__}")
+    for name, on in (("cuda_graph", cuda_graph), ("compile_decode", compile_decode), ("prefix_cache", prefix_cache)):
+        if on:
+            raise ValueError(f"kvmem.patch: memory_bank does not support {name}=... yet (static decode steps / "
+                             f"shared pools of the bank); pass {name} only without memory_bank")
+    if block_size is not None and memory_bank.block_size is not None and block_size != memory_bank.block_size:
+        raise ValueError(f"kvmem.patch: block_size={block_size} and memory_bank's block_size="
+                         f"{memory_bank.block_size} differ; the pages are the bank's blocks (pass one of them)")
+    return memory_bank.block_size if memory_bank.block_size is not None else block_size
 
 
 def _restore_attn(saved) -> None:
@@ -183,6 +217,7 @@ def unpatch(model):
     if opts is not None and (opts.prefix_cache or opts.cuda_graph):
         model.__dict__.pop("generate", None)
     model.__dict__.pop("_kvmem_state", None)
+    model.__dict__.pop("_kvmem_memory_report", None)
     return model
 
 

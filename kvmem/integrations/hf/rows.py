@@ -68,6 +68,7 @@ class _RowOps:
         """Remove the last ``-tokens_to_remove`` tokens of every row (a positive value is the new
         absolute length, transformers' legacy convention)."""
         self._finish_step()
+        self._no_bank("crop")
         n = int(tokens_to_remove)
         if n > 0:
             n = -(self._seen - n) if n < self._seen else 0
@@ -83,6 +84,11 @@ class _RowOps:
         for s, L in zip(self._seq_ids, lens):
             m.truncate(s, L - n)
         self._seen -= n
+
+    def _no_bank(self, what: str) -> None:
+        if getattr(self, "_bank", None) is not None:
+            raise ValueError(f"kvmem: {what} is not supported with memory_bank yet (each row's bank follows "
+                             f"its own evictions); use greedy or sampled decoding")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``r`` becomes old row ``beam_idx[r]`` (blocks shared, copy-on-write)."""
@@ -109,6 +115,7 @@ class _RowOps:
             raise IndexError(f"kvmem: row index out of range for a batch of {len(old)}: {rows}")
         if rows == list(range(len(old))):
             return
+        self._no_bank("reordering rows (beam search, batch_select_indices, batch_repeat_interleave)")
         m = self._manager
         new = []
         for r in rows:

@@ -191,6 +191,8 @@ class _StepMachine:
                 self._manager.truncate(s, L)
         if self._pool is not None:  # blocks registered at plan time were never (fully) written
             self._manager.reset_prefix_cache()
+        if self._bank is not None:  # the step's evictions too
+            self._bank.rollback()
 
     # ------------------------------------------------------------------ kvmem attention
     def attend_layer(self, step: StepContext, layer_idx: int, query: torch.Tensor,
@@ -236,14 +238,20 @@ class _StepMachine:
             if ck not in self._step_md:
                 self._step_md[ck] = index.to(query.device, non_blocking=True)
             index = self._step_md[ck]
-        q, k, v = tokens(query, index), tokens(key, index), tokens(value, index)
-        if k.dtype != k_cache.dtype:
-            raise TypeError(f"kvmem: layer {layer_idx} writes {k.dtype} keys into a {k_cache.dtype} PagedKVCache")
-        out = run_layer(self.ops, q, k, v, k_cache, v_cache, md, attention, step.layer_context(layer_idx))
+        if key.dtype != k_cache.dtype:
+            raise TypeError(f"kvmem: layer {layer_idx} writes {key.dtype} keys into a {k_cache.dtype} PagedKVCache")
+        bank = self._bank
+        if bank is not None and layer_idx in bank.layers:  # the memory bank (kvmem.integrations.hf.memory)
+            out = bank.run(self.ops, step, layer_idx, query, key, value, index, k_cache, v_cache, md, attention)
+        else:
+            q, k, v = tokens(query, index), tokens(key, index), tokens(value, index)
+            out = run_layer(self.ops, q, k, v, k_cache, v_cache, md, attention, step.layer_context(layer_idx))
         step.done.add(layer_idx)
         if len(step.done) == self.num_layers:
             self._seen += S  # the step is complete
             context.leave(step)
+            if bank is not None:
+                bank.finish(step)
         if index is not None:
             full = out.new_zeros(B * S, Hq, D)
             full.index_copy_(0, index, out)
@@ -289,7 +297,7 @@ class _StepMachine:
             if S == 1:  # decode: check on the device, never read the mask back (no host sync)
                 plan = m.plan(self._seq_ids, nums)  # CacheFullError: nothing changed
                 self._check_decode_mask(mask, plan.groups[self.groups[0].name].seq_lens, prev)
-                self._commit_plan(step, plan, None, prev)
+                self._commit_plan(step, plan, None, prev, nums)
                 return
             mask = mask.to(torch.bool)
             new = mask[:, N - S:]
@@ -302,9 +310,9 @@ class _StepMachine:
             if any(n != S for n in nums):
                 index = new.reshape(-1).nonzero().flatten()
         plan = m.plan(self._seq_ids, nums)  # CacheFullError: nothing changed
-        self._commit_plan(step, plan, index, prev)
+        self._commit_plan(step, plan, index, prev, nums)
 
-    def _commit_plan(self, step: StepContext, plan, index, prev: List[int]) -> None:
+    def _commit_plan(self, step: StepContext, plan, index, prev: List[int], nums: List[int]) -> None:
         m = self._manager
         self._step_md = {}
         if plan.copies:
@@ -312,3 +320,8 @@ class _StepMachine:
                 self._layer_pools(layer, m.device)
             m.apply_copies(self._pools)
         step.plan, step.index, step.prev_lens = plan, index, prev
+        bank = self._bank
+        if bank is not None:  # the step's memory tables: host, once per step, shared by every memory layer
+            full = self._bank_group
+            tables = [m.block_table(s, full) for s in self._seq_ids]
+            step.memory = bank.plan(tables, prev, nums, plan.groups[full].block_table.device)

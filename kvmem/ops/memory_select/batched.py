@@ -1,0 +1,74 @@
+"""``memory_select`` in batched torch ops: no Python loop over rows, no device->host sync.
+
+Same semantics as ``kvmem.ops.memory_select.reference`` (its module docstring); the scores are
+the same sums computed as two matrix products per KV head group (``max(q*lo, q*hi)`` summed over
+channels is ``relu(q).hi + min(q, 0).lo`` for min/max summaries), so they may differ from the
+reference in the last bits: compare selections as sets, ignoring blocks within tolerance of the
+k-th score (as the op tests do). Fixed ``top_k`` and fixed table widths give static shapes
+(``torch.compile(fullgraph=True)``, CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["block_scores", "memory_select"]
+
+
+def block_scores(q: torch.Tensor, summaries: torch.Tensor, bank_table: torch.Tensor, bank_lens: torch.Tensor,
+                 query_index: torch.Tensor, *, scale: Optional[float] = None, summary: str = "minmax") -> torch.Tensor:
+    """``[batch, num_kv_heads, max_bank]`` fp32 scores; ``-inf`` past ``bank_lens`` or where
+    ``query_index[b] < 0``.
+
+    Parameters
+    ----------
+    q: [num_tokens, num_heads, head_dim]
+    summaries: [num_pages, num_kv_heads, 2, head_dim]
+    bank_table: [batch, max_bank] int32 page ids (entries past ``bank_lens`` arbitrary)
+    bank_lens: [batch] int32
+    query_index: [batch] int32 token of ``q`` each row selects with, -1 = none
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = summaries.shape[1]
+    group = num_heads // num_kv_heads
+    batch, max_bank = bank_table.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    index = query_index.long()
+    qg = q.index_select(0, index.clamp(min=0)).float().reshape(batch, num_kv_heads, group, head_dim)
+    pages = bank_table.long().clamp(min=0, max=summaries.shape[0] - 1)
+    s = summaries.index_select(0, pages.reshape(-1)).float()
+    s = s.reshape(batch, max_bank, num_kv_heads, 2, head_dim).permute(0, 2, 3, 4, 1)  # [B, Hkv, 2, D, n]
+    low, high = s[:, :, 0], s[:, :, 1]  # [B, Hkv, D, n]
+    if summary == "minmax":
+        per_head = torch.matmul(qg.clamp(min=0), high) + torch.matmul(qg.clamp(max=0), low)  # [B, Hkv, G, n]
+    elif summary == "box":
+        per_head = torch.matmul(qg, low) + torch.matmul(qg.abs(), high)
+    else:
+        raise ValueError(f"memory_select: argument 'summary' must be 'minmax' or 'box', got {summary!r}")
+    scores = per_head.amax(dim=2) * scale  # [B, Hkv, n]
+    valid = (torch.arange(max_bank, device=q.device)[None, :] < bank_lens.long()[:, None]) & (index[:, None] >= 0)
+    return scores.masked_fill(~valid[:, None, :], -math.inf)
+
+
+def memory_select(q: torch.Tensor, summaries: torch.Tensor, bank_table: torch.Tensor, bank_lens: torch.Tensor,
+                  query_index: torch.Tensor, top_k: int, *, scale: Optional[float] = None,
+                  summary: str = "minmax") -> torch.Tensor:
+    """Top-k bank positions per (row, KV head): ``[batch, num_kv_heads, top_k]`` int32, ascending,
+    ``-1`` padded (stable top-k on ``(-score, position)``)."""
+    scores = block_scores(q, summaries, bank_table, bank_lens, query_index, scale=scale, summary=summary)
+    batch, num_kv_heads, max_bank = scores.shape
+    k = min(top_k, max_bank)
+    if k == 0:
+        return torch.full((batch, num_kv_heads, top_k), -1, dtype=torch.int32, device=q.device)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    keep = torch.gather(scores, -1, order) > -math.inf
+    best = torch.sort(torch.where(keep, order, torch.full_like(order, max_bank)), dim=-1).values
+    chosen = torch.where(best < max_bank, best, torch.full_like(best, -1)).to(torch.int32)
+    if k < top_k:
+        pad = torch.full((batch, num_kv_heads, top_k - k), -1, dtype=torch.int32, device=q.device)
+        chosen = torch.cat([chosen, pad], dim=-1)
+    return chosen
