@@ -116,15 +116,19 @@ void run_memory_select(MemorySelectCpuArgs& a) {
   }
   const TileFn<Ts> fn = KVMEM_PICK_ISA(ms, score_tile<Ts>);
   const MemorySelectCpuArgs& ca = a;
+  // A small bank is scored (and selected) on the calling thread: waking the pool costs more.
+  const int64_t macs = total * a.num_heads * a.head_dim;
+  const int64_t score_grain = macs < kSerialMacs ? static_cast<int64_t>(items.size()) : 1;
   if (!items.empty()) {
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, static_cast<int64_t>(items.size()), score_grain, [&](int64_t i0, int64_t i1) {
       std::unique_ptr<float[]> conv(new float[2 * ca.head_dim]);
       for (int64_t i = i0; i < i1; ++i) fn(ca, items[i].b, items[i].j0, items[i].j1, conv.get());
     });
   }
 
   // Pass 2: per (row, KV head) top-k.
-  at::parallel_for(0, int64_t(B) * Hkv, 1, [&](int64_t r0, int64_t r1) {
+  const int64_t select_grain = total * Hkv < kSerialSelect ? int64_t(B) * Hkv : 1;
+  at::parallel_for(0, int64_t(B) * Hkv, select_grain, [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> idx;
     idx.reserve(static_cast<size_t>(stride));
     for (int64_t r = r0; r < r1; ++r) {

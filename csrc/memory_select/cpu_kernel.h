@@ -12,6 +12,8 @@ namespace ms {
 
 constexpr int64_t kMinTileBlocks = 64;  // never split a row's bank into tiles smaller than this
 constexpr int kItemsPerThread = 4;      // scoring work items per thread (load balance)
+constexpr int64_t kSerialMacs = 1 << 20;   // fewer scoring multiply-adds: one thread scores
+constexpr int64_t kSerialSelect = 1 << 15;  // fewer (position, KV head) scores: one thread selects
 
 // The kernel's arguments: the op's parameters plus the glue's fp32 copies and outputs.
 struct MemorySelectCpuArgs : MemorySelectParams {
