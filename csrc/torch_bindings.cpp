@@ -37,6 +37,12 @@ TORCH_LIBRARY(kvmem_C, m) {
   m.def(
       "merge_states(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, "
       "Tensor out_b, Tensor lse_b) -> ()");
+  // selected: [B, Hkv, top_k] int32; q: [T, Hq, D]; summaries: [num_blocks, Hkv, 2, D];
+  // bank_table: [B, max_bank] int32; bank_lens: [B] int32; cu_seqlens_q: [B + 1] int32;
+  // query_index: [B] int32 or None (each segment's first token); summary: "minmax" | "box".
+  m.def(
+      "memory_select(Tensor(a!) selected, Tensor q, Tensor summaries, Tensor bank_table, "
+      "Tensor bank_lens, Tensor cu_seqlens_q, float scale, Tensor? query_index, str summary) -> ()");
 }
 
 #ifdef KVMEM_PYTHON_MODULE
@@ -90,11 +96,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         };
         const int max_head_dim = kvmem::kMaxHeadDim;
         py::dict kernels;
-        for (const char* op : {"cache_write", "paged_attention", "merge_states"}) {
+        for (const char* op : {"cache_write", "paged_attention", "merge_states", "memory_select"}) {
           py::dict per_device;
           per_device["cpu"] = facts(kvmem::kFloatDtypeNames, py::list(), max_head_dim);
 #ifdef KVMEM_WITH_CUDA
-          if (std::string(op) == "paged_attention") {
+          if (std::string(op) == "memory_select") {
+            // CPU only (CUDA tensors take the Triton block-score kernel)
+          } else if (std::string(op) == "paged_attention") {
             py::list cuda_head_dims;
             for (int h : kvmem::kPagedAttentionCudaHeadDims) cuda_head_dims.append(h);
             per_device["cuda"] = facts(kvmem::kHalfDtypeNames, cuda_head_dims, max_head_dim);

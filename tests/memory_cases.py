@@ -225,14 +225,15 @@ def dense_memory_attention(case: MemoryCase, rope_neox: bool = True):
 
 def memory_backends(op: str) -> list:
     """The backends the memory tests force (``KVMEM_BACKEND``) for ``op`` on this machine: the
-    reference, the C++ CPU composite when the extension is built, Triton under the interpreter
+    reference, the C++ CPU kernel (or composite) when the extension is built, Triton under the interpreter
     (forced on CPU tensors with ``TRITON_INTERPRET=1``, as tests/conftest.py sets it without a GPU)."""
     import os
 
     from kvmem import _ext, dispatch
 
     names = ["reference"]
-    if dispatch.capability(op, "cpu") is not None and _ext.has_kernel("paged_attention", "cpu"):
+    cpu = dispatch.capability(op, "cpu")
+    if cpu is not None and _ext.has_kernel(cpu.kernel_op, "cpu"):
         names.append("cpu")
     if os.environ.get("TRITON_INTERPRET") == "1":
         names.append("triton")

@@ -59,7 +59,8 @@ def test_compiles_fullgraph():
 # The memory ops: the reference, and the composite / kernel of each backend that can run here
 # (Triton forced on CPU tensors under the interpreter, as tests/conftest.py sets it up).
 MEMORY_ATTENTION_BACKENDS = BACKENDS + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
-MEMORY_SELECT_BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+MEMORY_SELECT_BACKENDS = (["reference"] + (["cpu"] if _ext.has_kernel("memory_select", "cpu") else [])
+                          + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []))
 
 
 @pytest.mark.parametrize("outputs", ["out", "lse", "lse_block_mass"])

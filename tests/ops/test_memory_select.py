@@ -258,3 +258,72 @@ def test_bad_input_is_named():
         write_summaries(summaries[:3], k_cache, torch.tensor([0]))
     with pytest.raises(ValueError, match="'summary'"):
         write_summaries(summaries, k_cache, torch.tensor([0]), summary="mean")
+
+
+def _random_pool(bank_lens, *, num_heads, num_kv_heads, head_dim, seed, q_dtype=torch.float32,
+                 summary_dtype=torch.float32, pool_extra=7):
+    """Summaries drawn directly (no pages), a shuffled pool with NaN in unused pages, garbage in
+    the bank tables past bank_lens."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(bank_lens) + pool_extra
+    summaries = torch.full((num_blocks, num_kv_heads, 2, head_dim), math.nan)
+    perm = torch.randperm(num_blocks, generator=g)
+    bank_table = torch.full((len(bank_lens), max(bank_lens) + 3), 10**6, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(bank_lens):
+        pages = perm[start:start + n]
+        start += n
+        bank_table[b, :n] = pages.to(torch.int32)
+        low = torch.randn(n, num_kv_heads, head_dim, generator=g)
+        summaries[pages] = torch.stack([low, low + torch.rand(n, num_kv_heads, head_dim, generator=g)], dim=2)
+    summaries = summaries.to(summary_dtype)
+    q = torch.randn(len(bank_lens), num_heads, head_dim, generator=g).to(q_dtype)
+    cu = torch.arange(len(bank_lens) + 1, dtype=torch.int32)
+    return q, summaries, bank_table, torch.tensor(bank_lens, dtype=torch.int32), cu
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=lambda d: f"q_{str(d[0])[6:]}-s_{str(d[1])[6:]}")
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("summary", ["minmax", "box"])
+def test_dtypes_and_head_dims(dtypes, head_dim, summary, backend):
+    """q and summaries in fp32 / bf16 / fp16 (summaries fp32 or the cache's dtype), the core's
+    head dims, GQA 3: a top-k of the reference's scores."""
+    q, summaries, bank_table, lens, cu = _random_pool([37, 0, 5, 70], num_heads=6, num_kv_heads=2,
+                                                      head_dim=head_dim, seed=head_dim, q_dtype=dtypes[0],
+                                                      summary_dtype=dtypes[1])
+    selected = memory_select(q, summaries, bank_table, lens, cu, 8, summary=summary)
+    scores = block_scores(q, summaries, bank_table, lens, cu, summary=summary)
+    assert selected[1].eq(-1).all() and (selected[2, :, 5:] == -1).all()
+    assert_same_selection(selected, scores, 8)
+
+
+@pytest.mark.parametrize("heads", GROUPS, ids=lambda h: f"Hq{h[0]}Hkv{h[1]}")
+def test_long_banks(heads, backend):
+    """One long row (its bank scored in tiles across threads) and a ragged batch of long rows."""
+    for bank_lens, top_k in (([5000], 205), ([1500, 700, 2100], 64)):
+        q, summaries, bank_table, lens, cu = _random_pool(bank_lens, num_heads=heads[0], num_kv_heads=heads[1],
+                                                          head_dim=64, seed=sum(bank_lens) + heads[0])
+        selected = memory_select(q, summaries, bank_table, lens, cu, top_k)
+        assert_same_selection(selected, block_scores(q, summaries, bank_table, lens, cu), top_k)
+
+
+def test_ties_across_a_long_bank(backend):
+    """Four pages, each at 50 positions: the best page's 50 positions, then the lowest 10
+    positions of the second best (stable order on (-score, position)), ascending."""
+    q, summaries, _, _, cu = _random_pool([4], num_heads=4, num_kv_heads=2, head_dim=64, seed=3)
+    pages = torch.tensor([0, 1, 2, 3]).repeat(50)[torch.randperm(200, generator=torch.Generator().manual_seed(1))]
+    bank_table = torch.full((1, 200), 0, dtype=torch.int32)
+    page_ids = torch.nonzero(~summaries[:, 0, 0, 0].isnan()).flatten()
+    bank_table[0] = page_ids[pages].to(torch.int32)
+    lens = torch.tensor([200], dtype=torch.int32)
+    selected = memory_select(q, summaries, bank_table, lens, cu, 60)
+    scores = block_scores(q, summaries, bank_table, lens, cu)[0]
+    for h in range(2):
+        levels = sorted({float(s) for s in scores[h]}, reverse=True)
+        assert len(levels) == 4 and levels[0] - levels[1] > 1e-3 and levels[1] - levels[2] > 1e-3
+        best = [j for j in range(200) if float(scores[h, j]) == levels[0]]
+        second = [j for j in range(200) if float(scores[h, j]) == levels[1]][:10]
+        assert selected[0, h].tolist() == sorted(best + second)
