@@ -82,7 +82,9 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
                      const at::Tensor& cu_seqlens_q,               // [B + 1] int32
                      int64_t max_seqlen_q, int64_t max_seqlen_k,   // host upper bounds
                      double scale, bool causal, int64_t window, double softcap,
-                     const std::optional<at::Tensor>& sink_logits  // [Hq] fp32
+                     const std::optional<at::Tensor>& sink_logits,  // [Hq] fp32
+                     const std::optional<at::Tensor>& rope_cos_sin, // [num_positions, rot_dim] fp32
+                     bool rope_neox
 ) {
   constexpr const char* kName = "kvmem_C::paged_attention (CUDA)";
   TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && out.is_cuda(), kName, ": tensors must be on CUDA");
@@ -92,11 +94,13 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
               ": q and caches need 16-byte aligned rows");
   TORCH_CHECK(block_table.stride(1) == 1 && seq_lens.is_contiguous() && cu_seqlens_q.is_contiguous(), kName,
               ": metadata must be contiguous");
+  TORCH_CHECK(!rope_cos_sin.has_value(), kName, ": RoPE on load is not implemented here");
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   PagedDecodeParams p{};
   static_cast<PagedAttentionParams&>(p) =
       paged_attention_params(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                             max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits);
+                             max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
+                             rope_cos_sin, rope_neox);
   if (q.size(0) == 0) return;
   cudaStream_t stream = current_stream();
   const int64_t D = q.size(2);
