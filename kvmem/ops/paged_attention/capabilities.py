@@ -19,7 +19,7 @@ ALL_FEATURES = frozenset(FEATURE_OF.values())
 KERNEL_FEATURES = frozenset({"window", "softcap", "sink_logits"})  # what the cpu, cuda and triton kernels implement
 CPU_FEATURES = KERNEL_FEATURES | {"rope"}
 CUDA_FEATURES = KERNEL_FEATURES
-TRITON_FEATURES = KERNEL_FEATURES
+TRITON_FEATURES = KERNEL_FEATURES | {"rope"}
 # Longest query segment the CUDA kernels take (they are decode kernels: one row per query token
 # and head-in-group); longer segments (prefill) go to another backend.
 CUDA_MAX_SEQLEN_Q = 16
