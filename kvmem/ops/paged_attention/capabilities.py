@@ -16,9 +16,9 @@ from kvmem.ops.paged_attention import configs, reference
 from kvmem.ops.paged_attention.params import FEATURE_OF, MODIFIER_OF, OP
 
 ALL_FEATURES = frozenset(FEATURE_OF.values())
-KERNEL_FEATURES = frozenset({"window", "softcap", "sink_logits"})  # what the cpu, cuda and triton kernels implement
+KERNEL_FEATURES = frozenset({"window", "softcap", "sink_logits"})  # what every compiled and Triton kernel implements
 CPU_FEATURES = KERNEL_FEATURES | {"rope"}
-CUDA_FEATURES = KERNEL_FEATURES
+CUDA_FEATURES = KERNEL_FEATURES | {"rope"}  # compile-checked only (nvcc_check): no GPU here
 TRITON_FEATURES = KERNEL_FEATURES | {"rope"}
 # Longest query segment the CUDA kernels take (they are decode kernels: one row per query token
 # and head-in-group); longer segments (prefill) go to another backend.
