@@ -67,6 +67,7 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
     block_d = _cfg.block_d(head_dim)
 
     def launch(c: _cfg.PrefillConfig):
+        c = _cfg.rope_config(c) if use_rope else c
         num_tiles = num_tokens // c.block_m + num_seqs
         grid = (num_tiles, num_heads)
         _prefill_kernel[grid](
@@ -116,6 +117,7 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     num_row_chunks = triton.cdiv(group * max(1, max_seqlen_q), rows)
 
     def launch(c: _cfg.DecodeConfig, splits=None):
+        c = _cfg.rope_config(c) if use_rope else c
         if splits is None:
             splits = _cfg.decode_num_splits(num_seqs, num_kv_heads * num_row_chunks,
                                             max_seqlen_k, c.block_n, q.device)
