@@ -99,6 +99,8 @@ def main(argv=None):
     p.add_argument("--only", default=None,
                    help="comma list of case names to run, e.g. decode-B8-ctx4096,prefill-B1-ctx2048")
     p.add_argument("--no-sdpa", action="store_true", help="time kvmem only (no SDPA peer, no cross-check)")
+    p.add_argument("--rope", action="store_true",
+                   help="also time kvmem with RoPE on load (rope_cos_sin, full rotary, NeoX), interleaved")
     a = p.parse_args(argv)
     if a.rounds is not None and a.rounds < 1 or a.reps < 1:
         p.error("--rounds and --reps must be >= 1")
@@ -130,6 +132,11 @@ def main(argv=None):
             mask = torch.ones(q_len, ctx, dtype=torch.bool, device=dev).tril(ctx - q_len)
             sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
         impls = [(f"kvmem[{name}]", kv_fn)] + ([] if a.no_sdpa else [("torch SDPA", sdpa)])
+        if a.rope:
+            cos_sin = torch.randn(ctx, 128, device=dev)  # values do not matter for the timing
+            rope_call = backends.Call.paged_attention(b.q, b.k_cache, b.v_cache, b.max_seqlen_q, rope_cos_sin=cos_sin)
+            rope_fn = lambda: kvmem.paged_attention(*b.args(), rope_cos_sin=cos_sin, check=False)  # noqa: E731
+            impls.insert(1, (f"kvmem+rope[{backends.select(rope_call).name}]", rope_fn))
         # the same answer from both (a cheap guard; the harness checks against the reference)
         diff = float("nan") if a.no_sdpa else (kv_fn().float() - b.tokens(sdpa()).float()).abs().max().item()
         samples, bw = measure_case(impls, probe, b.kv_bytes(), dev, rounds, a.reps)

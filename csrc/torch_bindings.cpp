@@ -27,12 +27,14 @@ TORCH_LIBRARY(kvmem_C, m) {
   // out: [T, Hq, D] (q's dtype); lse: [T, Hq] fp32 or None; q: [T, Hq, D];
   // k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_table: [B, max_blocks] int32;
   // seq_lens: [B] int32; cu_seqlens_q: [B + 1] int32; window <= 0: none; softcap <= 0: none;
-  // sink_logits: [Hq] fp32 or None.
+  // sink_logits: [Hq] fp32 or None; rope_cos_sin: [num_positions >= max_seqlen_k, rot_dim] fp32
+  // (cos half, then sin half) or None: key j of a sequence rotated at position j as it is loaded,
+  // halves (rope_neox) or interleaved pairs.
   m.def(
       "paged_attention(Tensor(a!) out, Tensor(b!)? lse, Tensor q, Tensor k_cache, "
       "Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_q, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, int window, "
-      "float softcap, Tensor? sink_logits) -> ()");
+      "float softcap, Tensor? sink_logits, Tensor? rope_cos_sin, bool rope_neox) -> ()");
   // out, out_a, out_b: [T, H, D] (one dtype); lse, lse_a, lse_b: [T, H] fp32.
   m.def(
       "merge_states(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, "

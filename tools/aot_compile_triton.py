@@ -63,9 +63,9 @@ def family_limit(cc: int) -> int:
 # Argument names -> type, per kernel. "T" = the variant's dtype, "S" = the source dtype.
 _PTRS = {
     "prefill": dict(q_ptr="T", k_ptr="T", v_ptr="T", out_ptr="T", bt_ptr="i32", seq_lens_ptr="i32",
-                    cu_q_ptr="i32", sink_ptr="fp32", lse_ptr="fp32"),
+                    cu_q_ptr="i32", sink_ptr="fp32", rope_ptr="fp32", lse_ptr="fp32"),
     "decode": dict(q_ptr="T", k_ptr="T", v_ptr="T", out_ptr="T", bt_ptr="i32", seq_lens_ptr="i32",
-                   cu_q_ptr="i32", sink_ptr="fp32", lse_ptr="fp32", part_out_ptr="fp32",
+                   cu_q_ptr="i32", sink_ptr="fp32", rope_ptr="fp32", lse_ptr="fp32", part_out_ptr="fp32",
                    part_lse_ptr="fp32"),
     "decode_reduce": dict(part_out_ptr="fp32", part_lse_ptr="fp32", cu_q_ptr="i32", sink_ptr="fp32",
                           out_ptr="T", lse_ptr="fp32"),

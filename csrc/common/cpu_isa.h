@@ -54,7 +54,9 @@ inline Fn pick_isa(Fn baseline, Fn avx2, Fn avx512) {
 }  // namespace kvmem
 
 // &NS::isa_<name>::FN for the running CPU, NS being the namespace (inside kvmem::cpu) that
-// cpu_per_isa.h instantiated a kernel body in. FN may be a template-id without commas.
+// cpu_per_isa.h instantiated a kernel body in. FN may be a template-id; write its commas as
+// KVMEM_COMMA (process_item<T KVMEM_COMMA true>).
+#define KVMEM_COMMA ,
 #if KVMEM_X86_MULTIVERSION
 #define KVMEM_PICK_ISA(NS, FN) \
   ::kvmem::cpu::pick_isa(&NS::isa_baseline::FN, &NS::isa_avx2::FN, &NS::isa_avx512::FN)

@@ -11,6 +11,7 @@
 //   s_j   = scale * q_g . k_j                (softcap c: s_j = c * tanh(s_j / c))
 //   m     = max_j s_j,  l = sum_j exp(s_j - m),  acc = sum_j exp(s_j - m) * v_j
 //   out_g = acc / l,    lse_g = m + log(l)  (natural log; -inf and out = 0 when no key)
+// ROPE (template flag): k_j rotated at position j as it loads (common/cuda_rope.cuh), in fp32.
 // Splits write (out_s, lse_s) in fp32; paged_decode_reduce merges them exactly and adds the sink
 // (common/cuda_softmax.cuh):
 //   lse = log(sum_s exp(lse_s) + exp(sink_g)),  out = sum_s exp(lse_s - lse) * out_s.
@@ -20,6 +21,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "common/cuda_rope.cuh"
 #include "common/cuda_softmax.cuh"
 #include "common/cuda_varlen.cuh"
 #include "common/cuda_vec.cuh"
@@ -46,7 +48,7 @@ struct DecodeShape {
   static_assert(D % VEC == 0, "head_dim must be a multiple of the 16-byte vector");
 };
 
-template <typename T, int D, int G_MAX, int NUM_WARPS>
+template <typename T, int D, int G_MAX, int NUM_WARPS, bool ROPE>
 __global__ void __launch_bounds__(NUM_WARPS * 32)
 paged_decode_kernel(const PagedDecodeParams p) {
   using S = DecodeShape<T, D, G_MAX, NUM_WARPS>;
@@ -114,6 +116,7 @@ paged_decode_kernel(const PagedDecodeParams p) {
     // Issue every K and V load of U steps first (several 16-byte loads in flight per thread).
     uint4 kraw[U][VPT], vraw[U][VPT];
     bool valid[U];
+    int64_t krow[U];  // ROPE: the key rows' offsets (NeoX partners are read again from them)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = j0 + u * S::SLOTS + slot;
@@ -125,6 +128,7 @@ paged_decode_kernel(const PagedDecodeParams p) {
         koff = blk * p.k_stride_b + off * p.k_stride_s;
         voff = blk * p.v_stride_b + off * p.v_stride_s;
       }
+      krow[u] = koff;
 #pragma unroll
       for (int v = 0; v < VPT; ++v) {
         const int vi = tl + v * TPK;
@@ -144,6 +148,13 @@ paged_decode_kernel(const PagedDecodeParams p) {
       float kf[VPT * VEC];
 #pragma unroll
       for (int v = 0; v < VPT; ++v) unpack_vec<T, VEC>(kraw[u][v], kf + v * VEC);
+      if constexpr (ROPE) {
+        const int j = j0 + u * S::SLOTS + slot;
+        if (valid[u]) {
+          rope_rotate_vecs<T, VEC, VPT, TPK>(kf, kbase + krow[u], p.rope_cos_sin + (int64_t)j * p.rope_stride,
+                                             p.rot_dim, p.rope_neox, tl);
+        }
+      }
 #pragma unroll
       for (int g = 0; g < G_MAX; ++g) {
         float d = 0.f;

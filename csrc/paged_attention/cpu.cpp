@@ -3,6 +3,8 @@
 // Math (the spec is kvmem/ops/reference.py). For query i of sequence b at position
 // p = seq_lens[b] - q_len_b + i and query head h (KV head h / G, G = Hq / Hkv):
 //   s_j   = scale * q.k_j;  with softcap c: s_j = c * tanh(s_j / c)
+//   (RoPE on load: k_j rotated at position j first, in fp32: (x, y) -> (x cos - y sin,
+//   y cos + x sin) on the pairs (i, i + rot/2) or (2i, 2i + 1), cos/sin from rope_cos_sin[j])
 //   key j visible iff j < seq_lens[b], (causal => j <= p), (window W > 0 => j > p - W)
 //   out   = sum_j exp(s_j) v_j / L,   L = sum_j exp(s_j) [+ exp(sink_h)],   lse = log L
 //   (nothing visible: out = 0, lse = -inf; or lse = sink_h if a sink is given and the sequence
@@ -40,6 +42,7 @@
 #include "common/cpu_dtype.h"
 #include "common/cpu_math.h"
 #include "common/cpu_prefetch.h"
+#include "common/cpu_rope.h"
 #include "common/cpu_softmax.h"
 #include "common/cpu_split_k.h"
 #include "paged_attention/cpu_kernel.h"
@@ -148,7 +151,8 @@ void run_paged_attention(PagedAttentionCpuArgs& a, const std::vector<SeqInfo>& s
     a.partial = partial.get();
   }
 
-  const ItemFn<T> fn = KVMEM_PICK_ISA(pa, process_item<T>);
+  const ItemFn<T> fn = a.rot_dim > 0 ? KVMEM_PICK_ISA(pa, process_item<T KVMEM_COMMA true>)
+                                      : KVMEM_PICK_ISA(pa, process_item<T KVMEM_COMMA false>);
   const PagedAttentionCpuArgs& ca = a;
   const int D = a.head_dim;
   run_work_items(
@@ -179,7 +183,9 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
                      const at::Tensor& cu_seqlens_q,               // [B + 1] int32
                      int64_t max_seqlen_q, int64_t max_seqlen_k,   // host upper bounds
                      double scale, bool causal, int64_t window, double softcap,
-                     const std::optional<at::Tensor>& sink_logits  // [Hq] fp32
+                     const std::optional<at::Tensor>& sink_logits,  // [Hq] fp32
+                     const std::optional<at::Tensor>& rope_cos_sin, // [num_positions, rot_dim] fp32
+                     bool rope_neox
 ) {
   constexpr const char* kName = "kvmem_C::paged_attention";
   TORCH_CHECK(q.dim() == 3, kName, ": q must be [T, Hq, D]");
@@ -221,12 +227,22 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
                     sink_logits->scalar_type() == at::kFloat && sink_logits->device().is_cpu(),
                 kName, ": sink_logits must be [Hq] fp32 on the CPU");
   }
+  if (rope_cos_sin.has_value()) {
+    const at::Tensor& cs = *rope_cos_sin;
+    TORCH_CHECK(cs.dim() == 2 && cs.scalar_type() == at::kFloat && cs.device().is_cpu() &&
+                    cs.stride(1) == 1,
+                kName, ": rope_cos_sin must be [num_positions, rot_dim] fp32 on the CPU, unit stride");
+    TORCH_CHECK(cs.size(1) > 0 && cs.size(1) % 2 == 0 && cs.size(1) <= D, kName,
+                ": rope_cos_sin's rot_dim must be even, positive and <= head_dim");
+    TORCH_CHECK(cs.size(0) >= max_seqlen_k, kName, ": rope_cos_sin needs a row per key position (",
+                cs.size(0), " < max_seqlen_k ", max_seqlen_k, ")");
+  }
   if (T == 0 || Hq == 0) return;
 
   PagedAttentionParams params =
       paged_attention_params(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                              max_seqlen_q, max_seqlen_k, scale, causal, window, softcap,
-                             sink_logits);
+                             sink_logits, rope_cos_sin, rope_neox);
 
   // Sequence metadata (O(B) host reads; values are validated by the Python layer).
   std::vector<pa::SeqInfo> seqs(B);

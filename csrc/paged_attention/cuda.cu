@@ -16,9 +16,9 @@ constexpr int kNumWarps = 4;
 constexpr int kMinKeysPerSplit = 128;
 constexpr int kMaxSplits = 128;
 
-template <typename T, int D, int G_MAX>
+template <typename T, int D, int G_MAX, bool ROPE>
 void launch(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cudaStream_t stream) {
-  auto kernel = paged_decode_kernel<T, D, G_MAX, kNumWarps>;
+  auto kernel = paged_decode_kernel<T, D, G_MAX, kNumWarps, ROPE>;
   const int threads = kNumWarps * 32;
   const int units = q.size(0) * p.num_kv_heads * p.head_chunks;
   // Split count by occupancy: enough CTAs to fill every SM, never splits of < kMinKeysPerSplit keys.
@@ -59,15 +59,21 @@ std::string head_dim_list() {
   return s;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool ROPE>
 void launch_group(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cudaStream_t s) {
   // G_MAX query heads per CTA: the smallest of {1, 2, 4, 8} holding the group (larger groups
   // are cut into chunks of 8).
   const int g = p.group;
-  if (g <= 1) { p.head_chunks = 1; launch<T, D, 1>(p, max_seqlen_k, q, s); }
-  else if (g <= 2) { p.head_chunks = 1; launch<T, D, 2>(p, max_seqlen_k, q, s); }
-  else if (g <= 4) { p.head_chunks = 1; launch<T, D, 4>(p, max_seqlen_k, q, s); }
-  else { p.head_chunks = (g + 7) / 8; launch<T, D, 8>(p, max_seqlen_k, q, s); }
+  if (g <= 1) { p.head_chunks = 1; launch<T, D, 1, ROPE>(p, max_seqlen_k, q, s); }
+  else if (g <= 2) { p.head_chunks = 1; launch<T, D, 2, ROPE>(p, max_seqlen_k, q, s); }
+  else if (g <= 4) { p.head_chunks = 1; launch<T, D, 4, ROPE>(p, max_seqlen_k, q, s); }
+  else { p.head_chunks = (g + 7) / 8; launch<T, D, 8, ROPE>(p, max_seqlen_k, q, s); }
+}
+
+template <typename T, int D>
+void launch_rope_or_not(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cudaStream_t s) {
+  if (p.rot_dim > 0) launch_group<T, D, true>(p, max_seqlen_k, q, s);
+  else launch_group<T, D, false>(p, max_seqlen_k, q, s);
 }
 
 }  // namespace
@@ -82,7 +88,9 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
                      const at::Tensor& cu_seqlens_q,               // [B + 1] int32
                      int64_t max_seqlen_q, int64_t max_seqlen_k,   // host upper bounds
                      double scale, bool causal, int64_t window, double softcap,
-                     const std::optional<at::Tensor>& sink_logits  // [Hq] fp32
+                     const std::optional<at::Tensor>& sink_logits,  // [Hq] fp32
+                     const std::optional<at::Tensor>& rope_cos_sin, // [num_positions, rot_dim] fp32
+                     bool rope_neox
 ) {
   constexpr const char* kName = "kvmem_C::paged_attention (CUDA)";
   TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && out.is_cuda(), kName, ": tensors must be on CUDA");
@@ -92,11 +100,18 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
               ": q and caches need 16-byte aligned rows");
   TORCH_CHECK(block_table.stride(1) == 1 && seq_lens.is_contiguous() && cu_seqlens_q.is_contiguous(), kName,
               ": metadata must be contiguous");
+  if (rope_cos_sin.has_value()) {
+    const at::Tensor& cs = *rope_cos_sin;
+    TORCH_CHECK(cs.is_cuda() && cs.scalar_type() == at::kFloat && cs.dim() == 2 && cs.stride(1) == 1 &&
+                    cs.size(1) > 0 && cs.size(1) % 2 == 0 && cs.size(1) <= q.size(2) && cs.size(0) >= max_seqlen_k,
+                kName, ": rope_cos_sin must be [>= max_seqlen_k, even rot_dim <= head_dim] fp32 on CUDA, unit stride");
+  }
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   PagedDecodeParams p{};
   static_cast<PagedAttentionParams&>(p) =
       paged_attention_params(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                             max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits);
+                             max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
+                             rope_cos_sin, rope_neox);
   if (q.size(0) == 0) return;
   cudaStream_t stream = current_stream();
   const int64_t D = q.size(2);
@@ -104,7 +119,7 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
     using T = decltype(tag);
     switch (D) {
 #define KVMEM_HEAD_DIM_CASE(d) \
-  case d: launch_group<T, d>(p, max_seqlen_k, q, stream); break;
+  case d: launch_rope_or_not<T, d>(p, max_seqlen_k, q, stream); break;
       KVMEM_PAGED_ATTENTION_CUDA_HEAD_DIMS(KVMEM_HEAD_DIM_CASE)
 #undef KVMEM_HEAD_DIM_CASE
       default: TORCH_CHECK(false, kName, ": head_dim must be one of ", head_dim_list(), "; got ", D);

@@ -16,6 +16,7 @@ struct PagedAttentionParams {
   const int32_t* seq_lens;      // [B]
   const int32_t* cu_seqlens_q;  // [B + 1]
   const float* sink_logits;     // [Hq] or nullptr
+  const float* rope_cos_sin;    // [num_positions, rot_dim] fp32 (cos half, sin half) or nullptr
   void* out;                    // [T, Hq, D] (q's dtype)
   float* lse;                   // [T, Hq] or nullptr
   int64_t q_stride_t, q_stride_h;              // elements
@@ -25,12 +26,15 @@ struct PagedAttentionParams {
   int64_t lse_stride_t, lse_stride_h;          // elements (0 without lse)
   int64_t table_stride_b, table_stride_m;      // elements
   int64_t seq_lens_stride, cu_seqlens_stride, sink_stride;  // elements
+  int64_t rope_stride;                         // elements between positions of rope_cos_sin
   int64_t max_seqlen_q, max_seqlen_k;  // host upper bounds over the sequences
   int num_tokens, num_seqs, num_heads, num_kv_heads, group, head_dim, block_size;
   float scale;
   float softcap;  // 0: none (the schema's "softcap <= 0: none", converted here only)
   int window;     // 0: none (the schema's "window <= 0: none"), else clamped to 2^31 - 1
+  int rot_dim;     // RoPE on load: channels [0, rot_dim) of each key rotated (0: no rope)
   bool causal;
+  bool rope_neox;  // rotate halves (i, i + rot_dim / 2), else interleaved pairs (2i, 2i + 1)
 };
 
 }  // namespace kvmem

@@ -25,7 +25,9 @@ inline PagedAttentionParams paged_attention_params(
     const at::Tensor& cu_seqlens_q,               // [B + 1] int32
     int64_t max_seqlen_q, int64_t max_seqlen_k,   // host upper bounds
     double scale, bool causal, int64_t window, double softcap,
-    const std::optional<at::Tensor>& sink_logits  // [Hq] fp32
+    const std::optional<at::Tensor>& sink_logits,  // [Hq] fp32
+    const std::optional<at::Tensor>& rope_cos_sin, // [num_positions, rot_dim] fp32
+    bool rope_neox
 ) {
   PagedAttentionParams p{};
   p.q = q.data_ptr();
@@ -41,6 +43,11 @@ inline PagedAttentionParams paged_attention_params(
   if (sink_logits.has_value()) {
     p.sink_logits = sink_logits->data_ptr<float>(), p.sink_stride = sink_logits->stride(0);
   }
+  if (rope_cos_sin.has_value()) {
+    p.rope_cos_sin = rope_cos_sin->data_ptr<float>(), p.rope_stride = rope_cos_sin->stride(0);
+    p.rot_dim = static_cast<int>(rope_cos_sin->size(1));
+  }
+  p.rope_neox = rope_neox;
   p.out = out.data_ptr();
   p.o_stride_t = out.stride(0), p.o_stride_h = out.stride(1);
   if (lse.has_value()) {

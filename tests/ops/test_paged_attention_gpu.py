@@ -202,6 +202,11 @@ def test_aot_variants_match_jit_specialization(backend, monkeypatch):
                          seed=len(records), **feats)
         kvmem.paged_attention(*case.args(), **case.kwargs, return_lse=True)
         kvmem.paged_attention(*case.args(), **case.kwargs)
+    for q_lens, kv_lens, neox in (([1], [40], True), ([20], [20], False)):  # RoPE on load: decode, prefill
+        case = make_case(q_lens, kv_lens, num_heads=4, num_kv_heads=1, head_dim=64, block_size=16,
+                         dtype=torch.float16, seed=len(records))
+        cos_sin = torch.randn(case.max_seqlen_k, 32)
+        kvmem.paged_attention(*case.args(), **case.kwargs, rope_cos_sin=cos_sin, rope_neox=neox)
     o = torch.randn(3, 5, 64, dtype=torch.float16)
     lse = torch.randn(3, 5)
     kvmem.merge_states(o, lse, o, lse)

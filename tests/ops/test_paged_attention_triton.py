@@ -291,9 +291,11 @@ def test_aot_enumeration_covers_launchers():
                 bd = cfgs.block_d(hd)
                 for c in cfgs.prefill_configs(dtype, bd, arch):
                     for sc in (False, True):
-                        assert (f"prefill[{dn}; BLOCK_D={bd},BLOCK_M={c.block_m},BLOCK_N={c.block_n},SOFTCAP={sc},"
-                                f"FP32={dtype == F32},SEARCH_BLOCK={cfgs.SEARCH_BLOCK}; w{c.num_warps} "
-                                f"s{c.num_stages}]") in names
+                        for rope, neox in ((False, True), (True, True), (True, False)):
+                            assert (f"prefill[{dn}; BLOCK_D={bd},BLOCK_M={c.block_m},BLOCK_N={c.block_n},SOFTCAP={sc},"
+                                    f"FP32={dtype == F32},ROPE={rope},ROPE_NEOX={neox},"
+                                    f"SEARCH_BLOCK={cfgs.SEARCH_BLOCK}; w{c.num_warps} "
+                                    f"s{1 if rope else c.num_stages}]") in names
                 for g in (1, 3, 4, 7, 8, 16, 24, 64):
                     for ql in (1, 2, 4, 8):
                         if not cfgs.use_decode(ql, g):
@@ -301,8 +303,10 @@ def test_aot_enumeration_covers_launchers():
                         rows = cfgs.decode_rows(g * ql, dtype, bd)
                         for c in cfgs.decode_configs(dtype, bd, arch, rows):
                             for sc in (False, True):
-                                assert (f"decode[{dn}; BLOCK_D={bd},ROWS={rows},BLOCK_N={c.block_n},SOFTCAP={sc},"
-                                        f"FP32={dtype == F32}; w{c.num_warps} s{c.num_stages}]") in names
+                                for rope, neox in ((False, True), (True, True), (True, False)):
+                                    assert (f"decode[{dn}; BLOCK_D={bd},ROWS={rows},BLOCK_N={c.block_n},SOFTCAP={sc},"
+                                            f"FP32={dtype == F32},ROPE={rope},ROPE_NEOX={neox}; w{c.num_warps} "
+                                            f"s{1 if rope else c.num_stages}]") in names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def paged_attention(
         today only the reference backend implements them: other backends fall back)
     rope_cos_sin: [num_positions >= max_seqlen_k, rot_dim] fp32, RoPE on load: keys are cached
         before rotary embedding and key j is rotated at position j as it is loaded (cos half, then
-        sin half; rot_dim even, <= head_dim). Today reference-only (others fall back).
+        sin half; rot_dim even, <= head_dim), in fp32 whatever the cache dtype; q is not rotated.
+        Implemented by the cpu, triton and cuda backends.
     rope_neox: RoPE style: rotate halves (Llama/NeoX, True) or interleaved pairs (GPT-J, False)
     out: [num_tokens, num_heads, head_dim] in q's dtype, written in place when given
     return_lse: also return ``lse: [num_tokens, num_heads]`` fp32 (natural log)

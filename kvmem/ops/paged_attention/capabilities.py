@@ -16,7 +16,10 @@ from kvmem.ops.paged_attention import configs, reference
 from kvmem.ops.paged_attention.params import FEATURE_OF, MODIFIER_OF, OP
 
 ALL_FEATURES = frozenset(FEATURE_OF.values())
-KERNEL_FEATURES = frozenset({"window", "softcap", "sink_logits"})  # what the cpu, cuda and triton kernels implement
+KERNEL_FEATURES = frozenset({"window", "softcap", "sink_logits"})  # what every compiled and Triton kernel implements
+CPU_FEATURES = KERNEL_FEATURES | {"rope"}
+CUDA_FEATURES = KERNEL_FEATURES | {"rope"}  # compile-checked only (nvcc_check): no GPU here
+TRITON_FEATURES = KERNEL_FEATURES | {"rope"}
 # Longest query segment the CUDA kernels take (they are decode kernels: one row per query token
 # and head-in-group); longer segments (prefill) go to another backend.
 CUDA_MAX_SEQLEN_Q = 16
@@ -42,22 +45,31 @@ def run_reference(p) -> None:
         p.lse.copy_(lse)
 
 
-def run_compiled(p) -> None:
-    args = _kernel_args(p, KERNEL_FEATURES)  # first: raises if p uses an argument the kernel lacks
-    _ext.get_op(OP)(*args)
+def _compiled_args(params, features) -> tuple:
+    """The ``kvmem_C::paged_attention`` arguments; its schema always ends with the rope pair."""
+    args = _kernel_args(params, features)  # first: raises if params uses an argument the kernel lacks
+    return args if "rope" in features else args + (None, True)
+
+
+def run_cpu(p) -> None:
+    _ext.get_op(OP)(*_compiled_args(p, CPU_FEATURES))
+
+
+def run_cuda(p) -> None:
+    _ext.get_op(OP)(*_compiled_args(p, CUDA_FEATURES))
 
 
 def run_triton(p) -> None:
-    args = _kernel_args(p, KERNEL_FEATURES)
+    args = _kernel_args(p, TRITON_FEATURES)
     importlib.import_module("kvmem.ops.paged_attention.triton").paged_attention(*args)
 
 
 CAPABILITIES = (
-    Capability(OP, "cuda", run_compiled, devices=("cuda",), from_build=True, features=KERNEL_FEATURES,
+    Capability(OP, "cuda", run_cuda, devices=("cuda",), from_build=True, features=CUDA_FEATURES,
                max_seqlen_q=CUDA_MAX_SEQLEN_Q, needs_aligned=True),
     Capability(OP, "triton", run_triton, devices=("cuda",), dtypes=configs.SUPPORTED_DTYPES,
-               head_dims=configs.SUPPORTED_HEAD_DIMS, max_block_size=configs.MAX_PAGE_SIZE, features=KERNEL_FEATURES),
-    Capability(OP, "cpu", run_compiled, devices=("cpu",), from_build=True, features=KERNEL_FEATURES),
+               head_dims=configs.SUPPORTED_HEAD_DIMS, max_block_size=configs.MAX_PAGE_SIZE, features=TRITON_FEATURES),
+    Capability(OP, "cpu", run_cpu, devices=("cpu",), from_build=True, features=CPU_FEATURES),
     Capability(OP, "reference", run_reference, cache_dtypes=None, features=ALL_FEATURES),
 )
 register(*CAPABILITIES)

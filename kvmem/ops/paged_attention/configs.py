@@ -22,6 +22,7 @@ The tuning cache is keyed on (kernel, dtype, head dim, GQA group, page size, que
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -264,27 +265,52 @@ def tuned(kind: str, key: Tuple, candidates: List, heuristic, launch: Callable, 
 # Enumeration for ahead-of-time compilation
 # ---------------------------------------------------------------------------------------------
 
+def rope_config(c):
+    """The config a launch with RoPE on load runs: ``c`` unpipelined (``num_stages=1``). Each key
+    tile then also loads its partner columns and cos/sin rows; pipelined, those stages overflow
+    the sm80 family's 99 KiB of shared memory (measured with tools/aot_compile_triton.py)."""
+    return dataclasses.replace(c, num_stages=1)
+
+
+# (ROPE, ROPE_NEOX) constexpr pairs: no RoPE on load (ROPE_NEOX unused, pinned True), NeoX
+# halves, GPT-J pairs.
+ROPE_VARIANTS = ((False, True), (True, True), (True, False))
+
+
 def aot_variants(arch: int = 80) -> Iterator[AotVariant]:
     """Every paged-attention (kernel, dtype, constexprs, num_warps, num_stages) that the launchers or the tuner
-    can pick on ``arch`` for the supported dtypes and head dims, with and without softcap.
+    can pick on ``arch`` for the supported dtypes and head dims, with and without softcap, without
+    RoPE on load and with each of its two pairings.
     Head dim, page size and group size are runtime arguments: they only pick BLOCK_D (next
     power of two of the head dim) and decode's ROWS. Causal, window, sink and lse are runtime
     flags (uniform branches outside the key loop, or masks inside it)."""
     bds = sorted({block_d(hd) for hd in SUPPORTED_HEAD_DIMS})
+    seen = set()
+    for v in _aot_variants(arch, bds):
+        if v.name not in seen:  # rope_config can map two configs to one
+            seen.add(v.name)
+            yield v
+
+
+def _aot_variants(arch, bds) -> Iterator[AotVariant]:
     for dtype in SUPPORTED_DTYPES:
         dn = DTYPE_NAMES[dtype]
         fp32 = dtype == torch.float32
         for bd in bds:
             for softcap in (False, True):
-                for c in prefill_configs(dtype, bd, arch):
-                    yield AotVariant("prefill", dn, (
-                        ("BLOCK_D", bd), ("BLOCK_M", c.block_m), ("BLOCK_N", c.block_n),
-                        ("SOFTCAP", softcap), ("FP32", fp32), ("SEARCH_BLOCK", SEARCH_BLOCK)),
-                        c.num_warps, c.num_stages)
-                for rows in decode_row_options(dtype, bd):
-                    for c in decode_configs(dtype, bd, arch, rows):
-                        yield AotVariant("decode", dn, (
-                            ("BLOCK_D", bd), ("ROWS", rows), ("BLOCK_N", c.block_n), ("SOFTCAP", softcap),
-                            ("FP32", fp32)), c.num_warps, c.num_stages)
+                for rope in ROPE_VARIANTS:
+                    for c in prefill_configs(dtype, bd, arch):
+                        c = rope_config(c) if rope[0] else c
+                        yield AotVariant("prefill", dn, (
+                            ("BLOCK_D", bd), ("BLOCK_M", c.block_m), ("BLOCK_N", c.block_n),
+                            ("SOFTCAP", softcap), ("FP32", fp32), ("ROPE", rope[0]), ("ROPE_NEOX", rope[1]),
+                            ("SEARCH_BLOCK", SEARCH_BLOCK)), c.num_warps, c.num_stages)
+                    for rows in decode_row_options(dtype, bd):
+                        for c in decode_configs(dtype, bd, arch, rows):
+                            c = rope_config(c) if rope[0] else c
+                            yield AotVariant("decode", dn, (
+                                ("BLOCK_D", bd), ("ROWS", rows), ("BLOCK_N", c.block_n), ("SOFTCAP", softcap),
+                                ("FP32", fp32), ("ROPE", rope[0]), ("ROPE_NEOX", rope[1])),
+                                c.num_warps, c.num_stages)
         for bd in bds:
             yield AotVariant("decode_reduce", dn, (("BLOCK_H", reduce_block_h(bd)), ("BLOCK_D", bd)), 4, 3)

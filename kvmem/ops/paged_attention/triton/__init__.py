@@ -40,8 +40,16 @@ def _dummy(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=t.device)
 
 
+def _rope_params(q, rope_cos_sin):
+    """(table, its row stride, rot_dim, ROPE) for RoPE on load (a dummy table without)."""
+    if rope_cos_sin is None:
+        return _dummy(q), 0, 0, False
+    return rope_cos_sin, rope_cos_sin.stride(0), rope_cos_sin.shape[1], True
+
+
 def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                   max_seqlen_q, scale, causal, window, softcap, sink_logits, cfg=None):
+                   max_seqlen_q, scale, causal, window, softcap, sink_logits, cfg=None,
+                   rope_cos_sin=None, rope_neox=True):
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -54,13 +62,16 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
     sink = sink_logits if has_sink else _dummy(q)
     lse_t = lse if write_lse else _dummy(q)
     lse_strides = (lse.stride(0), lse.stride(1)) if write_lse else (0, 0)
+    rope, stride_rope, rot_dim, use_rope = _rope_params(q, rope_cos_sin)
+    rope_neox = bool(rope_neox) if use_rope else True
     block_d = _cfg.block_d(head_dim)
 
     def launch(c: _cfg.PrefillConfig):
+        c = _cfg.rope_config(c) if use_rope else c
         num_tiles = num_tokens // c.block_m + num_seqs
         grid = (num_tiles, num_heads)
         _prefill_kernel[grid](
-            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sink, out, lse_t,
+            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sink, rope, out, lse_t,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -68,16 +79,17 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
             out.stride(0), out.stride(1), lse_strides[0], lse_strides[1],
             num_seqs, num_tiles, group, page_size,
             qk_scale, sc_in, sc_out, int(window) if window and window > 0 else 0,
-            1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, head_dim,
+            1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, stride_rope, rot_dim,
+            head_dim,
             BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            SOFTCAP=use_softcap, FP32=fp32, SEARCH_BLOCK=_cfg.SEARCH_BLOCK,
+            SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox, SEARCH_BLOCK=_cfg.SEARCH_BLOCK,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
 
     if cfg is None:
         arch = _cfg.arch_of(q.device)
         cfg = _cfg.tuned(
-            "prefill", _cfg.prefill_key(q.dtype, head_dim, group, page_size, max_seqlen_q, arch),
+            "prefill", _cfg.prefill_key(q.dtype, head_dim, group, page_size, max_seqlen_q, arch) + (use_rope,),
             _cfg.prefill_configs(q.dtype, block_d, arch),
             _cfg.prefill_heuristic(q.dtype, block_d, arch, max_seqlen_q), launch, q.device)
     launch(cfg)
@@ -85,7 +97,7 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
 
 def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                   max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
-                  cfg=None, num_splits=None):
+                  cfg=None, num_splits=None, rope_cos_sin=None, rope_neox=True):
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -98,11 +110,14 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     sink = sink_logits if has_sink else _dummy(q)
     lse_t = lse if write_lse else _dummy(q)
     lse_strides = (lse.stride(0), lse.stride(1)) if write_lse else (0, 0)
+    rope, stride_rope, rot_dim, use_rope = _rope_params(q, rope_cos_sin)
+    rope_neox = bool(rope_neox) if use_rope else True
     block_d = _cfg.block_d(head_dim)
     rows = _cfg.decode_rows(group * max(1, max_seqlen_q), q.dtype, block_d)
     num_row_chunks = triton.cdiv(group * max(1, max_seqlen_q), rows)
 
     def launch(c: _cfg.DecodeConfig, splits=None):
+        c = _cfg.rope_config(c) if use_rope else c
         if splits is None:
             splits = _cfg.decode_num_splits(num_seqs, num_kv_heads * num_row_chunks,
                                             max_seqlen_k, c.block_n, q.device)
@@ -117,7 +132,7 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
         pls = part_lse.stride() if splits > 1 else (0, 0, 1)
         grid = (num_seqs, num_kv_heads * num_row_chunks, splits)
         _decode_kernel[grid](
-            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sink, out, lse_t,
+            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sink, rope, out, lse_t,
             part_out, part_lse,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -127,9 +142,10 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
             ps[0], ps[1], ps[2], pls[0], pls[1],
             num_row_chunks, group, page_size, splits,
             qk_scale, sc_in, sc_out, int(window) if window and window > 0 else 0,
-            1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, head_dim,
+            1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, stride_rope, rot_dim,
+            head_dim,
             BLOCK_D=block_d, ROWS=rows, BLOCK_N=c.block_n,
-            SOFTCAP=use_softcap, FP32=fp32,
+            SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
         if splits > 1:
@@ -146,7 +162,7 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     if cfg is None:
         arch = _cfg.arch_of(q.device)
         cfg = _cfg.tuned(
-            "decode", _cfg.decode_key(q.dtype, head_dim, group, page_size, rows, arch),
+            "decode", _cfg.decode_key(q.dtype, head_dim, group, page_size, rows, arch) + (use_rope,),
             _cfg.decode_configs(q.dtype, block_d, arch, rows),
             _cfg.decode_heuristic(q.dtype, block_d, arch, rows), lambda c: launch(c, num_splits),
             q.device)
@@ -155,10 +171,12 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
 
 def paged_attention(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                     max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool,
-                    window: int, softcap: float, sink_logits) -> None:
+                    window: int, softcap: float, sink_logits, rope_cos_sin=None, rope_neox: bool = True) -> None:
     """Write attention of ``q`` over the paged caches into ``out`` (and ``lse`` if not None).
 
-    ``window <= 0`` / ``softcap <= 0`` (or None) mean none. Tokens not covered by
+    ``window <= 0`` / ``softcap <= 0`` (or None) mean none. ``rope_cos_sin: [num_positions,
+    rot_dim]`` fp32 (or None): RoPE on load, key n rotated at position n (halves if
+    ``rope_neox``, else interleaved pairs) in fp32. Tokens not covered by
     ``cu_seqlens_q`` are left untouched. No host synchronisation.
     """
     assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.dim() == 4
@@ -170,10 +188,12 @@ def paged_attention(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seq
     group = num_heads // num_kv_heads
     if _cfg.use_decode(max_seqlen_q, group):
         launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                      max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits)
+                      max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
+                      rope_cos_sin=rope_cos_sin, rope_neox=rope_neox)
     else:
         launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                       max_seqlen_q, scale, causal, window, softcap, sink_logits)
+                       max_seqlen_q, scale, causal, window, softcap, sink_logits,
+                       rope_cos_sin=rope_cos_sin, rope_neox=rope_neox)
 
 
 AOT_KERNELS = {"prefill": _prefill_kernel, "decode": _decode_kernel, "decode_reduce": _decode_reduce_kernel}

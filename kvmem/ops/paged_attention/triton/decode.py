@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvmem.ops.paged_attention.triton.tiles import _load_kv_tile, _online_softmax_step, _scores
+from kvmem.ops.paged_attention.triton.tiles import _load_kv_tile, _online_softmax_step, _rope_k_tile, _scores
 
 # --------------------------------------------------------------------------------------------
 # Decode (split-K): the G query heads (x small q_len) of one KV head share each K/V tile
@@ -13,8 +13,8 @@ from kvmem.ops.paged_attention.triton.tiles import _load_kv_tile, _online_softma
 
 
 @triton.jit(do_not_specialize=["num_row_chunks", "group", "page_size", "num_splits", "window", "causal",
-                               "has_sink", "write_lse", "stride_bt", "stride_lt", "stride_lh", "stride_pls",
-                               "stride_plt"])
+                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_bt", "stride_lt",
+                               "stride_lh", "stride_pls", "stride_plt"])
 def _decode_kernel(
     q_ptr,
     k_ptr,
@@ -23,6 +23,7 @@ def _decode_kernel(
     seq_lens_ptr,
     cu_q_ptr,
     sink_ptr,
+    rope_ptr,
     out_ptr,
     lse_ptr,
     part_out_ptr,
@@ -56,12 +57,16 @@ def _decode_kernel(
     causal,
     has_sink,
     write_lse,
+    stride_rope,
+    rot_dim,
     head_dim,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr,
     FP32: tl.constexpr,
+    ROPE: tl.constexpr,
+    ROPE_NEOX: tl.constexpr,
 ):
     b = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -117,7 +122,10 @@ def _decode_kernel(
         n_ok = (n >= lo) & (n < hi)
         k = _load_kv_tile(k_ptr, bt_row, n, n_ok, offs_d, page_size, stride_kb, stride_ks,
                           k_head, head_dim, True)
-        s = _scores(q, k.to(q.dtype), qk_scale, softcap_in, softcap_out, SOFTCAP, FP32)
+        if ROPE:  # RoPE on load: key n rotated at position n, fp32
+            k = _rope_k_tile(k, k_ptr, bt_row, n, n_ok, offs_d, page_size, stride_kb, stride_ks, k_head,
+                             head_dim, rope_ptr, stride_rope, rot_dim, True, ROPE_NEOX)
+        s = _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP, FP32, ROPE and not FP32)
         vis = n_ok[None, :] & row_ok[:, None]
         if causal != 0:
             vis = vis & (n[None, :] <= pos[:, None])

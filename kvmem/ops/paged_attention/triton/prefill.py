@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvmem.ops.paged_attention.triton.tiles import _load_kv_tile, _online_softmax_step, _scores
+from kvmem.ops.paged_attention.triton.tiles import _load_kv_tile, _online_softmax_step, _rope_k_tile, _scores
 
 # --------------------------------------------------------------------------------------------
 # Prefill (varlen, one query head per program, BLOCK_M queries per program)
@@ -19,7 +19,8 @@ from kvmem.ops.paged_attention.triton.tiles import _load_kv_tile, _online_softma
 # strides over head_dim-sized rows and head_dim itself are multiples of 16 for every supported
 # head dim and keep the /16 hint (the AOT tool marks them too).
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "group", "page_size", "window", "causal",
-                               "has_sink", "write_lse", "stride_bt", "stride_lt", "stride_lh"])
+                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_bt", "stride_lt",
+                               "stride_lh"])
 def _prefill_kernel(
     q_ptr,
     k_ptr,
@@ -28,6 +29,7 @@ def _prefill_kernel(
     seq_lens_ptr,
     cu_q_ptr,
     sink_ptr,
+    rope_ptr,
     out_ptr,
     lse_ptr,
     stride_qt,
@@ -54,12 +56,16 @@ def _prefill_kernel(
     causal,
     has_sink,
     write_lse,
+    stride_rope,
+    rot_dim,
     head_dim,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr,
     FP32: tl.constexpr,
+    ROPE: tl.constexpr,
+    ROPE_NEOX: tl.constexpr,
     SEARCH_BLOCK: tl.constexpr,
 ):
     # Later tiles of a sequence carry more causal work: hand them out first.
@@ -130,7 +136,10 @@ def _prefill_kernel(
             n = n0 + tl.arange(0, BLOCK_N)
             k = _load_kv_tile(k_ptr, bt_row, n, n < hi, offs_d, page_size, stride_kb, stride_ks,
                               k_head, head_dim, False)
-            s = _scores(q, k.to(q.dtype), qk_scale, softcap_in, softcap_out, SOFTCAP, FP32)
+            if ROPE:  # RoPE on load: key n rotated at position n, fp32
+                k = _rope_k_tile(k, k_ptr, bt_row, n, n < hi, offs_d, page_size, stride_kb, stride_ks, k_head,
+                                 head_dim, rope_ptr, stride_rope, rot_dim, False, ROPE_NEOX)
+            s = _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP, FP32, ROPE and not FP32)
             v = _load_kv_tile(v_ptr, bt_row, n, n < hi, offs_d, page_size, stride_vb, stride_vs,
                               v_head, head_dim, False)
             m_i, l_i, acc = _online_softmax_step(s, v.to(q.dtype), m_i, l_i, acc, FP32)
@@ -144,7 +153,10 @@ def _prefill_kernel(
             n_ok = (n >= lo) & (n < hi)
             k = _load_kv_tile(k_ptr, bt_row, n, n_ok, offs_d, page_size, stride_kb, stride_ks,
                               k_head, head_dim, True)
-            s = _scores(q, k.to(q.dtype), qk_scale, softcap_in, softcap_out, SOFTCAP, FP32)
+            if ROPE:  # RoPE on load: key n rotated at position n, fp32
+                k = _rope_k_tile(k, k_ptr, bt_row, n, n_ok, offs_d, page_size, stride_kb, stride_ks, k_head,
+                                 head_dim, rope_ptr, stride_rope, rot_dim, True, ROPE_NEOX)
+            s = _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP, FP32, ROPE and not FP32)
             vis = n_ok[None, :] & row_ok[:, None]
             if causal != 0:
                 vis = vis & (n[None, :] <= pos[:, None])

@@ -49,6 +49,58 @@ def _load_kv_tile(
 
 
 @triton.jit
+def _rope_k_tile(
+    k,
+    cache_ptr,
+    bt_row_ptr,
+    n,
+    n_ok,
+    offs_d,
+    page_size,
+    stride_b,
+    stride_s,
+    head_off,
+    head_dim,
+    rope_ptr,
+    stride_rope,
+    rot_dim,
+    MASK_N: tl.constexpr,
+    ROPE_NEOX: tl.constexpr,
+):
+    """RoPE on load: the key tile ``k`` (from :func:`_load_kv_tile` with the same arguments)
+    rotated in fp32, key ``n`` at position ``n`` (row ``n`` of ``rope_ptr``: cos half, sin half).
+
+    ``k_rot[:, d] = k[:, d] * cos_d + sign_d * sin_d * k[:, partner_d]`` with the pairs
+    ``(i, i + rot/2)`` (NeoX: partner ``d +- rot/2``, sign -1 on the first half) or ``(2i, 2i+1)``
+    (GPT-J: partner ``d ^ 1``, sign -1 on even channels); channels past ``rot_dim`` pass through.
+    The partner columns are a second gather of the same (cached) rows.
+    """
+    half = rot_dim // 2
+    in_rot = offs_d < rot_dim
+    if ROPE_NEOX:
+        first = offs_d < half
+        partner = tl.where(first, offs_d + half, offs_d - half)
+        pair = tl.where(first, offs_d, offs_d - half)
+    else:
+        first = (offs_d % 2) == 0
+        partner = offs_d ^ 1
+        pair = offs_d // 2
+    partner = tl.where(in_rot, partner, offs_d)
+    pair = tl.where(in_rot, pair, 0)
+    x_partner = _load_kv_tile(cache_ptr, bt_row_ptr, n, n_ok, partner, page_size, stride_b, stride_s,
+                              head_off, rot_dim, MASK_N).to(tl.float32)
+    if MASK_N:
+        cs_ok = n_ok[:, None] & in_rot[None, :]
+    else:
+        cs_ok = in_rot[None, :] & (n >= 0)[:, None]
+    cs_row = rope_ptr + n.to(tl.int64)[:, None] * stride_rope
+    cos = tl.load(cs_row + pair[None, :], mask=cs_ok, other=1.0)
+    sin = tl.load(cs_row + (pair + half)[None, :], mask=cs_ok, other=0.0)
+    sin = tl.where(first[None, :], -sin, sin)
+    return k.to(tl.float32) * cos + x_partner * sin
+
+
+@triton.jit
 def _dot(a, b, FP32: tl.constexpr):
     if FP32:
         r = tl.dot(a, b, input_precision="ieee")
@@ -60,9 +112,20 @@ def _dot(a, b, FP32: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP: tl.constexpr, FP32: tl.constexpr):
-    """Scores in log2 units: ``scale*q.k*log2e`` or ``c*tanh(scale*q.k/c)*log2e``."""
-    qk = _dot(q, tl.trans(k), FP32)
+def _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP: tl.constexpr, FP32: tl.constexpr,
+            SPLIT_K: tl.constexpr = False):
+    """Scores in log2 units: ``scale*q.k*log2e`` or ``c*tanh(scale*q.k/c)*log2e``.
+
+    ``SPLIT_K`` (fp32 keys against low-precision queries: RoPE on load): ``k = k_hi + k_lo``, both
+    in q's dtype, and ``q.k = q.k_hi + q.k_lo`` (two tensor-core dots, ~16 mantissa bits of k),
+    so the rotated keys are not rounded to the cache dtype before the product.
+    """
+    if SPLIT_K:
+        k_hi = k.to(q.dtype)
+        k_lo = (k - k_hi.to(tl.float32)).to(q.dtype)
+        qk = _dot(q, tl.trans(k_hi), FP32) + _dot(q, tl.trans(k_lo), FP32)
+    else:
+        qk = _dot(q, tl.trans(k.to(q.dtype)), FP32)
     if SOFTCAP:  # constexpr: a runtime branch here breaks triton 3.6's sm90 pipeliner
         # tanh(x) = 1 - 2 / (exp(2x) + 1); saturates correctly at +-inf.
         x = qk * softcap_in
