@@ -131,6 +131,12 @@ def summarise(nll, n_tokens):
             "ppl_last_quarter": math.exp(last.mean().item()), "last_quarter_targets": int(last.numel())}
 
 
+def model_name():
+    from kvmem.generate_demo import SMOLLM2_GGUF
+
+    return SMOLLM2_GGUF
+
+
 def machine():
     import transformers
 
@@ -146,6 +152,9 @@ def table(data):
     m = data["machine"]
     lines = [
         "# Perplexity: SmolLM2-135M, fp32 CPU, Debian licence texts",
+        "",
+        f"Model: {data.get('model', model_name())} (the weights `benchmarks/passkey.py` loads), de-quantized "
+        "to fp32.",
         "",
         f"`benchmarks/perplexity.py`; machine: {m['machine']} ({m['cpus']} CPUs, shared), torch {m['torch']}, "
         f"transformers {m['transformers']}, {m['threads']} threads. One forward over the first N tokens of "
@@ -210,6 +219,7 @@ def main(argv=None):
     if data is None:
         data = {"text_sha256": hashes, "machine": machine(), "runs": {}}
     data["path"] = path
+    data.setdefault("model", model_name())
     model, tok = load_model()
     text_ids = tok.encode(text, add_special_tokens=False)
     for n_tokens in args.tokens:
