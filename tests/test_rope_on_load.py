@@ -47,6 +47,15 @@ def _runnable(backend):
 ROPE_BACKENDS = [b for b in ("cpu", "triton", "cuda") if "rope" in capability(OP, b).features]
 
 
+@pytest.fixture(autouse=True)
+def _skip_unrunnable(request):
+    """Skip a backend that cannot run here before any case is moved to its device."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    if backend is not None and _runnable(backend) is not None:
+        pytest.skip(_runnable(backend))
+
+
 def _device(backend):
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
 

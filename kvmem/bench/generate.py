@@ -59,7 +59,7 @@ def load_model(spec: Optional[str], dtype: torch.dtype, device: torch.device, la
         with torch.device(device):
             model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
         return model, None, f"random {shape} ({cfg.num_hidden_layers} layers)"
-    from kvmem.generate_demo import load
+    from kvmem.bench.hf_run import load
 
     if layers:
         raise SystemExit("--layers only applies to --model random:NAME")
@@ -67,7 +67,7 @@ def load_model(spec: Optional[str], dtype: torch.dtype, device: torch.device, la
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvmem.generate_demo import DTYPES
+    from kvmem.bench.hf_run import DTYPES
 
     p = argparse.ArgumentParser(prog="python -m kvmem.bench generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(n < 1 for n in (a.prompts or [1])) or any(b < 1 for b in a.batch):
         p.error("--prompts and --batch must be >= 1")
     from kvmem.bench import report
-    from kvmem.generate_demo import DTYPES, dynamic_cache_bytes, make_prompt, require_transformers, run
+    from kvmem.bench.hf_run import DTYPES, dynamic_cache_bytes, make_prompt, require_transformers, run
     from kvmem.integrations import patch, unpatch
     from kvmem.integrations.hf.compat import output_cache
 
