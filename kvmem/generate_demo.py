@@ -25,7 +25,6 @@ the default model).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 
