@@ -82,11 +82,15 @@ sink = torch.randn(Hq, generator=g)
 scale, window, softcap = 1 / math.sqrt(D), 30, 20.0
 out = torch.full_like(q, math.nan)
 lse = torch.full((q.shape[0], Hq), math.nan)
+# RoPE on load (keys cached before rotary embedding): a [positions, rot_dim] cos|sin table.
+rot = q.shape[-1] // 2
+angles = torch.arange(max(kv_lens) + 1.0)[:, None] / 10000.0 ** (torch.arange(0, rot, 2.0) / rot)
+rope = torch.cat([angles.cos(), angles.sin()], dim=-1)
 ops.paged_attention(out, lse, q, k_cache, v_cache, table, seq_lens, cu, max(q_lens), max(kv_lens),
-                    scale, True, window, softcap, sink)
+                    scale, True, window, softcap, sink, rope, True)
 ref, ref_lse = reference.paged_attention(q, k_cache, v_cache, table, seq_lens, cu, max(q_lens), max(kv_lens),
                                          scale=scale, causal=True, window=window, softcap=softcap,
-                                         sink_logits=sink)
+                                         sink_logits=sink, rope_cos_sin=rope, rope_neox=True)
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 from tolerances import assert_close  # noqa: E402
 
@@ -94,6 +98,6 @@ assert_close(out, ref)
 assert_close(lse, ref_lse, what="lse")
 assert "kvmem._C" not in sys.modules, "the check must run the CMake-built library, not kvmem._C"
 print(f"cmake_check: torch.ops.load_library({os.path.basename(os.environ['KVMEM_CMAKE_LIB'])}): "
-      f"cache_write and paged_attention match the reference (max |out - ref| = {(out - ref).abs().max():.2e})")
+      f"cache_write and paged_attention (RoPE on load) match the reference (max |out - ref| = {(out - ref).abs().max():.2e})")
 EOF
 echo "cmake_check: OK in $(( $(date +%s) - t0 ))s"
