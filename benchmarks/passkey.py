@@ -58,11 +58,30 @@ def load_model(dtype=torch.float32):
     return model, tok
 
 
-def configure(model, method):
-    """Patch ``model`` for ``method`` (hf: leave it alone). Returns the patched or original model."""
+def parse_overrides(items):
+    """``["top_k=32", "summary=box"]`` -> ``{"top_k": 32, "summary": "box"}`` (ints where they parse)."""
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"passkey: --set takes name=value, got {item!r}")
+        out[name] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def override_tag(overrides):
+    return "".join(f"[{k}={v}]" for k, v in sorted(overrides.items()))
+
+
+def configure(model, method, overrides=None):
+    """Patch ``model`` for ``method`` (hf: leave it alone), with ``MemoryConfig`` fields
+    ``overrides`` (tuning: ``--set``). Returns the patched or original model."""
+    overrides = dict(overrides or {})
     import kvmem
 
     kvmem.unpatch(model)
+    if method in ("hf", "paged") and overrides:
+        raise SystemExit(f"passkey: --set applies to the memory-bank methods, not {method!r}")
     if method == "hf":
         return model
     if method == "paged":
@@ -71,11 +90,11 @@ def configure(model, method):
     if cfg_cls is None:
         raise SystemExit(f"passkey: method {method!r} needs kvmem.MemoryConfig (the memory bank)")
     if method == "extend":
-        cfg = cfg_cls(mode="extend")
+        cfg = cfg_cls(**{"mode": "extend", **overrides})
     elif method == "streaming":
-        cfg = cfg_cls(mode="extend", top_k=0)
+        cfg = cfg_cls(**{"mode": "extend", "top_k": 0, **overrides})
     elif method == "exact":
-        cfg = cfg_cls(mode="exact")
+        cfg = cfg_cls(**{"mode": "exact", **overrides})
     else:
         raise SystemExit(f"passkey: unknown method {method!r}")
     return kvmem.patch(model, memory_bank=cfg)
@@ -93,7 +112,7 @@ def needle_recall(model, trial):
         return None
 
 
-def run_trial(model, tok, haystack_ids, method, length, seed, multi, max_new_tokens=8):
+def run_trial(model, tok, haystack_ids, method, length, seed, multi, max_new_tokens=8, overrides=None):
     trial = passkey.build_trial(tok, haystack_ids, length, seed, multi=multi)
     ids = torch.tensor([trial.input_ids])
     t0 = time.perf_counter()
@@ -106,17 +125,18 @@ def run_trial(model, tok, haystack_ids, method, length, seed, multi, max_new_tok
             "multi": multi, "depth": trial.depth, "key": trial.key, "answer": answer,
             "correct": passkey.is_correct(answer, trial.key), "needle_span": list(trial.needle_span),
             "needle_recall": needle_recall(model, trial), "seconds": seconds,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "overrides": dict(overrides or {})}
 
 
-def summary(out_dir):
+def summary(out_dir, tuning=False):
     rows = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "*_*_*.json"))):
         with open(path) as f:
             r = json.load(f)
-        if r.get("seed", 0) < 100:
-            continue  # tuning seeds are never reported
-        key = (r["method"] + ("-multi" if r.get("multi") else ""), r["target_length"])
+        if (r.get("seed", 0) < 100) != tuning:
+            continue  # tuning seeds are never reported (--tuning: only they are, for tuning)
+        key = (r["method"] + ("-multi" if r.get("multi") else "") + override_tag(r.get("overrides", {})),
+               r["target_length"])
         rows.setdefault(key, []).append(r)
     lines = ["| method | length | trials | accuracy | Wilson 95 % | needle recall | s/trial |",
              "|---|---|---|---|---|---|---|"]
@@ -137,11 +157,15 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096])
     ap.add_argument("--seeds", nargs="+", default=["100-119"], help="e.g. 100-129 or 0 1 2")
     ap.add_argument("--multi", action="store_true", help="three keys in the haystack, ask for one")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="MemoryConfig fields for tuning (seeds 0-9), e.g. --set block_size=64 top_k=32; "
+                         "the trial files are tagged with them")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--summary", action="store_true", help="print the results table and exit")
+    ap.add_argument("--tuning", action="store_true", help="with --summary: the tuning seeds' (< 100) table instead")
     args = ap.parse_args(argv)
     if args.summary:
-        print(summary(args.out))
+        print(summary(args.out, args.tuning))
         return
     os.makedirs(args.out, exist_ok=True)
     pin_path = os.path.join(args.out, "haystack.json")
@@ -153,14 +177,15 @@ def main(argv=None):
         os.replace(pin_path + ".tmp", pin_path)
     model, tok = load_model()
     haystack_ids = tok.encode(text, add_special_tokens=False)
-    model = configure(model, args.method)
-    tag = args.method + ("-multi" if args.multi else "")
+    overrides = parse_overrides(args.set)
+    model = configure(model, args.method, overrides)
+    tag = args.method + ("-multi" if args.multi else "") + override_tag(overrides)
     for length in args.lengths:
         for seed in _seeds(args.seeds):
             path = os.path.join(args.out, f"{tag}_{length}_{seed}.json")
             if os.path.exists(path):
                 continue
-            r = run_trial(model, tok, haystack_ids, args.method, length, seed, args.multi)
+            r = run_trial(model, tok, haystack_ids, args.method, length, seed, args.multi, overrides=overrides)
             with open(path + ".tmp", "w") as f:
                 json.dump(r, f, indent=1)
             os.replace(path + ".tmp", path)

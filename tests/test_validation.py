@@ -41,7 +41,10 @@ PAGED_BAD = [
     ("q_int", lambda c: dict(q=c.q.to(torch.int32)), TypeError, ["'q'", "float"]),
     ("q_2d", lambda c: dict(q=c.q[:, 0]), ValueError, ["'q'", "3-D"]),
     ("q_last_stride", lambda c: dict(q=c.q.transpose(1, 2).contiguous().transpose(1, 2)), ValueError, ["'q'", "unit-stride"]),
-    ("cache_dtype", lambda c: dict(k_cache=c.k_cache.half()), TypeError, ["'k_cache'", "float32"]),
+    ("cache_dtype_pair", lambda c: dict(k_cache=c.k_cache.half()), TypeError, ["'v_cache'", "float16"]),
+    ("cache_int", lambda c: dict(k_cache=c.k_cache.int(), v_cache=c.v_cache.int()), TypeError, ["'k_cache'", "bfloat16"]),
+    ("fp8_no_scale", lambda c: dict(k_cache=c.k_cache.to(torch.float8_e4m3fn), v_cache=c.v_cache.to(torch.float8_e4m3fn)),
+     TypeError, ["'k_cache'", "float32"]),
     ("v_shape", lambda c: dict(v_cache=c.v_cache[:, :2]), ValueError, ["'v_cache'", "shape"]),
     ("head_dim", lambda c: dict(q=torch.randn(4, 4, 8)), ValueError, ["'q'", "head_dim 16"]),
     ("gqa", lambda c: dict(q=torch.randn(4, 3, 16)), ValueError, ["'q'", "divisible", "num_kv_heads=2"]),
@@ -129,7 +132,10 @@ def cw_base():
 
 
 CW_BAD = [
-    ("k_dtype", lambda k, v, kc, vc, s: (k.half(), v, kc, vc, s), TypeError, ["'k'", "float32"]),
+    ("k_dtype", lambda k, v, kc, vc, s: (k.int(), v, kc, vc, s), TypeError, ["'k'", "float32"]),
+    ("v_dtype", lambda k, v, kc, vc, s: (k.half(), v, kc, vc, s), TypeError, ["'v'", "float16"]),
+    ("fp8_no_scale", lambda k, v, kc, vc, s: (k, v, kc.to(torch.float8_e5m2), vc.to(torch.float8_e5m2), s), TypeError,
+     ["'k_cache'", "float32"]),
     ("v_heads", lambda k, v, kc, vc, s: (k, v[:, :1], kc, vc, s), ValueError, ["'v'", "shape"]),
     ("k_tokens", lambda k, v, kc, vc, s: (k[:4], v[:4], kc, vc, s), ValueError, ["'slot_mapping'", "(4,)"]),
     ("slot_int32", lambda k, v, kc, vc, s: (k, v, kc, vc, s.int()), TypeError, ["'slot_mapping'", "int64"]),

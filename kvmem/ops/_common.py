@@ -48,6 +48,26 @@ def flat(params, omit: Tuple[str, ...] = ()) -> tuple:
     return _kept(type(params), omit)(values)
 
 
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def is_fp8(dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def encode(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """kvmem's one cache encoding of ``x`` (already divided by its scale) into ``dtype``: in fp32,
+    clamped to +- the format's largest finite value, then rounded to nearest even (ties to even).
+
+    Pinned so that every backend writes the same bits: a plain ``.to(float8_e4m3fn)`` saturates
+    +-inf but gives NaN out of range on some paths, CUDA's ``satfinite`` clamps; here out-of-range
+    values and +-inf become +-max, NaN stays NaN (sign kept), -0.0 stays -0.0. The kernels
+    implement it with integer bit operations (``csrc/common/fp8.h``, ``kvmem/ops/triton_fp8.py``).
+    """
+    big = torch.finfo(dtype).max
+    return x.float().clamp(-big, big).to(dtype)
+
+
 def scale_of(scale: Optional[torch.Tensor], dtype=torch.float32) -> Optional[torch.Tensor]:
     """A 0-d or ``[Hkv]`` scale as a tensor broadcasting over ``[n, Hkv, D]``."""
     if scale is None:

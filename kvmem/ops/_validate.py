@@ -18,8 +18,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from kvmem.ops._common import FP8_DTYPES  # re-exported: the float8 cache dtypes
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 QUANT_CACHE_DTYPES = FLOAT_DTYPES + FP8_DTYPES  # cache dtypes allowed when k_scale/v_scale are given
 
 

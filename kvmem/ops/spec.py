@@ -30,7 +30,12 @@ Semantics (frozen by "Paged KV core 1/3"):
 * Query head ``h`` reads KV head ``h // (Hq // Hkv)`` (grouped-query attention).
 * ``k_scale``/``v_scale`` (fp8 and other quantised caches): the stored key/value is multiplied by
   the scale on load; a 0-d tensor (per tensor) or ``[Hkv]`` (per KV head), fp32. ``cache_write``
-  given the same scales stores ``k / k_scale`` (then casts to the cache's dtype).
+  given the same scales stores ``k / k_scale`` computed in fp32, clamped to +- the cache format's
+  largest finite value and rounded to nearest even (``kvmem.ops._common.encode``: one encoding,
+  bit-exact on every backend; +-inf -> +-max, NaN stays NaN). float8 caches (``e4m3fn``,
+  ``e5m2``) need scales; float caches take them too. Without scales the cache may be of another
+  float dtype than ``q`` / ``k`` (e.g. bf16 KV under an fp32 model): ``cache_write`` rounds to
+  nearest even into it, attention converts on load.
 * ``rope_cos_sin`` (RoPE on load: keys cached *before* rotary embedding): ``[num_positions,
   rot_dim]`` fp32, row ``p`` = ``cos(p*theta_i)`` for ``i < rot_dim/2`` then ``sin(p*theta_i)``.
   Key ``j`` of a sequence is rotated at position ``j`` when loaded (after ``k_scale``), in its first

@@ -18,7 +18,8 @@ def structure(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         unit_last_stride(op, name, c)
     for name, t in (("k", k), ("v", v)):
-        tensor(op, name, t, ndim=3, dtypes=FLOAT_DTYPES if quant else (k_cache.dtype,), device=dev, like="k_cache")
+        # any float dtype: rounded to nearest even into the cache (after / scale when given)
+        tensor(op, name, t, ndim=3, dtypes=FLOAT_DTYPES, device=dev, like="k_cache")
         unit_last_stride(op, name, t)
         if tuple(t.shape[1:]) != tuple(k_cache.shape[2:]):
             fail(op, name, f"of shape [num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}] (the cache's heads and head_dim)",

@@ -19,9 +19,10 @@ def structure(
     tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES)
     dev = q.device
     unit_last_stride(op, "q", q)
-    cache_dtypes = QUANT_CACHE_DTYPES if k_scale is not None else (q.dtype,)
+    # float8 caches need scales; a float cache may differ from q's dtype (converted on load)
+    cache_dtypes = QUANT_CACHE_DTYPES if k_scale is not None else FLOAT_DTYPES
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        tensor(op, name, c, ndim=4, dtypes=cache_dtypes, device=dev)
+        tensor(op, name, c, ndim=4, dtypes=cache_dtypes if name == "k_cache" else (k_cache.dtype,), device=dev)
         unit_last_stride(op, name, c)
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         fail(op, "v_cache", f"of k_cache's shape {tuple(k_cache.shape)}", f"shape {tuple(v_cache.shape)}")
