@@ -20,21 +20,28 @@
 
 TORCH_LIBRARY(kvmem_C, m) {
   // k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D];
-  // slot_mapping: [T] int64 (block * block_size + offset, -1 skips the token).
+  // slot_mapping: [T] int64 (block * block_size + offset, -1 skips the token);
+  // k_scale, v_scale: 0-d or [Hkv] fp32 or None: k / k_scale is stored, encoded as
+  // kvmem/ops/_common.py's encode() (clamp to +- the format's max, round to nearest even;
+  // common/fp8.h for the float8 caches). The caches may be float8_e4m3fn / float8_e5m2 (with
+  // scales) or any float dtype (k/v rounded to nearest even into it).
   m.def(
       "cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-      "Tensor slot_mapping) -> ()");
+      "Tensor slot_mapping, Tensor? k_scale, Tensor? v_scale) -> ()");
   // out: [T, Hq, D] (q's dtype); lse: [T, Hq] fp32 or None; q: [T, Hq, D];
   // k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_table: [B, max_blocks] int32;
   // seq_lens: [B] int32; cu_seqlens_q: [B + 1] int32; window <= 0: none; softcap <= 0: none;
   // sink_logits: [Hq] fp32 or None; rope_cos_sin: [num_positions >= max_seqlen_k, rot_dim] fp32
   // (cos half, then sin half) or None: key j of a sequence rotated at position j as it is loaded,
-  // halves (rope_neox) or interleaved pairs.
+  // halves (rope_neox) or interleaved pairs; k_scale, v_scale: 0-d or [Hkv] fp32 or None (the
+  // stored key/value times the scale on load, before RoPE). The caches may be of another dtype
+  // than q: any float dtype, or float8_e4m3fn / float8_e5m2 (with scales).
   m.def(
       "paged_attention(Tensor(a!) out, Tensor(b!)? lse, Tensor q, Tensor k_cache, "
       "Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_q, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, int window, "
-      "float softcap, Tensor? sink_logits, Tensor? rope_cos_sin, bool rope_neox) -> ()");
+      "float softcap, Tensor? sink_logits, Tensor? k_scale, Tensor? v_scale, "
+      "Tensor? rope_cos_sin, bool rope_neox) -> ()");
   // out, out_a, out_b: [T, H, D] (one dtype); lse, lse_a, lse_b: [T, H] fp32.
   m.def(
       "merge_states(Tensor(a!) out, Tensor(b!) lse, Tensor out_a, Tensor lse_a, "
@@ -87,11 +94,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         // (they are not restated in Python). head_dims empty = any head_dim up to max_head_dim.
         // Each list comes from the constants the kernels' dispatch switches expand
         // (common/kernel_facts.h, csrc/<op>/capabilities.h).
-        auto facts = [](const auto& dtypes, py::list head_dims, int max_head_dim) {
+        // cache_dtypes (ops with a KV cache): the cache dtypes it takes with any of its dtypes.
+        auto names = [](const auto& list) {
+          py::list out;
+          for (const char* s : list) out.append(std::string(s));
+          return out;
+        };
+        auto facts = [&](const auto& dtypes, py::list head_dims, int max_head_dim) {
           py::dict f;
-          py::list dt;
-          for (const char* s : dtypes) dt.append(std::string(s));
-          f["dtypes"] = dt;
+          f["dtypes"] = names(dtypes);
           f["head_dims"] = head_dims;
           f["max_head_dim"] = max_head_dim;
           return f;
@@ -100,7 +111,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::dict kernels;
         for (const char* op : {"cache_write", "paged_attention", "merge_states", "memory_select"}) {
           py::dict per_device;
-          per_device["cpu"] = facts(kvmem::kFloatDtypeNames, py::list(), max_head_dim);
+          py::dict cpu = facts(kvmem::kFloatDtypeNames, py::list(), max_head_dim);
+          const bool cached = std::string(op) == "cache_write" || std::string(op) == "paged_attention";
+          if (cached) cpu["cache_dtypes"] = names(kvmem::kCacheDtypeNames);
+          per_device["cpu"] = cpu;
 #ifdef KVMEM_WITH_CUDA
           if (std::string(op) == "memory_select") {
             // CPU only (CUDA tensors take the Triton block-score kernel)

@@ -7,6 +7,10 @@ namespace kvmem {
 
 // KVMEM_DISPATCH_FLOAT_TYPES (cpu_dtype.h) and cuda::dispatch_float_types (cuda_glue.h).
 inline constexpr const char* kFloatDtypeNames[] = {"float32", "bfloat16", "float16"};
+// The cache dtypes the CPU cache_write / paged_attention kernels take, with any of the float
+// dtypes above (KVMEM_DISPATCH_CACHE_TYPES, cpu_dtype.h; the float8 ones need scales).
+inline constexpr const char* kCacheDtypeNames[] = {"float32", "bfloat16", "float16", "float8_e4m3fn",
+                                                   "float8_e5m2"};
 // cuda::dispatch_half_types (cuda_glue.h).
 inline constexpr const char* kHalfDtypeNames[] = {"float16", "bfloat16"};
 

@@ -16,6 +16,8 @@ struct PagedAttentionParams {
   const int32_t* seq_lens;      // [B]
   const int32_t* cu_seqlens_q;  // [B + 1]
   const float* sink_logits;     // [Hq] or nullptr
+  const float* k_scale;         // [Hkv] or 0-d fp32 (stride 0), or nullptr: key = stored * scale
+  const float* v_scale;         // [Hkv] or 0-d fp32 (stride 0), or nullptr
   const float* rope_cos_sin;    // [num_positions, rot_dim] fp32 (cos half, sin half) or nullptr
   void* out;                    // [T, Hq, D] (q's dtype)
   float* lse;                   // [T, Hq] or nullptr
@@ -27,6 +29,7 @@ struct PagedAttentionParams {
   int64_t table_stride_b, table_stride_m;      // elements
   int64_t seq_lens_stride, cu_seqlens_stride, sink_stride;  // elements
   int64_t rope_stride;                         // elements between positions of rope_cos_sin
+  int64_t k_scale_stride, v_scale_stride;      // elements (0 for a 0-d scale)
   int64_t max_seqlen_q, max_seqlen_k;  // host upper bounds over the sequences
   int num_tokens, num_seqs, num_heads, num_kv_heads, group, head_dim, block_size;
   float scale;

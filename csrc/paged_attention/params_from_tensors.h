@@ -26,6 +26,8 @@ inline PagedAttentionParams paged_attention_params(
     int64_t max_seqlen_q, int64_t max_seqlen_k,   // host upper bounds
     double scale, bool causal, int64_t window, double softcap,
     const std::optional<at::Tensor>& sink_logits,  // [Hq] fp32
+    const std::optional<at::Tensor>& k_scale,      // 0-d or [Hkv] fp32
+    const std::optional<at::Tensor>& v_scale,      // 0-d or [Hkv] fp32
     const std::optional<at::Tensor>& rope_cos_sin, // [num_positions, rot_dim] fp32
     bool rope_neox
 ) {
@@ -42,6 +44,12 @@ inline PagedAttentionParams paged_attention_params(
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>(), p.cu_seqlens_stride = cu_seqlens_q.stride(0);
   if (sink_logits.has_value()) {
     p.sink_logits = sink_logits->data_ptr<float>(), p.sink_stride = sink_logits->stride(0);
+  }
+  if (k_scale.has_value()) {
+    p.k_scale = k_scale->data_ptr<float>(), p.k_scale_stride = k_scale->dim() == 1 ? k_scale->stride(0) : 0;
+  }
+  if (v_scale.has_value()) {
+    p.v_scale = v_scale->data_ptr<float>(), p.v_scale_stride = v_scale->dim() == 1 ? v_scale->stride(0) : 0;
   }
   if (rope_cos_sin.has_value()) {
     p.rope_cos_sin = rope_cos_sin->data_ptr<float>(), p.rope_stride = rope_cos_sin->stride(0);
