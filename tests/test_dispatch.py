@@ -36,8 +36,24 @@ def test_explain_names_every_backend():
         assert "pip install --no-build-isolation" in why["cpu"]
 
 
+@pytest.fixture
+def cpu_without_kv_scale():
+    """The C++ CPU record of paged_attention as if it did not implement scales (it does): the
+    fallback machinery is tested on a feature the record lacks, whatever the build implements."""
+    import dataclasses
+
+    from kvmem.dispatch import capability, register
+
+    cap = capability("paged_attention", "cpu")
+    register(dataclasses.replace(cap, features=cap.features - {"kv_scale"}))
+    backends._select.cache_clear()
+    yield
+    register(cap)
+    backends._select.cache_clear()
+
+
 @pytest.mark.skipif(not CPU_BUILT, reason="C++ extension not built")
-def test_fallback_logs_once(caplog):
+def test_fallback_logs_once(caplog, cpu_without_kv_scale):
     case = make_case([2], [5], head_dim=16)
     kw = dict(k_scale=torch.tensor(0.5), v_scale=torch.tensor(2.0))
     with caplog.at_level(logging.WARNING, logger="kvmem"):
@@ -62,7 +78,7 @@ def test_forced_backend(monkeypatch):
         kvmem.paged_attention(*case.args(), **case.kwargs)
 
 
-def test_explain_with_a_forced_backend_that_cannot_run(monkeypatch):
+def test_explain_with_a_forced_backend_that_cannot_run(monkeypatch, cpu_without_kv_scale):
     """KVMEM_BACKEND=cuda on CPU tensors: the call raises, explain() still lists every backend."""
     case = make_case([2], [5], head_dim=16)
     monkeypatch.setenv("KVMEM_BACKEND", "cuda")

@@ -69,7 +69,7 @@ k, v, slots = torch.cat(ks), torch.cat(vs), torch.tensor(slots)
 slots[3] = -1  # a padding token: not written
 ref_k, ref_v = k_cache.clone(), v_cache.clone()
 reference.cache_write(k, v, ref_k, ref_v, slots)
-ops.cache_write(k, v, k_cache, v_cache, slots)
+ops.cache_write(k, v, k_cache, v_cache, slots, None, None)
 torch.testing.assert_close(k_cache, ref_k, equal_nan=True, atol=0, rtol=0)
 torch.testing.assert_close(v_cache, ref_v, equal_nan=True, atol=0, rtol=0)
 k_cache[table[0, 0], 3] = torch.randn(Hkv, D, generator=g)  # the padded slot: give it a key
@@ -87,7 +87,7 @@ rot = q.shape[-1] // 2
 angles = torch.arange(max(kv_lens) + 1.0)[:, None] / 10000.0 ** (torch.arange(0, rot, 2.0) / rot)
 rope = torch.cat([angles.cos(), angles.sin()], dim=-1)
 ops.paged_attention(out, lse, q, k_cache, v_cache, table, seq_lens, cu, max(q_lens), max(kv_lens),
-                    scale, True, window, softcap, sink, rope, True)
+                    scale, True, window, softcap, sink, None, None, rope, True)
 ref, ref_lse = reference.paged_attention(q, k_cache, v_cache, table, seq_lens, cu, max(q_lens), max(kv_lens),
                                          scale=scale, causal=True, window=window, softcap=softcap,
                                          sink_logits=sink, rope_cos_sin=rope, rope_neox=True)
@@ -96,8 +96,21 @@ from tolerances import assert_close  # noqa: E402
 
 assert_close(out, ref)
 assert_close(lse, ref_lse, what="lse")
+# a float8 e4m3 cache with per-head scales: the same encoding bits, dequantised on load
+sc = torch.rand(Hkv, generator=g) * 0.01 + 0.005
+k8 = torch.full(k_cache.shape, math.nan).to(torch.float8_e4m3fn)
+v8, rk8, rv8 = k8.clone(), k8.clone(), k8.clone()
+reference.cache_write(k, v, rk8, rv8, slots, sc, sc)
+ops.cache_write(k, v, k8, v8, slots, sc, sc)
+assert torch.equal(k8.view(torch.uint8), rk8.view(torch.uint8)) and torch.equal(v8.view(torch.uint8), rv8.view(torch.uint8))
+ops.paged_attention(out, lse, q, k8, v8, table, seq_lens, cu, max(q_lens), max(kv_lens),
+                    scale, True, window, softcap, sink, sc, sc, rope, True)
+ref8, _ = reference.paged_attention(q, k8, v8, table, seq_lens, cu, max(q_lens), max(kv_lens), scale=scale,
+                                    causal=True, window=window, softcap=softcap, sink_logits=sink,
+                                    k_scale=sc, v_scale=sc, rope_cos_sin=rope, rope_neox=True)
+assert_close(out, ref8)
 assert "kvmem._C" not in sys.modules, "the check must run the CMake-built library, not kvmem._C"
 print(f"cmake_check: torch.ops.load_library({os.path.basename(os.environ['KVMEM_CMAKE_LIB'])}): "
-      f"cache_write and paged_attention (RoPE on load) match the reference (max |out - ref| = {(out - ref).abs().max():.2e})")
+      f"cache_write and paged_attention (RoPE on load; fp8 e4m3 with scales) match the reference (max |out - ref| = {(out - ref).abs().max():.2e})")
 EOF
 echo "cmake_check: OK in $(( $(date +%s) - t0 ))s"

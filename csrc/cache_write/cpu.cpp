@@ -2,9 +2,12 @@
 //
 // Math: for token t with slot = slot_mapping[t] >= 0 (slot = block * block_size + offset):
 //   k_cache[slot / block_size, slot % block_size, :, :] = k[t]   (same for v);
-// slot == -1 (any negative slot) marks a padding token, which is skipped. Each (token, head) row
-// is a contiguous copy (memcpy when the dtypes match, an fp32 round trip otherwise); tokens are
-// spread over threads with at::parallel_for.
+// slot == -1 (any negative slot) marks a padding token, which is skipped. With scales
+// (k_scale / v_scale, 0-d or per KV head) the row stored is encode(k / scale): kvmem's one
+// encoding (kvmem/ops/_common.py): fp32 division, clamp to +- the cache format's largest finite
+// value, round to nearest even (common/fp8.h for the float8 caches). Each (token, head) row is a
+// contiguous copy (memcpy when the dtypes match and there is no scale, an fp32 round trip
+// otherwise); tokens are spread over threads with at::parallel_for.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,8 +26,15 @@ KVMEM_INLINE void copy_row(const Src* KVMEM_RESTRICT src, Dst* KVMEM_RESTRICT ds
   if constexpr (std::is_same_v<Src, Dst>) {
     std::memcpy(dst, src, sizeof(Dst) * n);
   } else {
+    static_assert(!is_fp8_v<Dst>, "float8 caches are written with scales");
     for (int64_t i = 0; i < n; ++i) dst[i] = from_float<Dst>(to_float(src[i]));
   }
+}
+
+// dst = encode(src / scale): the division in fp32, as the reference.
+template <typename Src, typename Dst>
+KVMEM_INLINE void encode_row(const Src* KVMEM_RESTRICT src, Dst* KVMEM_RESTRICT dst, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = encode_clamped<Dst>(to_float(src[i]) / scale);
 }
 
 template <typename Src, typename Dst>
@@ -52,9 +62,16 @@ void cache_write_impl(const CacheWriteParams& p) {
       Dst* vd = vc + blk * vc_sb + off * vc_ss;
       const Src* ks = kp + t * k_st;
       const Src* vs = vp + t * v_st;
-      for (int64_t h = 0; h < H; ++h) {
-        copy_row(ks + h * k_sh, kd + h * kc_sh, D);
-        copy_row(vs + h * v_sh, vd + h * vc_sh, D);
+      if (p.k_scale != nullptr) {
+        for (int64_t h = 0; h < H; ++h) {
+          encode_row(ks + h * k_sh, kd + h * kc_sh, D, p.k_scale[h * p.k_scale_stride]);
+          encode_row(vs + h * v_sh, vd + h * vc_sh, D, p.v_scale[h * p.v_scale_stride]);
+        }
+      } else if constexpr (!is_fp8_v<Dst>) {
+        for (int64_t h = 0; h < H; ++h) {
+          copy_row(ks + h * k_sh, kd + h * kc_sh, D);
+          copy_row(vs + h * v_sh, vd + h * vc_sh, D);
+        }
       }
     }
   });
@@ -64,7 +81,9 @@ void cache_write(const at::Tensor& k,            // [T, Hkv, D]
                  const at::Tensor& v,            // [T, Hkv, D]
                  at::Tensor& k_cache,            // [num_blocks, block_size, Hkv, D]
                  at::Tensor& v_cache,            // [num_blocks, block_size, Hkv, D]
-                 const at::Tensor& slot_mapping  // [T] int64
+                 const at::Tensor& slot_mapping,  // [T] int64
+                 const std::optional<at::Tensor>& k_scale,  // 0-d or [Hkv] fp32
+                 const std::optional<at::Tensor>& v_scale   // 0-d or [Hkv] fp32
 ) {
   constexpr const char* kName = "kvmem_C::cache_write";
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), kName,
@@ -79,8 +98,18 @@ void cache_write(const at::Tensor& k,            // [T, Hkv, D]
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && is_kvmem_float_type(k.scalar_type()), kName,
               ": k and v must share a dtype (fp32, bf16 or fp16)");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
-                  is_kvmem_float_type(k_cache.scalar_type()),
-              kName, ": k_cache and v_cache must share a dtype (fp32, bf16 or fp16)");
+                  is_kvmem_cache_type(k_cache.scalar_type()),
+              kName, ": k_cache and v_cache must share a dtype (fp32, bf16, fp16, float8_e4m3fn or float8_e5m2)");
+  const bool fp8_cache = k_cache.scalar_type() == at::kFloat8_e4m3fn || k_cache.scalar_type() == at::kFloat8_e5m2;
+  TORCH_CHECK(k_scale.has_value() == v_scale.has_value(), kName, ": k_scale and v_scale go together");
+  TORCH_CHECK(!fp8_cache || k_scale.has_value(), kName, ": float8 caches need k_scale and v_scale");
+  for (const auto* sc : {&k_scale, &v_scale}) {
+    if (!sc->has_value()) continue;
+    const at::Tensor& t = **sc;
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() &&
+                    (t.dim() == 0 || (t.dim() == 1 && t.size(0) == k.size(1))),
+                kName, ": k_scale / v_scale must be 0-d or [Hkv] fp32 on the CPU");
+  }
   TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && k_cache.device().is_cpu() &&
                   v_cache.device().is_cpu() && slot_mapping.device().is_cpu(),
               kName, ": all tensors must be on the CPU");
@@ -88,11 +117,10 @@ void cache_write(const at::Tensor& k,            // [T, Hkv, D]
                   v_cache.stride(3) == 1,
               kName, ": the last dim of k, v and the caches must have unit stride");
   if (k.size(0) == 0 || k.size(1) == 0 || k.size(2) == 0) return;
-  const CacheWriteParams params = cache_write_params(k, v, k_cache, v_cache, slot_mapping);
+  const CacheWriteParams params = cache_write_params(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale);
   KVMEM_DISPATCH_FLOAT_TYPES(k.scalar_type(), kName, [&] {
-    using src_t = scalar_t;
-    KVMEM_DISPATCH_FLOAT_TYPES(k_cache.scalar_type(), kName, [&] {
-      cache_write_impl<src_t, scalar_t>(params);
+    KVMEM_DISPATCH_CACHE_TYPES(k_cache.scalar_type(), kName, [&] {
+      cache_write_impl<scalar_t, cache_t>(params);
     });
   });
 }

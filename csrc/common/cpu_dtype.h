@@ -1,5 +1,5 @@
-// Storage dtypes of kvmem's C++ CPU kernels (fp32, bf16, fp16; math always in fp32): scalar and
-// row conversions, and the dispatch macro over those dtypes.
+// Storage dtypes of kvmem's C++ CPU kernels (fp32, bf16, fp16, and the float8 cache formats
+// e4m3fn / e5m2; math always in fp32): scalar and row conversions, and the dispatch macros.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "common/cpu_isa.h"
+#include "common/fp8.h"
 #include "common/kernel_facts.h"
 
 namespace kvmem {
@@ -50,6 +51,19 @@ KVMEM_INLINE float fp16_bits_to_float(uint16_t h) {
   return bits_to_float((tiny_bits & tiny) | (normal_bits & ~tiny) | sign);
 }
 
+// float8 cache elements (the bits; common/fp8.h encodes and decodes them).
+struct Fp8E4M3 {
+  uint8_t x;
+};
+struct Fp8E5M2 {
+  uint8_t x;
+};
+template <typename T>
+inline constexpr bool is_fp8_v = std::is_same_v<T, Fp8E4M3> || std::is_same_v<T, Fp8E5M2>;
+
+KVMEM_INLINE float to_float(Fp8E4M3 x) { return fp8::decode<fp8::kE4M3>(x.x); }
+KVMEM_INLINE float to_float(Fp8E5M2 x) { return fp8::decode<fp8::kE5M2>(x.x); }
+
 KVMEM_INLINE float to_float(float x) { return x; }
 KVMEM_INLINE float to_float(c10::BFloat16 x) { return bf16_bits_to_float(x.x); }
 KVMEM_INLINE float to_float(c10::Half x) { return fp16_bits_to_float(x.x); }
@@ -63,12 +77,42 @@ template <>
 KVMEM_INLINE float from_float<float>(float x) {
   return x;
 }
+template <>
+KVMEM_INLINE Fp8E4M3 from_float<Fp8E4M3>(float x) {
+  return Fp8E4M3{fp8::encode<fp8::kE4M3>(x)};
+}
+template <>
+KVMEM_INLINE Fp8E5M2 from_float<Fp8E5M2>(float x) {
+  return Fp8E5M2{fp8::encode<fp8::kE5M2>(x)};
+}
+
+// kvmem's one encoding of a scaled value into storage dtype T (kvmem/ops/_common.py encode):
+// clamp to +- T's largest finite value, then round to nearest even. fp32: unchanged except that
+// +-inf clamps to +-FLT_MAX.
+template <typename T>
+KVMEM_INLINE T encode_clamped(float x) {
+  if constexpr (is_fp8_v<T>) {
+    return from_float<T>(x);  // fp8::encode clamps
+  } else {
+    constexpr float big = std::is_same_v<T, float> ? 3.4028234663852886e38f
+                          : std::is_same_v<T, c10::BFloat16> ? 3.3895313892515355e38f
+                                                             : 65504.0f;
+    if (x != x) return from_float<T>(x);  // NaN stays NaN
+    return from_float<T>(x > big ? big : (x < -big ? -big : x));
+  }
+}
 
 // dst[0:n] = float(src[0:n]) * mul
 template <typename T>
 KVMEM_INLINE void load_row_scaled(const T* KVMEM_RESTRICT src, float* KVMEM_RESTRICT dst, int n,
                                   float mul) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (is_fp8_v<T>) {
+    // x86 has no fp8 arithmetic: decoded in registers (integer rebias + selects, vectorised).
+    const uint8_t* KVMEM_RESTRICT s = reinterpret_cast<const uint8_t*>(src);
+    constexpr int F = std::is_same_v<T, Fp8E4M3> ? fp8::kE4M3 : fp8::kE5M2;
+#pragma omp simd
+    for (int i = 0; i < n; ++i) dst[i] = fp8::decode<F>(s[i]) * mul;
+  } else if constexpr (std::is_same_v<T, float>) {
 #pragma omp simd
     for (int i = 0; i < n; ++i) dst[i] = src[i] * mul;
   } else {
@@ -86,7 +130,9 @@ KVMEM_INLINE void load_row_scaled(const T* KVMEM_RESTRICT src, float* KVMEM_REST
 // dst[0:n] = float(src[0:n])
 template <typename T>
 KVMEM_INLINE void load_row(const T* KVMEM_RESTRICT src, float* KVMEM_RESTRICT dst, int n) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (is_fp8_v<T>) {
+    load_row_scaled(src, dst, n, 1.0f);
+  } else if constexpr (std::is_same_v<T, float>) {
     std::memcpy(dst, src, sizeof(float) * n);
   } else {
     const uint16_t* KVMEM_RESTRICT s = reinterpret_cast<const uint16_t*>(src);
@@ -142,6 +188,44 @@ KVMEM_INLINE void fill_zero_row(T* dst, int n) {
                     " (expected float32, bfloat16 or float16)");                    \
     }                                                                               \
   }()
+
+// Dispatch over the KV-cache storage dtypes (kCacheDtypeNames in common/kernel_facts.h): the
+// float dtypes and the float8 formats; binds `cache_t`.
+#define KVMEM_DISPATCH_CACHE_TYPES(TYPE, NAME, ...)                                 \
+  [&] {                                                                             \
+    const at::ScalarType _kvmem_ct = (TYPE);                                        \
+    switch (_kvmem_ct) {                                                            \
+      case at::ScalarType::Float: {                                                 \
+        using cache_t = float;                                                      \
+        return __VA_ARGS__();                                                       \
+      }                                                                             \
+      case at::ScalarType::BFloat16: {                                              \
+        using cache_t = c10::BFloat16;                                              \
+        return __VA_ARGS__();                                                       \
+      }                                                                             \
+      case at::ScalarType::Half: {                                                  \
+        using cache_t = c10::Half;                                                  \
+        return __VA_ARGS__();                                                       \
+      }                                                                             \
+      case at::ScalarType::Float8_e4m3fn: {                                         \
+        using cache_t = ::kvmem::cpu::Fp8E4M3;                                      \
+        return __VA_ARGS__();                                                       \
+      }                                                                             \
+      case at::ScalarType::Float8_e5m2: {                                           \
+        using cache_t = ::kvmem::cpu::Fp8E5M2;                                      \
+        return __VA_ARGS__();                                                       \
+      }                                                                             \
+      default:                                                                      \
+        TORCH_CHECK(false, NAME, ": unsupported cache dtype ", _kvmem_ct,           \
+                    " (expected float32, bfloat16, float16, float8_e4m3fn or float8_e5m2)"); \
+    }                                                                               \
+  }()
+
+KVMEM_INLINE bool is_kvmem_cache_type(at::ScalarType t) {
+  return t == at::ScalarType::Float || t == at::ScalarType::BFloat16 ||
+         t == at::ScalarType::Half || t == at::ScalarType::Float8_e4m3fn ||
+         t == at::ScalarType::Float8_e5m2;
+}
 
 KVMEM_INLINE bool is_kvmem_float_type(at::ScalarType t) {
   return t == at::ScalarType::Float || t == at::ScalarType::BFloat16 ||

@@ -121,7 +121,7 @@ std::vector<WorkGroup> work_groups(const PagedAttentionCpuArgs& a, const std::ve
   return groups;
 }
 
-template <typename T>
+template <typename T, typename C>
 void run_paged_attention(PagedAttentionCpuArgs& a, const std::vector<SeqInfo>& seqs) {
   const int64_t num_tokens = a.num_tokens;
   const int nthreads = std::max(1, at::get_num_threads());
@@ -151,8 +151,8 @@ void run_paged_attention(PagedAttentionCpuArgs& a, const std::vector<SeqInfo>& s
     a.partial = partial.get();
   }
 
-  const ItemFn<T> fn = a.rot_dim > 0 ? KVMEM_PICK_ISA(pa, process_item<T KVMEM_COMMA true>)
-                                      : KVMEM_PICK_ISA(pa, process_item<T KVMEM_COMMA false>);
+  const ItemFn<T> fn = a.rot_dim > 0 ? KVMEM_PICK_ISA(pa, process_item<C KVMEM_COMMA true>)
+                                      : KVMEM_PICK_ISA(pa, process_item<C KVMEM_COMMA false>);
   const PagedAttentionCpuArgs& ca = a;
   const int D = a.head_dim;
   run_work_items(
@@ -184,6 +184,8 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
                      int64_t max_seqlen_q, int64_t max_seqlen_k,   // host upper bounds
                      double scale, bool causal, int64_t window, double softcap,
                      const std::optional<at::Tensor>& sink_logits,  // [Hq] fp32
+                     const std::optional<at::Tensor>& k_scale,      // 0-d or [Hkv] fp32
+                     const std::optional<at::Tensor>& v_scale,      // 0-d or [Hkv] fp32
                      const std::optional<at::Tensor>& rope_cos_sin, // [num_positions, rot_dim] fp32
                      bool rope_neox
 ) {
@@ -193,9 +195,12 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
               ": caches must be [num_blocks, block_size, Hkv, D]");
   TORCH_CHECK(out.dim() == 3 && out.sizes() == q.sizes(), kName, ": out must have q's shape");
   TORCH_CHECK(is_kvmem_float_type(q.scalar_type()), kName, ": q must be fp32, bf16 or fp16");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() &&
-                  v_cache.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              kName, ": q, k_cache, v_cache and out must share a dtype");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), kName, ": out must have q's dtype");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && is_kvmem_cache_type(k_cache.scalar_type()),
+              kName, ": k_cache and v_cache must share a dtype (float32, bfloat16, float16, float8_e4m3fn or float8_e5m2)");
+  const bool fp8_cache = k_cache.scalar_type() == at::kFloat8_e4m3fn || k_cache.scalar_type() == at::kFloat8_e5m2;
+  TORCH_CHECK(k_scale.has_value() == v_scale.has_value(), kName, ": k_scale and v_scale go together");
+  TORCH_CHECK(!fp8_cache || k_scale.has_value(), kName, ": float8 caches need k_scale and v_scale");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), kName, ": k_cache and v_cache shapes differ");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
                   out.device().is_cpu() && block_table.device().is_cpu() &&
@@ -227,6 +232,13 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
                     sink_logits->scalar_type() == at::kFloat && sink_logits->device().is_cpu(),
                 kName, ": sink_logits must be [Hq] fp32 on the CPU");
   }
+  for (const auto* sc : {&k_scale, &v_scale}) {
+    if (!sc->has_value()) continue;
+    const at::Tensor& t = **sc;
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() &&
+                    (t.dim() == 0 || (t.dim() == 1 && t.size(0) == Hkv)),
+                kName, ": k_scale / v_scale must be 0-d or [Hkv] fp32 on the CPU");
+  }
   if (rope_cos_sin.has_value()) {
     const at::Tensor& cs = *rope_cos_sin;
     TORCH_CHECK(cs.dim() == 2 && cs.scalar_type() == at::kFloat && cs.device().is_cpu() &&
@@ -242,7 +254,7 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
   PagedAttentionParams params =
       paged_attention_params(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                              max_seqlen_q, max_seqlen_k, scale, causal, window, softcap,
-                             sink_logits, rope_cos_sin, rope_neox);
+                             sink_logits, k_scale, v_scale, rope_cos_sin, rope_neox);
 
   // Sequence metadata (O(B) host reads; values are validated by the Python layer).
   std::vector<pa::SeqInfo> seqs(B);
@@ -261,8 +273,13 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
   a.seqs = seqs.data();
   a.partial = nullptr;
   a.qscale = static_cast<float>(softcap > 0 ? scale / softcap : scale);
-  KVMEM_DISPATCH_FLOAT_TYPES(q.scalar_type(), kName,
-                             [&] { pa::run_paged_attention<scalar_t>(a, seqs); });
+  a.q_dtype = q.scalar_type() == at::kFloat      ? pa::QDtype::kFloat
+              : q.scalar_type() == at::kBFloat16 ? pa::QDtype::kBFloat16
+                                                 : pa::QDtype::kHalf;
+  KVMEM_DISPATCH_FLOAT_TYPES(q.scalar_type(), kName, [&] {
+    KVMEM_DISPATCH_CACHE_TYPES(k_cache.scalar_type(), kName,
+                               [&] { pa::run_paged_attention<scalar_t, cache_t>(a, seqs); });
+  });
 }
 
 }  // namespace

@@ -25,11 +25,16 @@ struct SeqInfo {
   int64_t q_start, q_len, kv_len, first_pos, lo, hi;
 };
 
+// q's (and out's) storage dtype: the kernel body is compiled per cache dtype only; queries are
+// converted to fp32 on load and rows written back through a switch on this.
+enum class QDtype : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
 // The kernel's arguments: the op's parameters plus the CPU schedule's state.
 struct PagedAttentionCpuArgs : PagedAttentionParams {
   const SeqInfo* seqs;  // [B]
   float* partial;       // split records (common/cpu_softmax.h), or null without splits
   float qscale;         // scale, or scale / softcap
+  QDtype q_dtype;
 };
 
 // Per-thread scratch, sized for the largest item.
