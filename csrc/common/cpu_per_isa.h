@@ -15,9 +15,14 @@
 //
 // No include guard: a translation unit may instantiate several bodies (define the two macros
 // again before each include).
+#include "common/cpu_dtype.h"
 #include "common/cpu_isa.h"
 #include "common/cpu_math.h"
 #include "common/cpu_vec.h"
+
+#if KVMEM_X86_MULTIVERSION
+#include <immintrin.h>  // F16C conversions in the AVX2 / AVX-512 copies (cpu_vec.inc)
+#endif
 
 #if !defined(KVMEM_PER_ISA_NS) || !defined(KVMEM_PER_ISA_BODY)
 #error "define KVMEM_PER_ISA_NS and KVMEM_PER_ISA_BODY before including common/cpu_per_isa.h"

@@ -47,6 +47,7 @@ struct Scratch {
   float* S;    // [rows, kKeyTile] scores, then probabilities
   float* Kf;   // [kKeyTile, D] fp32 copy of one head's key tile (bf16/fp16 caches)
   float* Vf;   // [kKeyTile, D]
+  float* R;    // [D] one decoded key row before its rotation (float8 caches with RoPE on load)
   float* Qt;   // wide path: per head [D, RP] transposed queries
   float* wm;   // wide path, one head: [RP] m, l, rescale factors, visible-key bounds
   float* wl;
@@ -67,7 +68,7 @@ struct Scratch {
     const int64_t padded = max_rows + 64;
     const int64_t qt = (2LL * max_rows + 64) * D;
     const int64_t n = 2LL * max_rows * D + 2LL * max_rows + padded * kKeyTile +
-                      2LL * kKeyTile * D + qt + 5 * padded + 64;
+                      2LL * kKeyTile * D + D + qt + 5 * padded + 64;
     buf.reset(new float[n]);
     float* p = buf.get();
     Q = p, p += int64_t(max_rows) * D;
@@ -77,6 +78,7 @@ struct Scratch {
     S = p, p += padded * kKeyTile;
     Kf = p, p += int64_t(kKeyTile) * D;
     Vf = p, p += int64_t(kKeyTile) * D;
+    R = p, p += D;
     Qt = p, p += qt;
     wm = p, p += padded;
     wl = p, p += padded;

@@ -230,3 +230,34 @@ def test_fp8_roundtrip_through_cache_write_and_attention(backend):
         ref = reference.paged_attention(q, kc, vc, *meta, scale=d**-0.5, **kw)[0]
         assert_close(outs[name], ref, **OUT[torch.float32])
     torch.testing.assert_close(outs["fp8"], outs["fp32"], **FP8_E4M3)
+
+
+@on("cpu")
+@pytest.mark.parametrize("fmt", FP8, ids=str)
+@pytest.mark.parametrize("group", [8, 256])  # decode: decoded inside the micro-kernels; many rows: into the scratch
+def test_paged_attention_decodes_every_code_exactly(backend, fmt, group):
+    """One key per sequence, so the output is exactly the decoded value row times v_scale and the
+    lse exactly scale * decoded key times k_scale: every one of the 256 codes (NaN codes give NaN)."""
+    d = 256
+    hkv = 256 // group
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    k_cache = torch.zeros(2, 1, hkv, d, dtype=torch.uint8)
+    v_cache = torch.zeros(2, 1, hkv, d, dtype=torch.uint8)
+    finite_code = torch.isfinite(codes.view(fmt).float())
+    key_codes = torch.where(finite_code, codes, torch.zeros_like(codes))  # 0 * inf/NaN would poison every score
+    for h in range(hkv):
+        k_cache[1, 0, h] = key_codes
+        v_cache[1, 0, h] = codes.roll(37 * h)  # every code, NaN and inf ones included
+    k_cache, v_cache = k_cache.view(fmt), v_cache.view(fmt)
+    q = torch.zeros(1, 256, d)
+    for h in range(256):  # query head h one-hot on channel h: its score reads key code h
+        q[0, h, h] = 1.0
+    ks, vs = torch.full((hkv,), 0.5), torch.full((hkv,), 0.25)
+    meta = (torch.tensor([[1]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+            torch.tensor([0, 1], dtype=torch.int32), 1, 1)
+    out, lse = kvmem.paged_attention(q, k_cache, v_cache, *meta, scale=1.0, k_scale=ks, v_scale=vs, return_lse=True)
+    ref, ref_lse = reference.paged_attention(q, k_cache, v_cache, *meta, scale=1.0, k_scale=ks, v_scale=vs)
+    assert int(ref.isnan().sum()) > 0  # the NaN codes are in there
+    torch.testing.assert_close(out, ref, atol=0, rtol=0, equal_nan=True)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=0, rtol=0)
