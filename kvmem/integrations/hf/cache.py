@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from kvmem.cache import GroupUsage, KVCacheManager, KVPool, LayerGroupSpec, StaticDecodeBuffers
-from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales, kv_cache_dtype
+from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales
+from kvmem.cache.scales import kv_cache_dtype as _parse_kv_dtype
 from kvmem.cache.sizing import bytes_per_block, parse_memory, size_groups
 from kvmem.ops._common import is_fp8
 from kvmem.integrations import families
@@ -153,12 +154,12 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         self._memory = None if memory is None else parse_memory(memory)
         self._max_batch_size = max_batch_size
         self._max_cache_len = max_cache_len
-        named = _kv_dtype(kv_cache_dtype)
+        named = _parse_kv_dtype(kv_cache_dtype, "PagedKVCache")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"PagedKVCache: dtype must be a torch dtype or None, got {type(dtype).__name__}")
         if dtype is not None and named is not None and dtype != named:
             raise ValueError(f"PagedKVCache: dtype={dtype} and kv_cache_dtype={kv_cache_dtype!r} differ (give one)")
-        self._dtype = named or (None if dtype is None else _kv_dtype(dtype))
+        self._dtype = named or (None if dtype is None else _parse_kv_dtype(dtype, "PagedKVCache"))
         given = as_kv_scales(kv_scales, self.num_layers, self.num_kv_heads, "PagedKVCache")
         if given is not None and not (self._dtype is not None and is_fp8(self._dtype)):
             raise ValueError(f"PagedKVCache: kv_scales are for float8 caches (kv_cache_dtype='fp8_e4m3' or "
@@ -447,7 +448,3 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                                             layers=[layer_idx])[layer_idx]
             self._pools[layer_idx] = pair
         return pair
-
-
-def _kv_dtype(value) -> Optional[torch.dtype]:
-    return kv_cache_dtype(value, "PagedKVCache")
