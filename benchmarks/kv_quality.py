@@ -28,6 +28,9 @@ Rows
   offsets, one batch, 64 new tokens (greedy ``generate()``); per dtype vs the fp32 cache: the
   fraction of generated tokens before the first divergence (mean over prompts) and the fraction
   of prompts whose 64 tokens are all identical. The fp8 scales come from the batch's prefill.
+* **K or V alone** (``split``, a diagnostic): the perplexity pass with an fp32 cache whose keys
+  (or values) only are round-tripped through the e4m3 encoding as they are written (same scale
+  rule), to tell which of the two costs the perplexity.
 * **encoding error** (``encode``): the relative error ``|dequant(encode(x / s)) * s - x| / |x|``
   (L2 over each layer and head, mean over layers) of SmolLM2's real keys (post-RoPE) and values
   over the text, with scales fixed by the default rule from the first 256 tokens; and the
@@ -158,6 +161,42 @@ def run_ppl(model, ids, dtype_name, chunk, hashes):
                 "machine": machine()})
 
 
+def run_split(model, ids, chunk, hashes, fmt_name="fp8_e4m3"):
+    """``ppl_<fmt>_<k|v>only_<N>``: fp32 pools, only K (or V) round-tripped through ``encode``."""
+    from kvmem.ops.kernel_ops import KernelOps
+
+    fmt, orig = KV_DTYPE_NAMES[fmt_name], KernelOps.cache_write
+    for which in ("k", "v"):
+        name = f"ppl_{fmt_name}_{which}only_{ids.shape[1]}"
+        if load(name) is not None:
+            continue
+        fixed = {}  # pool -> (k_scale, v_scale): each layer's first write fixes them, as the rule
+
+        def cache_write(self, k, v, k_cache, v_cache, slot_mapping, **kw):
+            if id(k_cache) not in fixed:
+                fixed[id(k_cache)] = tuple(scales_from_absmax(x.abs().amax(dim=(0, 2)), DEFAULT_HEADROOM, fmt)
+                                           .view(1, -1, 1) for x in (k, v))
+            ks, vs = fixed[id(k_cache)]
+            if which == "k":
+                k = encode(k / ks, fmt).float() * ks
+            else:
+                v = encode(v / vs, fmt).float() * vs
+            return orig(self, k, v, k_cache, v_cache, slot_mapping, **kw)
+
+        t0 = time.time()
+        KernelOps.cache_write = cache_write
+        patched(model, "fp32")
+        try:
+            nll, _, _ = chunked_nll(model, ids, chunk)
+        finally:
+            kvmem.unpatch(model)
+            KernelOps.cache_write = orig
+        save(name, {"kind": "ppl", "dtype": f"{fmt_name} {which.upper()} only", "pool_dtype": "torch.float32",
+                    "tokens": ids.shape[1], "chunk": chunk, "ppl": math.exp(nll.mean().item()),
+                    "nll": nll.mean().item(), "seconds": time.time() - t0, "headroom": DEFAULT_HEADROOM,
+                    "scales": None, "text_sha256": hashes, "machine": machine()})
+
+
 # ------------------------------------------------------------------------------------------ greedy
 def prompts_from(ids, n, length):
     N = ids.shape[1]
@@ -236,7 +275,7 @@ def table():
         lines += ["| KV cache | tokens | chunk | perplexity | vs fp32 | seconds |", "|---|---|---|---|---|---|"]
         for n, rows in sorted(ppl.items()):
             ref = rows.get("fp32")
-            for d in DTYPES:
+            for d in list(DTYPES) + sorted(set(rows) - set(DTYPES)):
                 if d in rows:
                     r = rows[d]
                     rel = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.3f} %" if ref else "-"
@@ -280,7 +319,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=4096, help="perplexity text length")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk of the perplexity pass")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    ap.add_argument("--only", nargs="+", default=["ppl", "greedy", "encode"], choices=["ppl", "greedy", "encode"])
+    ap.add_argument("--only", nargs="+", default=["ppl", "greedy", "encode", "split"],
+                    choices=["ppl", "greedy", "encode", "split"])
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -306,6 +346,8 @@ def main(argv=None):
         for d in args.dtypes:
             run_ppl(model, ids, d, args.chunk, hashes)
             print(table(), flush=True)
+    if "split" in args.only:
+        run_split(model, ids, args.chunk, hashes)
     if "encode" in args.only:
         run_encode(model, ids, 256, hashes)
     if "greedy" in args.only:
