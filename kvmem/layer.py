@@ -90,6 +90,8 @@ class LayerStep:
     attention: the layer's ``LayerAttention``
     context: the ``LayerContext``
     out: [T, Hq, D], set by ``attend``
+    k_scale, v_scale: fp32 0-d or [Hkv] scales of a quantised (float8) cache, or None: ``write``
+        stores ``k / k_scale`` and ``attend`` reads ``code * k_scale`` (fixed for the pages' life)
     """
 
     ops: object
@@ -102,13 +104,16 @@ class LayerStep:
     attention: LayerAttention
     context: LayerContext
     out: Optional[torch.Tensor] = None
+    k_scale: Optional[torch.Tensor] = None
+    v_scale: Optional[torch.Tensor] = None
 
 
 def write(step: LayerStep) -> None:
     """Stage 1: the new keys/values into the pages."""
     if step.k is None or step.metadata.slot_mapping is None:
         return
-    step.ops.cache_write(step.k, step.v, step.k_cache, step.v_cache, step.metadata.slot_mapping)
+    step.ops.cache_write(step.k, step.v, step.k_cache, step.v_cache, step.metadata.slot_mapping,
+                         k_scale=step.k_scale, v_scale=step.v_scale)
 
 
 def evict(step: LayerStep) -> None:
@@ -124,7 +129,8 @@ def attend(step: LayerStep) -> None:
     md, a = step.metadata, step.attention
     step.out = step.ops.paged_attention(step.q, step.k_cache, step.v_cache, md.block_table, md.seq_lens,
                                         md.cu_seqlens_q, md.max_seqlen_q, md.max_seqlen_k, scale=a.scale,
-                                        window=a.window, softcap=a.softcap, sink_logits=a.sink_logits)
+                                        window=a.window, softcap=a.softcap, sink_logits=a.sink_logits,
+                                        k_scale=step.k_scale, v_scale=step.v_scale)
 
 
 #: The stages of every layer step, in order.
@@ -134,7 +140,8 @@ STAGES: Tuple[Callable[[LayerStep], None], ...] = (write, evict, select, attend)
 def run_layer(ops, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], k_cache: torch.Tensor,
               v_cache: torch.Tensor, metadata: StepMetadata, attention: LayerAttention,
               context: Optional[LayerContext] = None, *,
-              stages: Optional[Tuple[Callable[[LayerStep], None], ...]] = None) -> torch.Tensor:
+              stages: Optional[Tuple[Callable[[LayerStep], None], ...]] = None,
+              k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run one layer's step through ``stages`` (default ``STAGES``, read at each call: write ->
     evict -> select -> attend).
 
@@ -147,13 +154,14 @@ def run_layer(ops, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch
     metadata: the layer group's ``StepMetadata``
     attention: the layer's ``LayerAttention``
     context: the ``LayerContext`` (default: an empty one)
+    k_scale, v_scale: the pages' quantisation scales (float8 caches), or None
 
     Returns
     -------
     out: [T, Hq, D] in q's dtype
     """
     step = LayerStep(ops, q, k, v, k_cache, v_cache, metadata, attention,
-                     context if context is not None else LayerContext())
+                     context if context is not None else LayerContext(), k_scale=k_scale, v_scale=v_scale)
     for stage in STAGES if stages is None else stages:
         stage(step)
     return step.out

@@ -10,7 +10,9 @@ import torch
 
 from kvmem.cache.manager import KVCacheManager
 from kvmem.cache.metadata import LayerGroupSpec
+from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, PoolScales
 from kvmem.cache.sizing import bytes_per_block
+from kvmem.ops._common import is_fp8
 
 __all__ = ["KVPool"]
 
@@ -26,16 +28,25 @@ class KVPool:
     num_kv_heads, head_dim: of every layer
     block_size: tokens per block
     num_blocks: group name -> blocks
-    dtype, device: of the pools; ``device`` may map layer -> device (a model split over GPUs)
+    dtype, device: of the pools; ``device`` may map layer -> device (a model split over GPUs);
+        ``dtype`` may be a float8 dtype (then ``scales`` holds the pages' scales)
     fingerprint: the model's ``kvmem.model_fingerprint`` (or None): the seed of the prefix hash
         chain, so blocks cached for one model are never found by another; a cache of another
         model must not use this pool (``PagedKVCache`` checks)
+    kv_scales: a float8 pool's ``KVScales``, or None: each layer's first write fixes its scales
+        (``kvmem.cache.scales``); fixed for the life of the pool either way
+    kv_scale_headroom: the headroom of that default rule
+
+    Attributes
+    ----------
+    scales: the ``PoolScales`` of a float8 pool, else None
     """
 
     def __init__(self, groups: Sequence[LayerGroupSpec], num_kv_heads: int, head_dim: int, block_size: int,
                  num_blocks: Dict[str, int], dtype: torch.dtype,
                  device: Union[str, torch.device, Mapping[int, Union[str, torch.device]]], *,
-                 fingerprint: Optional[str] = None):
+                 fingerprint: Optional[str] = None, kv_scales: Optional[KVScales] = None,
+                 kv_scale_headroom: float = DEFAULT_HEADROOM):
         self.groups = tuple(groups)
         self.num_layers = sum(len(g.layers) for g in self.groups)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
@@ -50,6 +61,9 @@ class KVPool:
         self.pools = self.manager.make_pools(self.num_kv_heads, self.head_dim, dtype,
                                              self.layer_devices or self.device)
         self.ids = itertools.count()
+        if kv_scales is not None and not is_fp8(dtype):
+            raise ValueError(f"KVPool: kv_scales are for float8 pools, got dtype {dtype}")
+        self.scales = PoolScales(dtype, self.num_layers, kv_scales, kv_scale_headroom) if is_fp8(dtype) else None
         self.live = None  # the cache currently using the pool
         #: (rows, width, device) -> StaticDecodeBuffers shared by the caches living in this pool
         self.static: Dict[tuple, object] = {}

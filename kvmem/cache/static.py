@@ -65,6 +65,7 @@ class StaticDecodeBuffers:
     max_seqlen_k: host int ``width * block_size`` (constant)
     group_metadata: group name -> the ``StepMetadata`` over these buffers (same objects every step)
     pools: layer -> (k_cache, v_cache) of the cache
+    scales: layer -> (k_scale, v_scale) of a float8 cache (fixed tensors), empty otherwise
     """
 
     def __init__(self, groups, num_layers: int, rows: int, width: int, block_size: int, device: torch.device):
@@ -87,6 +88,7 @@ class StaticDecodeBuffers:
             g.name: StepMetadata(self.block_table[g.name], self.seq_lens, self.cu_seqlens_q, self.slot_mapping[g.name],
                                  1, self.max_seqlen_k, g.window) for g in groups}
         self.pools: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scales: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.active = False  # True between the host half and the end of the step
 
     def fill(self, plan) -> None:

@@ -11,6 +11,8 @@ from kvmem.cache.sequence import _upload
 
 __all__ = []
 
+_BYTE_COPIED = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
 
 class _PoolTensors:
     """Mixin of ``KVCacheManager``: ``make_pools`` and ``apply_copies`` (its state is the manager's)."""
@@ -90,8 +92,9 @@ class _PoolTensors:
                     tuple(_upload(np.asarray(idx, dtype=np.int64), t.device) for idx in (src, dst))
                     for src, dst in chunks[g]
                 ]
+            raw = t.view(torch.uint8) if t.dtype in _BYTE_COPIED else t  # no fp8 index_copy_ on CPU
             for src, dst in index_cache[key]:
-                t.index_copy_(0, dst, t.index_select(0, src))
+                raw.index_copy_(0, dst, raw.index_select(0, src))
         for g in todo:
             self.pending_copies[g] = []
 

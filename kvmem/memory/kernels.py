@@ -51,12 +51,15 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
            seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
            sink_blocks: int, window_start: torch.Tensor, bank_table: torch.Tensor, selected: torch.Tensor,
            scale: float, softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
-           rope_cos_sin: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Memory attention (``kvmem.ops.memory_attention``'s semantics), ``out: [T, Hq, D]``."""
+           rope_cos_sin: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+           k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Memory attention (``kvmem.ops.memory_attention``'s semantics), ``out: [T, Hq, D]``;
+    ``k_scale``/``v_scale``: the pages' dequantisation scales (float8 caches) or None."""
     return _paged_attention.memory_attention(
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
         sink_blocks=sink_blocks, window_start=window_start, bank_table=bank_table, selected=selected, scale=scale,
-        softcap=softcap, sink_logits=sink_logits, rope_cos_sin=rope_cos_sin, rope_neox=True, out=out)
+        softcap=softcap, sink_logits=sink_logits, k_scale=k_scale, v_scale=v_scale, rope_cos_sin=rope_cos_sin,
+        rope_neox=True, out=out)
 
 
 def rotate(x: torch.Tensor, rope_cos_sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def evict(step: LayerStep) -> None:
     mem = _memory(step)
     ids = mem.step.summarise
     if ids.numel():
-        kernels.summarise(mem.summaries, step.k_cache, ids, summary=mem.config.summary)
+        kernels.summarise(mem.summaries, step.k_cache, ids, summary=mem.config.summary, k_scale=step.k_scale)
 
 
 def select(step: LayerStep) -> None:
@@ -90,7 +90,8 @@ def attend(step: LayerStep) -> None:
         kernels.attend(q, step.k_cache, step.v_cache, md.block_table.index_select(0, g.rows), g.seq_lens,
                        g.cu_seqlens_q, g.max_seqlen_q, g.max_seqlen_k, sink_blocks=cfg.sink_blocks,
                        window_start=g.window_start, bank_table=bank_table, selected=selected, scale=a.scale,
-                       softcap=a.softcap, sink_logits=a.sink_logits, rope_cos_sin=mem.rope_cos_sin, out=out[t0:t1])
+                       softcap=a.softcap, sink_logits=a.sink_logits, rope_cos_sin=mem.rope_cos_sin, out=out[t0:t1],
+                       k_scale=step.k_scale, v_scale=step.v_scale)
     step.out = out
 
 

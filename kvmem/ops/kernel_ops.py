@@ -53,24 +53,29 @@ class KernelOps:
         self._backend_for(call).run(call.op, params)
 
     def cache_write(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-        """Write ``k``/``v`` ``[T, Hkv, D]`` into the pools at ``slot_mapping`` ``[T]`` (-1 skips)."""
+                    slot_mapping: torch.Tensor, *, k_scale: Optional[torch.Tensor] = None,
+                    v_scale: Optional[torch.Tensor] = None) -> None:
+        """Write ``k``/``v`` ``[T, Hkv, D]`` into the pools at ``slot_mapping`` ``[T]`` (-1 skips);
+        with ``k_scale``/``v_scale`` (0-d or [Hkv] fp32) ``k / k_scale`` is stored (float8 caches)."""
         if self.backend == "auto" and torch.compiler.is_compiling():
             from kvmem.ops.cache_write import cache_write
 
-            cache_write(k, v, k_cache, v_cache, slot_mapping, check=False)
+            cache_write(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale, check=False)
             return
         from kvmem.ops.cache_write.params import CacheWriteParams
 
-        self._run(CacheWriteParams(k, v, k_cache, v_cache, slot_mapping))
+        self._run(CacheWriteParams(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale))
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                         max_seqlen_q: int, max_seqlen_k: int, *, scale: Optional[float] = None,
                         window: Optional[int] = None, softcap: Optional[float] = None,
-                        sink_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal paged attention of ``q`` ``[T, Hq, D]``; returns ``out`` ``[T, Hq, D]`` (q's dtype)."""
-        kw = dict(scale=scale, causal=True, window=window, softcap=softcap, sink_logits=sink_logits)
+                        sink_logits: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
+                        v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal paged attention of ``q`` ``[T, Hq, D]``; returns ``out`` ``[T, Hq, D]`` (q's dtype);
+        ``k_scale``/``v_scale``: the pages' dequantisation scales (float8 caches)."""
+        kw = dict(scale=scale, causal=True, window=window, softcap=softcap, sink_logits=sink_logits,
+                  k_scale=k_scale, v_scale=v_scale)
         if self.backend == "auto" and torch.compiler.is_compiling():
             from kvmem.ops.paged_attention import paged_attention
 

@@ -14,12 +14,14 @@ Modules, each importing only those before it (one direction, no cycles):
 ``graphs``       ``DecodeGraphRunner``: static decode steps (CUDA graphs / torch.compile)
 ``generate``     the cache ``generate()`` builds, and its hook
 ``patch``        ``patch`` / ``unpatch`` / ``register``
+``calibrate``    ``calibrate_kv_scales``: static float8 KV scales from one forward
 
 The layer step itself (write -> evict/summarise -> select -> attend) is ``kvmem.layer`` (torch
 only); pool sizing, ``KVPool`` and the static decode buffers are ``kvmem.cache``.
 """
 
 from kvmem.integrations.hf.cache import PagedKVCache
+from kvmem.integrations.hf.calibrate import calibrate_kv_scales
 from kvmem.integrations.hf.fingerprint import model_fingerprint
 from kvmem.integrations.hf.generate import model_layer_devices
 from kvmem.integrations.hf.graphs import DecodeGraphRunner
@@ -27,4 +29,4 @@ from kvmem.integrations.hf.options import KvmemOptions, options_of
 from kvmem.integrations.hf.patch import is_patched, is_registered, patch, register, unpatch
 
 __all__ = ["patch", "unpatch", "is_patched", "register", "is_registered", "PagedKVCache", "DecodeGraphRunner",
-           "KvmemOptions", "options_of", "model_fingerprint", "model_layer_devices"]
+           "KvmemOptions", "options_of", "model_fingerprint", "model_layer_devices", "calibrate_kv_scales"]

@@ -22,7 +22,10 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from kvmem.cache import GroupUsage, KVCacheManager, KVPool, LayerGroupSpec, StaticDecodeBuffers
+from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales
+from kvmem.cache.scales import kv_cache_dtype as _parse_kv_dtype
 from kvmem.cache.sizing import bytes_per_block, parse_memory, size_groups
+from kvmem.ops._common import is_fp8
 from kvmem.integrations import families
 from kvmem.integrations.hf import context
 from kvmem.integrations.hf.compat import Cache, CacheLayerMixin
@@ -99,6 +102,17 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
     memory_bank: a ``kvmem.integrations.hf.memory.BankSpec`` (``kvmem.patch(model, memory_bank=...)``
         makes it): the full-attention layers attend to sinks + top-k bank blocks + a local window
         (``kvmem.memory``); ``block_size`` must be the bank's
+    kv_cache_dtype: the pools' dtype, as ``dtype`` but also by name (``kvmem.cache.scales.kv_cache_dtype``:
+        None / ``"auto"``, ``torch.float32`` / ``"fp32"``, ``"bf16"``, ``"fp16"``,
+        ``torch.float8_e4m3fn`` / ``"fp8"`` / ``"fp8_e4m3"``, ``torch.float8_e5m2`` / ``"fp8_e5m2"``); it
+        may differ from the model's dtype (keys/values are converted as they are written, and back
+        as attention reads them). Give ``dtype`` or ``kv_cache_dtype``, not two different ones.
+    kv_scales: float8 caches only: the static per-(layer, KV head) scales (a ``kvmem.KVScales`` from
+        ``kvmem.calibrate_kv_scales``, one float, or per-layer ``(k_scale, v_scale)`` pairs), or
+        None / ``"auto"``: each layer's first write fixes its scales from what it writes
+        (``absmax * kv_scale_headroom / finfo.max`` per KV head, ``kvmem.cache.scales``). Fixed
+        for the life of the pools (``kv_scales`` reads them back).
+    kv_scale_headroom: the headroom of that default rule (default ``kvmem.cache.scales.DEFAULT_HEADROOM``)
 
     Notes
     -----
@@ -116,7 +130,8 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                  memory: Union[None, int, float, str] = None, max_batch_size: Optional[int] = None,
                  max_cache_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                  device: Union[None, str, torch.device] = None, backend: str = "auto",
-                 pool: Optional["KVPool"] = None, memory_bank=None):
+                 pool: Optional["KVPool"] = None, memory_bank=None, kv_cache_dtype=None, kv_scales=None,
+                 kv_scale_headroom: float = DEFAULT_HEADROOM):
         families.resolve(config)
         tc = families.text_config(config)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -139,7 +154,21 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         self._memory = None if memory is None else parse_memory(memory)
         self._max_batch_size = max_batch_size
         self._max_cache_len = max_cache_len
-        self._dtype = dtype
+        named = _parse_kv_dtype(kv_cache_dtype, "PagedKVCache")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"PagedKVCache: dtype must be a torch dtype or None, got {type(dtype).__name__}")
+        if dtype is not None and named is not None and dtype != named:
+            raise ValueError(f"PagedKVCache: dtype={dtype} and kv_cache_dtype={kv_cache_dtype!r} differ (give one)")
+        self._dtype = named or (None if dtype is None else _parse_kv_dtype(dtype, "PagedKVCache"))
+        given = as_kv_scales(kv_scales, self.num_layers, self.num_kv_heads, "PagedKVCache")
+        if given is not None and not (self._dtype is not None and is_fp8(self._dtype)):
+            raise ValueError(f"PagedKVCache: kv_scales are for float8 caches (kv_cache_dtype='fp8_e4m3' or "
+                             f"'fp8_e5m2'), got kv_cache_dtype={self._dtype}")
+        self._given_scales: Optional[KVScales] = given
+        self._headroom = kv_scale_headroom
+        self._scales: Optional[PoolScales] = None  # the pools' float8 scales (set with the pools)
+        if self._dtype is not None and is_fp8(self._dtype):
+            PoolScales(self._dtype, self.num_layers, None, kv_scale_headroom)  # validates the headroom
         self._device = None if device is None else torch.device(device)
         self._pool_dtype: Optional[torch.dtype] = None
         self._step_md: Dict[tuple, object] = {}  # per-device copies of this step's metadata/index
@@ -162,6 +191,12 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                 raise ValueError("PagedKVCache: the KVPool was made for another model or block size")
             self._manager, self._pools, self._ids = pool.manager, pool.pools, pool.ids
             self._pool_dtype = pool.dtype
+            if self._dtype is not None and self._dtype != pool.dtype:
+                raise ValueError(f"PagedKVCache: kv_cache_dtype={self._dtype} but the KVPool holds {pool.dtype}")
+            if given is not None:
+                raise ValueError("PagedKVCache: a KVPool brings its own kv_scales (fixed for its life); pass them "
+                                 "to the KVPool")
+            self._scales = pool.scales
         self._bank = None  # the memory bank's state (kvmem.integrations.hf.memory.CacheBank)
         self._bank_group = next((g.name for g in self.groups if g.window is None), None)
         if memory_bank is not None:
@@ -327,6 +362,24 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         self.reset()
         self._released = True
 
+    @property
+    def kv_cache_dtype(self) -> Optional[torch.dtype]:
+        """The pools' dtype (None until allocated, unless given)."""
+        return self._pool_dtype or self._dtype
+
+    @property
+    def kv_scales(self) -> Optional[KVScales]:
+        """The float8 pools' scales (``KVScales``, CPU copies), None when not quantised or not every
+        layer's scales are fixed yet (the default rule fixes them at each layer's first write)."""
+        return None if self._scales is None else self._scales.snapshot()
+
+    def layer_scales(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """``(k_scale, v_scale)`` a layer's write and attention use (None, None for a float cache);
+        ``k``/``v`` ``[T, Hkv, D]``: the tokens being written (the default rule's first write)."""
+        if self._scales is None:
+            return None, None
+        return self._scales.for_write(layer_idx, k, v)
+
     # ------------------------------------------------------------------ memory
     def usage(self) -> Dict[str, GroupUsage]:
         """Per layer group: blocks used/free, tokens held, bytes held (``bytes_used``) and reserved
@@ -377,6 +430,8 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                              max_batch_size=self._max_batch_size, max_cache_len=self._max_cache_len)
         self._manager = KVCacheManager(blocks, self.block_size, self.groups, device, bytes_per_block=per_block)
         self._pool_dtype = dtype
+        if is_fp8(dtype):
+            self._scales = PoolScales(dtype, self.num_layers, self._given_scales, self._headroom)
         if self._device is not None or eager:
             self._pools = self._manager.make_pools(self.num_kv_heads, self.head_dim, dtype, device)
         # else: each layer's pools at its first update, on its keys' device (_layer_pools)

@@ -129,6 +129,7 @@ class StepContext:
                              f"PagedKVCache was built with window {st.layer_window[layer_idx]} for it")
         B, Hq, S, D = query.shape
         k_cache, v_cache = st.pools[layer_idx]
+        ks, vs = st.scales.get(layer_idx, (None, None))
         out = run_layer(self.ops, tokens(query), tokens(key), tokens(value), k_cache, v_cache, st.metadata(layer_idx),
-                        attention, self.layer_context(layer_idx))
+                        attention, self.layer_context(layer_idx), k_scale=ks, v_scale=vs)
         return out.view(B, S, Hq, D)

@@ -136,4 +136,6 @@ def _scales_digest(scales) -> str:
         return "d:" + "|".join(f"{k}={_scales_digest(v)}" for k, v in sorted(scales.items(), key=lambda kv: str(kv[0])))
     if isinstance(scales, (list, tuple)):
         return "l:" + "|".join(_scales_digest(v) for v in scales)
+    if isinstance(scales, str):  # a rule's name (the default float8 scale rule)
+        return "s:" + scales
     return f"f:{float(scales)!r}"

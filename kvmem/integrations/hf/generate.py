@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from kvmem.cache import KVPool, LayerGroupSpec
+from kvmem.cache.scales import scales_key
 from kvmem.cache.sizing import bytes_per_block, parse_memory, size_groups
 from kvmem.integrations import families
 from kvmem.integrations.hf.attention import uses_kvmem
@@ -40,15 +41,20 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     With ``cuda_graph`` it lives in a kept ``KVPool`` too, so that the pools and the static
     decode buffers (``KVPool.static``) -- the memory captured CUDA graphs point at -- outlive
     the call and the next call of the same batch size and length replays the same graphs.
+    The pools are in ``options.kv_cache_dtype`` (default the model's dtype); a float8 pool's scales
+    are fixed for its life (``kvmem.cache.scales``) and, with ``prefix_cache``, part of its
+    fingerprint (blocks are reused only under the same dtype and scales).
     """
     kw = dict(block_size=options.block_size, backend=options.backend)
     rows = (max_batch_size or 1) * expand
     if not (options.prefix_cache or options.cuda_graph):
         return PagedKVCache(model.config, num_blocks=options.num_blocks, memory=options.memory,
-                            max_batch_size=rows, max_cache_len=max_cache_len, memory_bank=options.memory_bank, **kw)
+                            max_batch_size=rows, max_cache_len=max_cache_len, memory_bank=options.memory_bank,
+                            kv_cache_dtype=options.kv_cache_dtype, kv_scales=options.kv_scales,
+                            kv_scale_headroom=options.kv_scale_headroom, **kw)
     prompt = options.prompt
     rows_tokens, pads = _prompt_rows(prompt, max_batch_size, expand)
-    dtype, device = model.dtype, model_layer_devices(model) or model.device
+    dtype, device = options.kv_cache_dtype or model.dtype, model_layer_devices(model) or model.device
     _, kv_heads, head_dim = families.kv_dims(model.config)
     groups = [LayerGroupSpec(n, layers, w)
               for n, layers, w in families.group_layers(families.layer_windows(model.config))]
@@ -62,7 +68,9 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
                        num_blocks=options.num_blocks,
                        memory=None if options.memory is None else parse_memory(options.memory),
                        max_cache_len=max_cache_len)
-    fingerprint = model_fingerprint(model, kv_dtype=dtype) if options.prefix_cache else None
+    fingerprint = (model_fingerprint(model, kv_dtype=dtype,
+                                     kv_scales=scales_key(dtype, options.kv_scales, options.kv_scale_headroom))
+                   if options.prefix_cache else None)
     pool = options.pool
     if pool is not None and pool.live is not None:
         pool.live.release()
@@ -73,7 +81,8 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
         # auto-sized: room for this call (and with prefix_cache as much again of cached prompt blocks)
         blocks = {k: 2 * v for k, v in want.items()} if auto and options.prefix_cache else want
         pool = options.pool = KVPool(groups, kv_heads, head_dim, options.block_size, blocks, dtype, device,
-                                     fingerprint=fingerprint)
+                                     fingerprint=fingerprint, kv_scales=options.kv_scales,
+                                     kv_scale_headroom=options.kv_scale_headroom)
     cache = PagedKVCache(model.config, pool=pool, max_cache_len=max_cache_len, **kw)
     pool.live = cache
     if rows_tokens and options.prefix_cache:

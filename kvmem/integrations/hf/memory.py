@@ -179,11 +179,15 @@ class CacheBank:
             rep.window_start = list(ms.last_window_start)
         self._report = {}
 
-    def run(self, ops, step, layer_idx: int, query, key, value, index, k_cache, v_cache, md, attention):
-        """One memory layer: ``[B, H, S, D]`` q/k/v (after RoPE) -> out ``[T, Hq, D]`` of the real tokens."""
+    def run(self, ops, step, layer_idx: int, query, key, value, index, k_cache, v_cache, md, attention,
+            scales=None):
+        """One memory layer: ``[B, H, S, D]`` q/k/v (after RoPE) -> out ``[T, Hq, D]`` of the real tokens.
+        ``scales(layer_idx, k, v) -> (k_scale, v_scale)``: a float8 cache's scales of the keys as
+        cached (pre-RoPE in extend mode), None for a float cache."""
         if self.spec.rope_table is not None:
             query, key = self._unrotate(step, layer_idx, query, key)
         q, k, v = tokens(query, index), tokens(key, index), tokens(value, index)
+        ks, vs = (None, None) if scales is None else scales(layer_idx, k, v)
         summaries = self.summaries.get(layer_idx)
         if summaries is None or summaries.device != k_cache.device:
             summaries = torch.full((k_cache.shape[0] + 1, self.num_kv_heads, 2, self.head_dim), float("nan"),
@@ -191,7 +195,8 @@ class CacheBank:
             self.summaries[layer_idx] = summaries
         ctx = step.layer_context(layer_idx)
         ctx.memory = LayerMemory(self.config, step.memory, summaries, self.spec.rope_on(k_cache.device))
-        out = run_layer(ops, q, k, v, k_cache, v_cache, md, attention, ctx, stages=MEMORY_STAGES)
+        out = run_layer(ops, q, k, v, k_cache, v_cache, md, attention, ctx, stages=MEMORY_STAGES, k_scale=ks,
+                        v_scale=vs)
         if step.q_len > 1:
             self._record(layer_idx, step.memory, ctx.selections)
         return out

@@ -7,10 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import torch
+
 from kvmem.cache import KVPool, parse_memory
+from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales, kv_cache_dtype
+from kvmem.ops._common import is_fp8
 from kvmem.ops.kernel_ops import check_backend
 
-__all__ = ["KvmemOptions", "options_of", "check_args"]
+__all__ = ["KvmemOptions", "options_of", "check_args", "check_kv_args"]
 
 
 @dataclass
@@ -21,6 +25,9 @@ class KvmemOptions:
     ----------
     backend, block_size, num_blocks, memory, prefix_cache, cuda_graph, compile_decode: ``kvmem.patch``'s
     memory_bank: the resolved memory bank (``BankSpec``), None without one
+    kv_cache_dtype: the pools' dtype (a torch dtype), None = the model's
+    kv_scales: a float8 cache's ``KVScales``, None = the default rule (``kvmem.cache.scales``)
+    kv_scale_headroom: that rule's headroom
     pool: the ``KVPool`` kept across calls (``prefix_cache`` / ``cuda_graph``)
     prompt: ``(input_ids, attention_mask)`` of the ``generate()`` call in flight, set by the
         generate wrapper of a prefix-caching / CUDA-graph model for the cache hook (explicit
@@ -37,6 +44,9 @@ class KvmemOptions:
     pool: Optional[KVPool] = field(default=None, repr=False)
     prompt: Optional[tuple] = field(default=None, repr=False)
     memory_bank: Optional[object] = None  # kvmem.integrations.hf.memory.BankSpec
+    kv_cache_dtype: Optional[torch.dtype] = None
+    kv_scales: Optional[KVScales] = field(default=None, repr=False)
+    kv_scale_headroom: float = DEFAULT_HEADROOM
 
 
 def options_of(model) -> KvmemOptions:
@@ -68,3 +78,17 @@ def check_args(backend, block_size, num_blocks, memory, prefix_cache, cuda_graph
         raise TypeError(f"kvmem.patch: compile_decode must be None, a bool or a dict of torch.compile options, "
                         f"got {type(compile_decode).__name__}")
     return backend, block_size
+
+
+def check_kv_args(kv_dtype, kv_scales, kv_scale_headroom, num_layers: int, num_kv_heads: int):
+    """Validate ``kvmem.patch``'s ``kv_cache_dtype`` / ``kv_scales`` / ``kv_scale_headroom`` for a model of
+    ``num_layers`` layers and ``num_kv_heads`` KV heads; returns ``(dtype or None, KVScales or None)``."""
+    dtype = kv_cache_dtype(kv_dtype, "kvmem.patch")
+    scales = as_kv_scales(kv_scales, num_layers, num_kv_heads, "kvmem.patch")
+    fp8 = dtype is not None and is_fp8(dtype)
+    if scales is not None and not fp8:
+        raise ValueError(f"kvmem.patch: kv_scales are for float8 caches (kv_cache_dtype='fp8_e4m3' or 'fp8_e5m2'), "
+                         f"got kv_cache_dtype={kv_dtype!r}")
+    if fp8:
+        PoolScales(dtype, num_layers, None, kv_scale_headroom)  # validates the headroom
+    return dtype, scales

@@ -24,7 +24,8 @@ from kvmem.integrations.hf import compat, graphs
 from kvmem.integrations.hf.attention import ATTN_NAME, kvmem_attention_forward, kvmem_mask, uses_kvmem
 from kvmem.integrations.hf.cache import PagedKVCache
 from kvmem.integrations.hf.generate import capturing_generate, install_generate_hook, instance_generate_hook
-from kvmem.integrations.hf.options import KvmemOptions, check_args
+from kvmem.cache.scales import DEFAULT_HEADROOM
+from kvmem.integrations.hf.options import KvmemOptions, check_args, check_kv_args
 from kvmem.ops.kernel_ops import KernelOps
 
 __all__ = ["patch", "unpatch", "is_patched", "register", "is_registered"]
@@ -81,7 +82,7 @@ def _all_configs(model):
 def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
           num_blocks: Union[None, int, Mapping] = None, memory: Union[None, int, str] = None,
           prefix_cache: bool = False, cuda_graph: bool = False, compile_decode: Union[None, bool, dict] = None,
-          memory_bank=None):
+          memory_bank=None, kv_cache_dtype=None, kv_scales=None, kv_scale_headroom: float = DEFAULT_HEADROOM):
     """Run ``model``'s attention on kvmem's paged kernels and make ``generate()`` use a ``PagedKVCache``.
 
     Parameters
@@ -111,6 +112,20 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
         (errors leave the model unpatched). The pages are its blocks. Not with ``cuda_graph``,
         ``compile_decode`` or ``prefix_cache`` (yet). ``model._kvmem_memory_report`` then holds the
         selections of the latest prefill (``MemoryReport``). ``memory=`` keeps meaning the KV bytes.
+    kv_cache_dtype: the KV pools' dtype: None / ``"auto"`` (the model's), a torch dtype
+        (``torch.float32``, ``bfloat16``, ``float16``, ``float8_e4m3fn``, ``float8_e5m2``) or a name
+        (``"fp32"``/``"float32"``, ``"bf16"``/``"bfloat16"``, ``"fp16"``/``"float16"``,
+        ``"fp8"``/``"fp8_e4m3"``, ``"fp8_e5m2"``). It may differ from the model's dtype (e.g. bf16 KV
+        under an fp32 model): keys/values are converted as written and read. ``memory=``,
+        auto-sizing, ``usage()`` and ``CacheFullError`` count bytes of this dtype (1 per element for fp8).
+    kv_scales: float8 caches only: static per-(layer, KV head) scales: a ``kvmem.KVScales`` from
+        ``kvmem.calibrate_kv_scales`` (recommended), one float for every layer and head, per-layer
+        ``(k_scale, v_scale)`` pairs (floats or 0-d / ``[num_kv_heads]`` tensors) or
+        ``{"k": [...], "v": [...]}``. None / ``"auto"``: **each layer's first write into a pool
+        (the first prompt) fixes its scales**, ``absmax * kv_scale_headroom / finfo(fp8).max`` per KV
+        head of the keys/values as cached (``kvmem.cache.scales``); never changed for the life of
+        the pool (``cache.kv_scales`` reads them). Part of the prefix cache's key.
+    kv_scale_headroom: the headroom of that default rule (default ``DEFAULT_HEADROOM`` = 2)
 
     Returns
     -------
@@ -133,6 +148,8 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
             f"kvmem.patch: expected a transformers PreTrainedModel, got {type(model).__name__}. "
             f"{families.supported_list()}.")
     families.resolve(model.config, model)
+    num_layers, kv_heads, _ = families.kv_dims(model.config)
+    kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers, kv_heads)
     bank = None
     if memory_bank is not None:
         from kvmem.integrations.hf.memory import bank_spec
@@ -159,7 +176,8 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
                 modules.append(m)
     model._kvmem_options = KvmemOptions(backend=backend, block_size=block_size, num_blocks=num_blocks,
                                         memory=memory, prefix_cache=prefix_cache, cuda_graph=cuda_graph,
-                                        compile_decode=compile_decode, memory_bank=bank)
+                                        compile_decode=compile_decode, memory_bank=bank, kv_cache_dtype=kv_dtype,
+                                        kv_scales=kv_scales, kv_scale_headroom=float(kv_scale_headroom))
     if bank is not None:
         model._kvmem_memory_report = bank.report
     if cuda_graph or compile_decode:

@@ -148,6 +148,8 @@ class _StepMachine:
                     self._pool.static[key] = st
             self._static = st
         st.pools = dict(self._pools)
+        if self._scales is not None:  # fixed by the prefill: the same tensors every step (graph-safe)
+            st.scales = {layer: self._scales.on(layer, device) for layer in range(self.num_layers)}
         if mask is not None:
             self._check_mask_shape(mask, B, 1)
         prev = [m.seq_len(s) for s in self._seq_ids]
@@ -238,14 +240,16 @@ class _StepMachine:
             if ck not in self._step_md:
                 self._step_md[ck] = index.to(query.device, non_blocking=True)
             index = self._step_md[ck]
-        if key.dtype != k_cache.dtype:
-            raise TypeError(f"kvmem: layer {layer_idx} writes {key.dtype} keys into a {k_cache.dtype} PagedKVCache")
+        # keys/values in the model's dtype; the pools may hold another (converted as written / read)
         bank = self._bank
         if bank is not None and layer_idx in bank.layers:  # the memory bank (kvmem.integrations.hf.memory)
-            out = bank.run(self.ops, step, layer_idx, query, key, value, index, k_cache, v_cache, md, attention)
+            out = bank.run(self.ops, step, layer_idx, query, key, value, index, k_cache, v_cache, md, attention,
+                           scales=self.layer_scales)
         else:
             q, k, v = tokens(query, index), tokens(key, index), tokens(value, index)
-            out = run_layer(self.ops, q, k, v, k_cache, v_cache, md, attention, step.layer_context(layer_idx))
+            ks, vs = self.layer_scales(layer_idx, k, v)
+            out = run_layer(self.ops, q, k, v, k_cache, v_cache, md, attention, step.layer_context(layer_idx),
+                            k_scale=ks, v_scale=vs)
         step.done.add(layer_idx)
         if len(step.done) == self.num_layers:
             self._seen += S  # the step is complete
