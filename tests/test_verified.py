@@ -2,6 +2,7 @@
 configurations the committed record lists for this GPU arch; the record format round-trips from
 what the gpu tests of tests/ops write, through tools/merge_verified.py, to ``is_verified``."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -89,6 +90,26 @@ def test_entries_without_max_group_cover_group_8(record_dir):
     (record_dir / "cuda.json").write_text(json.dumps({"records": {"sm_90": {"date": "x", "passed": [e]}}}))
     assert verified.is_verified("cuda", "sm_90", _call(num_heads=64, num_kv_heads=8))
     assert not verified.is_verified("cuda", "sm_90", _call(num_heads=72, num_kv_heads=8))
+
+
+def test_cache_dtypes_and_scales_need_their_own_entries(record_dir):
+    """A float8 cache, a 16-bit cache under the other 16-bit q, or scales: verified only by an entry
+    naming that cache_dtype / kv_scale (new cache kernels start unverified)."""
+    fp8 = torch.float8_e4m3fn
+    fp8_entry = {**_entry(dtype="float16"), "cache_dtype": "float8_e4m3fn", "kv_scale": True}
+    (record_dir / "cuda.json").write_text(json.dumps({"records": {"sm_90": {"date": "x", "passed": [
+        _entry(), fp8_entry]}}}))
+    scaled = frozenset({"kv_scale"})
+    plain, f16 = _call(), _call(torch.float16)
+    assert verified.is_verified("cuda", "sm_90", plain)
+    assert verified.is_verified("cuda", "sm_90", dataclasses.replace(plain, features=frozenset({"rope"})))
+    assert not verified.is_verified("cuda", "sm_90", dataclasses.replace(plain, cache_dtype=fp8, features=scaled))
+    assert not verified.is_verified("cuda", "sm_90", dataclasses.replace(plain, features=scaled))
+    assert not verified.is_verified("cuda", "sm_90", dataclasses.replace(plain, cache_dtype=torch.float16))
+    assert verified.is_verified("cuda", "sm_90", dataclasses.replace(f16, cache_dtype=fp8, features=scaled | {"rope"}))
+    assert not verified.is_verified("cuda", "sm_90",
+                                    dataclasses.replace(f16, cache_dtype=torch.float8_e5m2, features=scaled))
+    assert not verified.is_verified("cuda", "sm_90", f16)
 
 
 def test_merge_tool_cli(tmp_path):

@@ -65,7 +65,9 @@ class CompiledBackend(Backend):
         facts = _ext.kernel_facts(cap.kernel_op, self.device_type)
         if facts is None:
             return cap
-        return _with_facts(cap, tuple(facts["dtypes"]), tuple(facts["head_dims"]), int(facts["max_head_dim"]))
+        cache_dtypes = facts.get("cache_dtypes")
+        return _with_facts(cap, tuple(facts["dtypes"]), tuple(facts["head_dims"]), int(facts["max_head_dim"]),
+                           None if cache_dtypes is None else tuple(cache_dtypes))
 
     def unavailable(self, call) -> Rejection:
         op = capability(call.op, self.name).kernel_op  # a composite op needs the kernels it is built from
@@ -79,9 +81,13 @@ class CompiledBackend(Backend):
 
 
 @functools.lru_cache(maxsize=None)
-def _with_facts(cap: Capability, dtypes: tuple, head_dims: tuple, max_head_dim: int) -> Capability:
+def _with_facts(cap: Capability, dtypes: tuple, head_dims: tuple, max_head_dim: int,
+                cache_dtypes: Optional[tuple] = None) -> Capability:
+    """``cap`` with the build's facts; ``cache_dtypes`` (ops with a KV cache, when the build reports
+    them): the cache dtypes the kernel takes with any of its dtypes (else the record's own rule)."""
+    extra = {} if cache_dtypes is None else {"cache_dtypes": tuple(getattr(torch, n) for n in cache_dtypes)}
     return dataclasses.replace(cap, dtypes=tuple(getattr(torch, n) for n in dtypes), head_dims=head_dims,
-                               max_head_dim=max_head_dim)
+                               max_head_dim=max_head_dim, **extra)
 
 
 class CpuBackend(CompiledBackend):

@@ -13,7 +13,10 @@ from kvmem.ops.cache_write import reference
 from kvmem.ops.cache_write.params import FEATURE_OF, MODIFIER_OF, OP
 
 ALL_FEATURES = frozenset(FEATURE_OF.values())
-KERNEL_FEATURES = frozenset()  # the cpu, cuda and triton kernels store in the cache's own dtype, unscaled
+KERNEL_FEATURES = frozenset()  # the cpu and triton kernels (until they take scales): unscaled
+# scales (float8 and float caches), kvmem's one encoding; cache dtypes from the build facts.
+# compile-checked only (nvcc_check): no GPU here.
+CUDA_FEATURES = frozenset({"kv_scale"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,9 +32,17 @@ def run_reference(p) -> None:
     reference.cache_write(p.k, p.v, p.k_cache, p.v_cache, p.slot_mapping, p.k_scale, p.v_scale)
 
 
-def run_compiled(p) -> None:
-    args = _kernel_args(p, KERNEL_FEATURES)  # first: raises if p uses an argument the kernel lacks
-    _ext.get_op(OP)(*args)
+def _run_compiled(p, features) -> None:
+    _kernel_args(p, features)  # first: raises if p uses an argument the kernel lacks
+    _ext.get_op(OP)(*p.to_schema())  # kvmem_C::cache_write's schema is kvmem::cache_write's
+
+
+def run_cpu(p) -> None:
+    _run_compiled(p, KERNEL_FEATURES)
+
+
+def run_cuda(p) -> None:
+    _run_compiled(p, CUDA_FEATURES)
 
 
 def run_triton(p) -> None:
@@ -40,9 +51,9 @@ def run_triton(p) -> None:
 
 
 CAPABILITIES = (
-    Capability(OP, "cuda", run_compiled, devices=("cuda",), from_build=True, features=KERNEL_FEATURES),
+    Capability(OP, "cuda", run_cuda, devices=("cuda",), from_build=True, features=CUDA_FEATURES),
     Capability(OP, "triton", run_triton, devices=("cuda",), features=KERNEL_FEATURES),
-    Capability(OP, "cpu", run_compiled, devices=("cpu",), from_build=True, features=KERNEL_FEATURES),
+    Capability(OP, "cpu", run_cpu, devices=("cpu",), from_build=True, features=KERNEL_FEATURES),
     Capability(OP, "reference", run_reference, cache_dtypes=None, features=ALL_FEATURES),
 )
 register(*CAPABILITIES)

@@ -18,7 +18,9 @@ from kvmem.ops.paged_attention.params import FEATURE_OF, MODIFIER_OF, OP
 ALL_FEATURES = frozenset(FEATURE_OF.values())
 KERNEL_FEATURES = frozenset({"window", "softcap", "sink_logits"})  # what every compiled and Triton kernel implements
 CPU_FEATURES = KERNEL_FEATURES | {"rope"}
-CUDA_FEATURES = KERNEL_FEATURES | {"rope"}  # compile-checked only (nvcc_check): no GPU here
+# compile-checked only (nvcc_check): no GPU here. kv_scale: float8 / 16-bit caches with scales; the
+# cache dtypes (q's, the other 16-bit float, float8) come from the build facts (cache_dtypes).
+CUDA_FEATURES = KERNEL_FEATURES | {"rope", "kv_scale"}
 TRITON_FEATURES = KERNEL_FEATURES | {"rope"}
 # Longest query segment the CUDA kernels take (they are decode kernels: one row per query token
 # and head-in-group); longer segments (prefill) go to another backend.
@@ -46,9 +48,9 @@ def run_reference(p) -> None:
 
 
 def _compiled_args(params, features) -> tuple:
-    """The ``kvmem_C::paged_attention`` arguments; its schema always ends with the rope pair."""
-    args = _kernel_args(params, features)  # first: raises if params uses an argument the kernel lacks
-    return args if "rope" in features else args + (None, True)
+    """The ``kvmem_C::paged_attention`` arguments: its schema is ``kvmem::paged_attention``'s."""
+    _kernel_args(params, features)  # first: raises if params uses an argument the kernel lacks
+    return params.to_schema()
 
 
 def run_cpu(p) -> None:
