@@ -28,6 +28,12 @@ namespace kvmem {
 // float8 cache elements (one byte of bits each).
 struct alignas(1) fp8_e4m3 { uint8_t bits; };
 struct alignas(1) fp8_e5m2 { uint8_t bits; };
+// A cache of q's own 16-bit dtype T read with k_scale / v_scale: T's layout and loads, but its own
+// kernel instantiation, so the plain KV = T kernels carry no scale code at all.
+template <typename T>
+struct alignas(sizeof(T)) scaled { T x; };
+template <typename KV> struct is_scaled : std::false_type {};
+template <typename T> struct is_scaled<scaled<T>> : std::true_type {};
 
 // The raw vector of VEC elements of KV (16 or 8 bytes).
 template <typename KV, int VEC>
@@ -84,6 +90,8 @@ __device__ __forceinline__ void kv_unpack(const typename KvRaw<KV, VEC>::type& r
   if constexpr (std::is_same<KV, fp8_e4m3>::value || std::is_same<KV, fp8_e5m2>::value) {
     constexpr int F = std::is_same<KV, fp8_e4m3>::value ? fp8::kE4M3 : fp8::kE5M2;
     unpack_fp8<F, VEC / 4>(reinterpret_cast<const uint32_t*>(&raw), out);
+  } else if constexpr (is_scaled<KV>::value) {
+    unpack_vec<decltype(KV::x), VEC>(raw, out);
   } else {
     unpack_vec<KV, VEC>(raw, out);
   }
@@ -119,6 +127,8 @@ __device__ __forceinline__ float kv_to_float(const KV* ptr) {
     float out[4];
     unpack_fp8<F, 1>(&w, out);
     return out[0];
+  } else if constexpr (is_scaled<KV>::value) {
+    return to_float<decltype(KV::x)>(ptr->x);
   } else {
     return to_float<KV>(*ptr);
   }

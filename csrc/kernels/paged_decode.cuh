@@ -13,10 +13,13 @@
 //   out_g = acc / l,    lse_g = m + log(l)  (natural log; -inf and out = 0 when no key)
 // ROPE (template flag): k_j rotated at position j as it loads (common/cuda_rope.cuh), in fp32.
 // Cache element type KV (template, common/cuda_kv.cuh): q's T, the other 16-bit float, or float8
-// (e4m3fn / e5m2), dequantised in registers as it loads. Scales (k_scale, v_scale: [Hkv] or 0-d,
-// one value per CTA) are folded, exactly as the math allows (RoPE is linear):
+// (e4m3fn / e5m2), dequantised in registers as it loads (no copy). The scales (k_scale, v_scale:
+// [Hkv] or 0-d, one value per CTA) are folded into q and the output (the dot product, RoPE and
+// the softmax-weighted sum are linear in k_j and v_j; only fp32 rounding order differs):
 //   s_j = (scale * k_scale / kv_decode_mul) q . k~_j,  out = (v_scale / kv_decode_mul) acc / l
-// where k~_j, v~_j are the loaded rows (times kv_decode_mul: 2^-8 for e4m3, else 1).
+// where k~_j, v~_j are the loaded rows, exactly kv_decode_mul times the stored values (2^-8 for
+// e4m3, whose fp16 bit trick lands there; else 1). KV = T is the plain path: no scale code (a
+// scaled cache of q's dtype is KV = scaled<T>).
 // Splits write (out_s, lse_s) in fp32; paged_decode_reduce merges them exactly and adds the sink
 // (common/cuda_softmax.cuh):
 //   lse = log(sum_s exp(lse_s) + exp(sink_g)),  out = sum_s exp(lse_s - lse) * out_s.
@@ -61,6 +64,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32)
 paged_decode_kernel(const PagedDecodeParams p) {
   using S = DecodeShape<T, KV, D, G_MAX, NUM_WARPS>;
   using Raw = typename KvRaw<KV, S::VEC>::type;
+  constexpr bool SCALES = !std::is_same<KV, T>::value;  // KV = T: the plain path, no scales
   constexpr int VEC = S::VEC, TPK = S::TPK, VPT = S::VPT, KPW = S::KPW, U = S::UNROLL;
   constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
@@ -88,11 +92,13 @@ paged_decode_kernel(const PagedDecodeParams p) {
   const int slot = warp * KPW + lane / TPK;  // which key of a CTA step this thread works on
   const int tl = lane % TPK;                 // which vectors of the row
 
-  // q for this thread's vectors, pre-scaled into base 2 when there is no softcap (and by k_scale
-  // and 1 / kv_decode_mul: exact powers of two, see above).
+  // q for this thread's vectors, pre-scaled into base 2 when there is no softcap (and, for a
+  // scaled or other-dtype cache, by k_scale and 1 / kv_decode_mul, see above).
   float qmul = p.softcap > 0.f ? p.scale : p.scale * LOG2E;
-  if (p.k_scale != nullptr) qmul *= __ldg(p.k_scale + (int64_t)kvh * p.k_scale_stride);
-  if constexpr (kv_decode_mul<KV>() != 1.f) qmul *= 1.f / kv_decode_mul<KV>();
+  if constexpr (SCALES) {
+    if (p.k_scale != nullptr) qmul *= __ldg(p.k_scale + (int64_t)kvh * p.k_scale_stride);
+    if constexpr (kv_decode_mul<KV>() != 1.f) qmul *= 1.f / kv_decode_mul<KV>();
+  }
   float q[G_MAX][VPT * VEC];
   const T* qbase = static_cast<const T*>(p.q) + (int64_t)t * p.q_stride_t;
 #pragma unroll
@@ -243,8 +249,10 @@ paged_decode_kernel(const PagedDecodeParams p) {
 
   // v_scale and 1 / kv_decode_mul, applied to each split's output (the merge is linear in it).
   float omul = 1.f;
-  if (p.v_scale != nullptr) omul = __ldg(p.v_scale + (int64_t)kvh * p.v_scale_stride);
-  if constexpr (kv_decode_mul<KV>() != 1.f) omul *= 1.f / kv_decode_mul<KV>();
+  if constexpr (SCALES) {
+    if (p.v_scale != nullptr) omul = __ldg(p.v_scale + (int64_t)kvh * p.v_scale_stride);
+    if constexpr (kv_decode_mul<KV>() != 1.f) omul *= 1.f / kv_decode_mul<KV>();
+  }
   for (int idx = threadIdx.x; idx < ng * D; idx += NUM_WARPS * 32) {
     const int g = idx / D, d = idx % D;
     float mx = -INFINITY;
@@ -261,7 +269,8 @@ paged_decode_kernel(const PagedDecodeParams p) {
     }
     // lse of this split in natural log; -inf when it saw no key.
     float lse = lsum > 0.f ? (mx + log2f(lsum)) * LN2 : -INFINITY;
-    o = lsum > 0.f ? o / lsum * omul : 0.f;
+    if constexpr (SCALES) o *= omul;
+    o = lsum > 0.f ? o / lsum : 0.f;
     const int h = h0 + g;
     if (p.num_splits == 1) {
       if (p.sink_logits != nullptr) fold_sink(p.sink_logits[h], lse, o);

@@ -18,12 +18,15 @@ void check_scale(const std::optional<at::Tensor>& scale, int64_t num_kv_heads, c
               name, ": ", what, " must be a 0-d or [num_kv_heads] fp32 CUDA tensor");
 }
 
-// launch_decode<T, KV> for the cache dtype (q's T, the other 16-bit float, or float8).
+// launch_decode<T, KV> for the cache dtype (q's T, with or without scales; the other 16-bit float;
+// float8).
 template <typename T>
 void launch_for_cache(at::ScalarType cache_dtype, at::ScalarType q_dtype, PagedDecodeParams& p, int64_t max_seqlen_k,
                       const at::Tensor& q, cudaStream_t stream, const char* name) {
-  if (cache_dtype == q_dtype) {
-    launch_decode<T, T>(p, max_seqlen_k, q, stream, name);
+  if (cache_dtype == q_dtype && p.k_scale == nullptr && p.v_scale == nullptr) {
+    launch_decode<T, T>(p, max_seqlen_k, q, stream, name);  // the plain path
+  } else if (cache_dtype == q_dtype) {
+    launch_decode<T, scaled<T>>(p, max_seqlen_k, q, stream, name);
   } else if (cache_dtype == at::kFloat8_e4m3fn) {
     launch_decode<T, fp8_e4m3>(p, max_seqlen_k, q, stream, name);
   } else if (cache_dtype == at::kFloat8_e5m2) {

@@ -1,8 +1,8 @@
 // The launch of the split-K decode kernel (csrc/kernels/paged_decode.cuh) for one (q dtype T,
 // cache element type KV) pair: split count, partial buffers, G_MAX and head-dim dispatch.
 // launch_decode<T, KV> is instantiated once per pair in its own translation unit (cuda.cu for
-// KV = T, cuda_fp8_e4m3.cu, cuda_fp8_e5m2.cu, cuda_mixed.cu), so a parallel build compiles the
-// pairs side by side; cuda.cu's glue calls them through the extern declarations at the end.
+// KV = T, cuda_fp8_e4m3.cu, cuda_fp8_e5m2.cu, cuda_mixed.cu, cuda_scaled.cu), so a parallel build
+// compiles the pairs side by side; cuda.cu's glue calls them through the extern declarations below.
 #pragma once
 
 #include "common/cuda_glue.h"
@@ -100,9 +100,10 @@ void launch_decode(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor&
 }
 
 // X(T, KV) for every pair but KV = T (those are instantiated where they are called, in cuda.cu).
-#define KVMEM_PAGED_DECODE_OTHER_PAIRS(X)                                              \
+#define KVMEM_PAGED_DECODE_OTHER_PAIRS(X)                                                      \
   X(__half, fp8_e4m3) X(__nv_bfloat16, fp8_e4m3) X(__half, fp8_e5m2) X(__nv_bfloat16, fp8_e5m2) \
-  X(__half, __nv_bfloat16) X(__nv_bfloat16, __half)
+  X(__half, __nv_bfloat16) X(__nv_bfloat16, __half)                                            \
+  X(__half, scaled<__half>) X(__nv_bfloat16, scaled<__nv_bfloat16>)
 
 #define KVMEM_PAGED_DECODE_EXTERN(T, KV)                                                              \
   extern template void launch_decode<T, KV>(PagedDecodeParams&, int64_t, const at::Tensor&, cudaStream_t, \

@@ -7,7 +7,8 @@
   and caches of another float dtype than k; 16-byte and element-wise paths; skipped slots untouched.
 * ``paged_attention`` (decode kernel): every float8 code dequantised exactly (one key per
   sequence: out = decode(code) * v_scale, compared bit for bit), then decode / speculative steps
-  against the reference with float8 and mixed 16-bit caches: NaN in unused slots, shuffled pages,
+  against the reference with float8 caches, 16-bit caches of the other 16-bit dtype (with and
+  without scales) and caches of q's dtype with scales: NaN in unused slots, shuffled pages,
   GQA groups 1, 4, 12 (12: the chunk path), all built head dims, 0-d and per-head scales, RoPE on load
   (NeoX and GPT-J, partial rotary) with and without float8, window / softcap / sinks.
 
@@ -204,11 +205,11 @@ EXTRAS = (dict(), dict(window=50), dict(softcap=20.0), dict(sink=True))
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim,block_size", SHAPES)
 @pytest.mark.parametrize("q_name", list(Q_DTYPES))
-@pytest.mark.parametrize("cache_name", list(FP8) + ["other_half"])
+@pytest.mark.parametrize("cache_name", list(FP8) + ["other_half", "same"])  # same: q's dtype with scales
 @on("cuda")
 def test_paged_attention_quantised_cache_gpu(backend, cache_name, q_name, head_dim, block_size):
     q_dtype = Q_DTYPES[q_name]
-    cache_dtype = OTHER_HALF[q_dtype] if cache_name == "other_half" else FP8[cache_name]
+    cache_dtype = {"other_half": OTHER_HALF[q_dtype], "same": q_dtype}.get(cache_name) or FP8[cache_name]
     if not _cuda_takes("paged_attention", cache_dtype):
         pytest.skip(f"the CUDA paged_attention of this build takes no {_name(cache_dtype)} cache")
     g = torch.Generator().manual_seed(head_dim * 7 + block_size)
@@ -234,6 +235,8 @@ def test_paged_attention_quantised_cache_gpu(backend, cache_name, q_name, head_d
             assert_close(lse.cpu(), ref_lse, what="lse")
     entry = {"op": "paged_attention", "dtype": q_name, "head_dim": head_dim, "block_size": block_size,
              "max_group": 12, "cache_dtype": _name(cache_dtype), "kv_scale": True}
+    if cache_name == "same":
+        del entry["cache_dtype"]
     PASSED.setdefault(backend, []).append(entry)
     if cache_name == "other_half":
         PASSED[backend].append({k: x for k, x in entry.items() if k != "kv_scale"})  # without scales too

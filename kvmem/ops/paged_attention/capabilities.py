@@ -1,6 +1,6 @@
 """What each backend runs of ``paged_attention``, as data (read by ``kvmem.dispatch``).
 
-The compiled backends' dtypes and head dims come from the build
+The compiled backends' dtypes, head dims and cache dtypes come from the build
 (``kvmem._ext.build_info()["kernels"]["paged_attention"][device]``), not from here.
 """
 
