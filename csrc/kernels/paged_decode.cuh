@@ -45,7 +45,7 @@ struct PagedDecodeParams : PagedAttentionParams {
   int head_chunks, num_splits;
 };
 
-template <typename T, typename KV, int D, int G_MAX, int NUM_WARPS>
+template <typename T, typename KV, int D, int G_MAX, int NUM_WARPS, bool ROPE>
 struct DecodeShape {
   static constexpr int VEC = 16 / sizeof(T);                 // channels per vector (16 bytes of q)
   static constexpr int NVEC = D / VEC;                       // vectors per row
@@ -53,16 +53,17 @@ struct DecodeShape {
   static constexpr int VPT = (NVEC + TPK - 1) / TPK;         // vectors per thread
   static constexpr int KPW = 32 / TPK;                       // keys per warp in flight
   static constexpr int SLOTS = NUM_WARPS * KPW;              // keys per CTA step
-  // steps whose loads are in flight: as many cache bytes per thread for every KV (4 for float8,
-  // whose vectors are 8 bytes)
-  static constexpr int UNROLL = 2 * 16 / (VEC * sizeof(KV));
+  // steps whose loads are in flight: 2, or 4 for float8 (8-byte vectors: as many cache bytes per
+  // thread as 2 steps of 16-bit K/V) without RoPE (whose partner reads and row offsets need the
+  // registers: no spills on sm_90a)
+  static constexpr int UNROLL = (VEC * sizeof(KV) == 8 && !ROPE) ? 4 : 2;
   static_assert(D % VEC == 0, "head_dim must be a multiple of the 16-byte vector");
 };
 
 template <typename T, typename KV, int D, int G_MAX, int NUM_WARPS, bool ROPE>
 __global__ void __launch_bounds__(NUM_WARPS * 32)
 paged_decode_kernel(const PagedDecodeParams p) {
-  using S = DecodeShape<T, KV, D, G_MAX, NUM_WARPS>;
+  using S = DecodeShape<T, KV, D, G_MAX, NUM_WARPS, ROPE>;
   using Raw = typename KvRaw<KV, S::VEC>::type;
   constexpr bool SCALES = !std::is_same<KV, T>::value;  // KV = T: the plain path, no scales
   constexpr int VEC = S::VEC, TPK = S::TPK, VPT = S::VPT, KPW = S::KPW, U = S::UNROLL;
