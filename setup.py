@@ -2,7 +2,7 @@
 
 The C++ extension ``kvmem._C`` always contains the CPU kernels (csrc/torch_bindings.cpp +
 csrc/common/*.cpp + csrc/<op>/cpu.cpp, built with -O3 and OpenMP). When the installed torch has
-CUDA and nvcc is found (CUDA_HOME) and csrc/<op>/cuda.cu sources exist, it becomes a
+CUDA and nvcc is found (CUDA_HOME) and csrc/<op>/cuda*.cu sources exist, it becomes a
 CUDAExtension with those kernels too, compiled for TORCH_CUDA_ARCH_LIST (default
 "8.0;8.6;8.9;9.0a"). A new op folder csrc/<op>/ needs no edit here.
 
@@ -38,7 +38,7 @@ def _extensions():
     sources = ["csrc/torch_bindings.cpp"] + _rel(
         glob.glob(os.path.join(ROOT, "csrc", "common", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "*", "cpu.cpp"))
     )
-    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*", "cuda.cu")))
+    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*", "cuda*.cu")))  # cuda.cu + its parts
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and len(cuda_sources) > 0
 
     # The sources are C++17. The -std flag is left to torch's BuildExtension, which appends the

@@ -42,14 +42,16 @@ ROOT="$PWD"
 
 # ---- the test files each step runs (one place to edit when tests move) ----
 # CUDA + Triton vs the reference -> verified.json (the gpu tests of each op's files; one process)
-TESTS_KERNELS="${KVMEM_GPU_TESTS_KERNELS:-tests/ops/test_paged_attention_gpu.py tests/ops/test_cache_write.py tests/ops/test_merge_states.py}"
+# (test_kv_quant_gpu.py: float8 / other-dtype caches, cache_write bit-exact and decode vs the reference,
+# recorded with their cache_dtype / kv_scale)
+TESTS_KERNELS="${KVMEM_GPU_TESTS_KERNELS:-tests/ops/test_paged_attention_gpu.py tests/ops/test_cache_write.py tests/ops/test_merge_states.py tests/ops/test_kv_quant_gpu.py}"
 TESTS_TRITON="${KVMEM_GPU_TESTS_TRITON:-tests/ops/test_paged_attention_triton.py}"  # every Triton config compiled, full product
 TESTS_HF="${KVMEM_GPU_TESTS_HF:-tests/test_hf.py}"              # CUDA-graph capture/replay, device_map
 
 # ---- estimates (seconds) the watchdog plans with: rough, for an H100/H200 with 16 cores; each
 # can be set from the environment (KVMEM_GPU_EST_KERNELS=...). The build always runs (nothing
 # else can run without it): its estimate is only printed. ----
-EST_BUILD="${KVMEM_GPU_EST_BUILD:-300}" EST_KERNELS="${KVMEM_GPU_EST_KERNELS:-150}"
+EST_BUILD="${KVMEM_GPU_EST_BUILD:-300}" EST_KERNELS="${KVMEM_GPU_EST_KERNELS:-200}"
 EST_TRITON="${KVMEM_GPU_EST_TRITON:-150}" EST_DECODE="${KVMEM_GPU_EST_DECODE:-60}"
 EST_PREFILL="${KVMEM_GPU_EST_PREFILL:-45}" EST_HF="${KVMEM_GPU_EST_HF:-60}"
 EST_TABLE="${KVMEM_GPU_EST_TABLE:-60}" EST_GENERATE="${KVMEM_GPU_EST_GENERATE:-90}"
@@ -67,7 +69,7 @@ done
 case "$CONFIGS" in quick|full) ;; *) echo "--configs: quick or full, not '$CONFIGS'" >&2; exit 2 ;; esac
 export KVMEM_GPU_CONFIGS="$CONFIGS"
 if [ "$CONFIGS" = quick ]; then  # the quick subset's defaults (an explicit KVMEM_GPU_EST_* still wins)
-  EST_KERNELS="${KVMEM_GPU_EST_KERNELS:-60}" EST_TRITON="${KVMEM_GPU_EST_TRITON:-90}"
+  EST_KERNELS="${KVMEM_GPU_EST_KERNELS:-90}" EST_TRITON="${KVMEM_GPU_EST_TRITON:-90}"
   EST_TABLE="${KVMEM_GPU_EST_TABLE:-30}" EST_GENERATE="${KVMEM_GPU_EST_GENERATE:-60}"
 fi
 

@@ -121,9 +121,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           } else if (std::string(op) == "paged_attention") {
             py::list cuda_head_dims;
             for (int h : kvmem::kPagedAttentionCudaHeadDims) cuda_head_dims.append(h);
-            per_device["cuda"] = facts(kvmem::kHalfDtypeNames, cuda_head_dims, max_head_dim);
+            py::dict cuda = facts(kvmem::kHalfDtypeNames, cuda_head_dims, max_head_dim);
+            cuda["cache_dtypes"] = names(kvmem::kCudaPagedAttentionCacheDtypeNames);
+            per_device["cuda"] = cuda;
           } else {
-            per_device["cuda"] = facts(kvmem::kFloatDtypeNames, py::list(), max_head_dim);
+            py::dict cuda = facts(kvmem::kFloatDtypeNames, py::list(), max_head_dim);
+            if (cached) cuda["cache_dtypes"] = names(kvmem::kCudaCacheWriteCacheDtypeNames);
+            per_device["cuda"] = cuda;
           }
 #endif
           kernels[op] = per_device;

@@ -2,6 +2,7 @@
 configurations the committed record lists for this GPU arch; the record format round-trips from
 what the gpu tests of tests/ops write, through tools/merge_verified.py, to ``is_verified``."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -91,6 +92,26 @@ def test_entries_without_max_group_cover_group_8(record_dir):
     assert not verified.is_verified("cuda", "sm_90", _call(num_heads=72, num_kv_heads=8))
 
 
+def test_cache_dtypes_and_scales_need_their_own_entries(record_dir):
+    """A float8 cache, a 16-bit cache under the other 16-bit q, or scales: verified only by an entry
+    naming that cache_dtype / kv_scale (new cache kernels start unverified)."""
+    fp8 = torch.float8_e4m3fn
+    fp8_entry = {**_entry(dtype="float16"), "cache_dtype": "float8_e4m3fn", "kv_scale": True}
+    (record_dir / "cuda.json").write_text(json.dumps({"records": {"sm_90": {"date": "x", "passed": [
+        _entry(), fp8_entry]}}}))
+    scaled = frozenset({"kv_scale"})
+    plain, f16 = _call(), _call(torch.float16)
+    assert verified.is_verified("cuda", "sm_90", plain)
+    assert verified.is_verified("cuda", "sm_90", dataclasses.replace(plain, features=frozenset({"rope"})))
+    assert not verified.is_verified("cuda", "sm_90", dataclasses.replace(plain, cache_dtype=fp8, features=scaled))
+    assert not verified.is_verified("cuda", "sm_90", dataclasses.replace(plain, features=scaled))
+    assert not verified.is_verified("cuda", "sm_90", dataclasses.replace(plain, cache_dtype=torch.float16))
+    assert verified.is_verified("cuda", "sm_90", dataclasses.replace(f16, cache_dtype=fp8, features=scaled | {"rope"}))
+    assert not verified.is_verified("cuda", "sm_90",
+                                    dataclasses.replace(f16, cache_dtype=torch.float8_e5m2, features=scaled))
+    assert not verified.is_verified("cuda", "sm_90", f16)
+
+
 def test_merge_tool_cli(tmp_path):
     into = tmp_path / "cuda.json"
     into.write_text(json.dumps({"records": {}}))
@@ -124,7 +145,8 @@ def test_driver_version_unknown_without_nvidia_smi(monkeypatch):
 def _cuda_build_facts(op, device_type):
     """What a CUDA build reports (csrc/torch_bindings.cpp) for ``op`` on ``device_type``."""
     if op == "paged_attention" and device_type == "cuda":
-        return {"dtypes": ["float16", "bfloat16"], "head_dims": [64, 80, 96, 112, 128, 256], "max_head_dim": 256}
+        return {"dtypes": ["float16", "bfloat16"], "head_dims": [64, 80, 96, 112, 128, 256], "max_head_dim": 256,
+                "cache_dtypes": ["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"]}
     return {"dtypes": ["float32", "bfloat16", "float16"], "head_dims": [], "max_head_dim": 256}
 
 
@@ -153,6 +175,20 @@ def test_gate_unlisted_chooses_triton(fake_cuda):
         assert backends.select(call).name == "triton", call
     why = backends.CudaBackend().rejects(_call(head_dim=64))
     assert why[0] == "inapplicable" and "verified record for sm_90" in why[1]
+
+
+def test_gate_new_cache_kernels_start_unverified(fake_cuda, monkeypatch):
+    """A float8 cache under a listed (plain) entry: the CUDA record's facts take it, the verified
+    record does not list it, so the default is another backend; forced, CUDA runs it."""
+    fp8 = dataclasses.replace(_call(), cache_dtype=torch.float8_e4m3fn, features=frozenset({"kv_scale"}))
+    assert backends.CudaBackend().capability("paged_attention").rejects(fp8) is None
+    assert backends.select(fp8).name != "cuda"
+    why = backends.CudaBackend().rejects(fp8)
+    assert why[0] == "inapplicable" and "verified record for sm_90" in why[1]
+    fp32_cache = dataclasses.replace(_call(), cache_dtype=torch.float32)
+    assert "cache dtype" in backends.CudaBackend().capability("paged_attention").rejects(fp32_cache)[1]
+    monkeypatch.setenv("KVMEM_BACKEND", "cuda")
+    assert backends.select(fp8).name == "cuda"
 
 
 def test_gate_other_arch_chooses_triton(fake_cuda, monkeypatch):

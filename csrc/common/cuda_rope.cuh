@@ -9,14 +9,16 @@
 
 #include <stdint.h>
 
-#include "common/cuda_vec.cuh"
+#include "common/cuda_kv.cuh"
 
 namespace kvmem {
 
 // kf: [VPT * VEC] fp32, the thread's vectors of the row (vector v = channels (tl + v * TPK) * VEC
-// + [0, VEC)); row: the key's row in the cache; cos_sin: its table row [rot_dim] (cos, then sin).
-template <typename T, int VEC, int VPT, int TPK>
-__device__ __forceinline__ void rope_rotate_vecs(float* kf, const T* __restrict__ row,
+// + [0, VEC)), as kv_unpack gives them (times kv_decode_mul<KV>(): rotation is linear, the
+// partner channels are read at the same factor); row: the key's row in the cache (elements KV);
+// cos_sin: its table row [rot_dim] (cos, then sin).
+template <typename KV, int VEC, int VPT, int TPK>
+__device__ __forceinline__ void rope_rotate_vecs(float* kf, const KV* __restrict__ row,
                                                  const float* __restrict__ cos_sin, int rot_dim,
                                                  bool neox, int tl) {
   const int half = rot_dim >> 1;
@@ -32,7 +34,7 @@ __device__ __forceinline__ void rope_rotate_vecs(float* kf, const T* __restrict_
           const bool first = d < half;
           const int i = first ? d : d - half;
           const float c = __ldg(cos_sin + i), s = __ldg(cos_sin + half + i);
-          const float other = to_float<T>(row[first ? d + half : d - half]);
+          const float other = kv_to_float<KV>(row + (first ? d + half : d - half));
           kf[v * VEC + e] = first ? kf[v * VEC + e] * c - other * s : kf[v * VEC + e] * c + other * s;
         }
       }

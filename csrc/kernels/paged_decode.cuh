@@ -12,6 +12,14 @@
 //   m     = max_j s_j,  l = sum_j exp(s_j - m),  acc = sum_j exp(s_j - m) * v_j
 //   out_g = acc / l,    lse_g = m + log(l)  (natural log; -inf and out = 0 when no key)
 // ROPE (template flag): k_j rotated at position j as it loads (common/cuda_rope.cuh), in fp32.
+// Cache element type KV (template, common/cuda_kv.cuh): q's T, the other 16-bit float, or float8
+// (e4m3fn / e5m2), dequantised in registers as it loads (no copy). The scales (k_scale, v_scale:
+// [Hkv] or 0-d, one value per CTA) are folded into q and the output (the dot product, RoPE and
+// the softmax-weighted sum are linear in k_j and v_j; only fp32 rounding order differs):
+//   s_j = (scale * k_scale / kv_decode_mul) q . k~_j,  out = (v_scale / kv_decode_mul) acc / l
+// where k~_j, v~_j are the loaded rows, exactly kv_decode_mul times the stored values (2^-8 for
+// e4m3, whose fp16 bit trick lands there; else 1). KV = T is the plain path: no scale code (a
+// scaled cache of q's dtype is KV = scaled<T>).
 // Splits write (out_s, lse_s) in fp32; paged_decode_reduce merges them exactly and adds the sink
 // (common/cuda_softmax.cuh):
 //   lse = log(sum_s exp(lse_s) + exp(sink_g)),  out = sum_s exp(lse_s - lse) * out_s.
@@ -21,6 +29,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "common/cuda_kv.cuh"
 #include "common/cuda_rope.cuh"
 #include "common/cuda_softmax.cuh"
 #include "common/cuda_varlen.cuh"
@@ -36,22 +45,27 @@ struct PagedDecodeParams : PagedAttentionParams {
   int head_chunks, num_splits;
 };
 
-template <typename T, int D, int G_MAX, int NUM_WARPS>
+template <typename T, typename KV, int D, int G_MAX, int NUM_WARPS, bool ROPE>
 struct DecodeShape {
-  static constexpr int VEC = 16 / sizeof(T);                 // elements per 16-byte load
-  static constexpr int NVEC = D / VEC;                       // 16-byte vectors per row
+  static constexpr int VEC = 16 / sizeof(T);                 // channels per vector (16 bytes of q)
+  static constexpr int NVEC = D / VEC;                       // vectors per row
   static constexpr int TPK = NVEC >= 32 ? 32 : (NVEC > 8 ? 16 : (NVEC > 4 ? 8 : (NVEC > 2 ? 4 : 2)));
   static constexpr int VPT = (NVEC + TPK - 1) / TPK;         // vectors per thread
   static constexpr int KPW = 32 / TPK;                       // keys per warp in flight
   static constexpr int SLOTS = NUM_WARPS * KPW;              // keys per CTA step
-  static constexpr int UNROLL = 2;                           // steps whose loads are in flight
+  // steps whose loads are in flight: 2, or 4 for float8 (8-byte vectors: as many cache bytes per
+  // thread as 2 steps of 16-bit K/V) without RoPE (whose partner reads and row offsets need the
+  // registers: no spills on sm_90a)
+  static constexpr int UNROLL = (VEC * sizeof(KV) == 8 && !ROPE) ? 4 : 2;
   static_assert(D % VEC == 0, "head_dim must be a multiple of the 16-byte vector");
 };
 
-template <typename T, int D, int G_MAX, int NUM_WARPS, bool ROPE>
+template <typename T, typename KV, int D, int G_MAX, int NUM_WARPS, bool ROPE>
 __global__ void __launch_bounds__(NUM_WARPS * 32)
 paged_decode_kernel(const PagedDecodeParams p) {
-  using S = DecodeShape<T, D, G_MAX, NUM_WARPS>;
+  using S = DecodeShape<T, KV, D, G_MAX, NUM_WARPS, ROPE>;
+  using Raw = typename KvRaw<KV, S::VEC>::type;
+  constexpr bool SCALES = !std::is_same<KV, T>::value;  // KV = T: the plain path, no scales
   constexpr int VEC = S::VEC, TPK = S::TPK, VPT = S::VPT, KPW = S::KPW, U = S::UNROLL;
   constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
@@ -79,8 +93,13 @@ paged_decode_kernel(const PagedDecodeParams p) {
   const int slot = warp * KPW + lane / TPK;  // which key of a CTA step this thread works on
   const int tl = lane % TPK;                 // which vectors of the row
 
-  // q for this thread's vectors, pre-scaled into base 2 when there is no softcap.
-  const float qmul = p.softcap > 0.f ? p.scale : p.scale * LOG2E;
+  // q for this thread's vectors, pre-scaled into base 2 when there is no softcap (and, for a
+  // scaled or other-dtype cache, by k_scale and 1 / kv_decode_mul, see above).
+  float qmul = p.softcap > 0.f ? p.scale : p.scale * LOG2E;
+  if constexpr (SCALES) {
+    if (p.k_scale != nullptr) qmul *= __ldg(p.k_scale + (int64_t)kvh * p.k_scale_stride);
+    if constexpr (kv_decode_mul<KV>() != 1.f) qmul *= 1.f / kv_decode_mul<KV>();
+  }
   float q[G_MAX][VPT * VEC];
   const T* qbase = static_cast<const T*>(p.q) + (int64_t)t * p.q_stride_t;
 #pragma unroll
@@ -108,13 +127,13 @@ paged_decode_kernel(const PagedDecodeParams p) {
     for (int e = 0; e < VPT * VEC; ++e) acc[g][e] = 0.f;
   }
 
-  const T* kbase = static_cast<const T*>(p.k_cache) + (int64_t)kvh * p.k_stride_h;
-  const T* vbase = static_cast<const T*>(p.v_cache) + (int64_t)kvh * p.v_stride_h;
+  const KV* kbase = static_cast<const KV*>(p.k_cache) + (int64_t)kvh * p.k_stride_h;
+  const KV* vbase = static_cast<const KV*>(p.v_cache) + (int64_t)kvh * p.v_stride_h;
   const int32_t* table = p.block_table + (int64_t)b * p.table_stride_b;
 
   for (int j0 = start; j0 < end; j0 += U * S::SLOTS) {
-    // Issue every K and V load of U steps first (several 16-byte loads in flight per thread).
-    uint4 kraw[U][VPT], vraw[U][VPT];
+    // Issue every K and V load of U steps first (several 16- or 8-byte loads in flight per thread).
+    Raw kraw[U][VPT], vraw[U][VPT];
     bool valid[U];
     int64_t krow[U];  // ROPE: the key rows' offsets (NeoX partners are read again from them)
 #pragma unroll
@@ -133,11 +152,11 @@ paged_decode_kernel(const PagedDecodeParams p) {
       for (int v = 0; v < VPT; ++v) {
         const int vi = tl + v * TPK;
         if (valid[u] && vi < S::NVEC) {
-          kraw[u][v] = ldg_stream(reinterpret_cast<const uint4*>(kbase + koff + vi * VEC));
-          vraw[u][v] = ldg_stream(reinterpret_cast<const uint4*>(vbase + voff + vi * VEC));
+          kraw[u][v] = kv_load<KV, VEC>(kbase + koff + vi * VEC);
+          vraw[u][v] = kv_load<KV, VEC>(vbase + voff + vi * VEC);
         } else {
-          kraw[u][v] = make_uint4(0, 0, 0, 0);
-          vraw[u][v] = make_uint4(0, 0, 0, 0);
+          kraw[u][v] = kv_zero<KV, VEC>();
+          vraw[u][v] = kv_zero<KV, VEC>();
         }
       }
     }
@@ -147,11 +166,11 @@ paged_decode_kernel(const PagedDecodeParams p) {
     for (int u = 0; u < U; ++u) {
       float kf[VPT * VEC];
 #pragma unroll
-      for (int v = 0; v < VPT; ++v) unpack_vec<T, VEC>(kraw[u][v], kf + v * VEC);
+      for (int v = 0; v < VPT; ++v) kv_unpack<KV, VEC>(kraw[u][v], kf + v * VEC);
       if constexpr (ROPE) {
         const int j = j0 + u * S::SLOTS + slot;
         if (valid[u]) {
-          rope_rotate_vecs<T, VEC, VPT, TPK>(kf, kbase + krow[u], p.rope_cos_sin + (int64_t)j * p.rope_stride,
+          rope_rotate_vecs<KV, VEC, VPT, TPK>(kf, kbase + krow[u], p.rope_cos_sin + (int64_t)j * p.rope_stride,
                                              p.rot_dim, p.rope_neox, tl);
         }
       }
@@ -184,7 +203,7 @@ paged_decode_kernel(const PagedDecodeParams p) {
         l[g] += pr;
         float vf[VPT * VEC];
 #pragma unroll
-        for (int v = 0; v < VPT; ++v) unpack_vec<T, VEC>(vraw[u][v], vf + v * VEC);
+        for (int v = 0; v < VPT; ++v) kv_unpack<KV, VEC>(vraw[u][v], vf + v * VEC);
 #pragma unroll
         for (int e = 0; e < VPT * VEC; ++e) acc[g][e] = fmaf(pr, vf[e], acc[g][e]);
       }
@@ -229,6 +248,12 @@ paged_decode_kernel(const PagedDecodeParams p) {
   }
   __syncthreads();
 
+  // v_scale and 1 / kv_decode_mul, applied to each split's output (the merge is linear in it).
+  float omul = 1.f;
+  if constexpr (SCALES) {
+    if (p.v_scale != nullptr) omul = __ldg(p.v_scale + (int64_t)kvh * p.v_scale_stride);
+    if constexpr (kv_decode_mul<KV>() != 1.f) omul *= 1.f / kv_decode_mul<KV>();
+  }
   for (int idx = threadIdx.x; idx < ng * D; idx += NUM_WARPS * 32) {
     const int g = idx / D, d = idx % D;
     float mx = -INFINITY;
@@ -245,6 +270,7 @@ paged_decode_kernel(const PagedDecodeParams p) {
     }
     // lse of this split in natural log; -inf when it saw no key.
     float lse = lsum > 0.f ? (mx + log2f(lsum)) * LN2 : -INFINITY;
+    if constexpr (SCALES) o *= omul;
     o = lsum > 0.f ? o / lsum : 0.f;
     const int h = h0 + g;
     if (p.num_splits == 1) {

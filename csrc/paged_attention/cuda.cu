@@ -1,79 +1,44 @@
 // CUDA glue for kvmem_C::paged_attention: split-K decode kernel (csrc/kernels/paged_decode.cuh).
 // Handles any query segment length correctly (each query token is its own row), but is meant for
 // decode and short speculative segments; the dispatcher sends long prefill elsewhere.
-#include "common/cuda_glue.h"
-#include "kernels/paged_decode.cuh"
-#include "paged_attention/capabilities.h"
+// The decode kernels of each (q dtype, cache dtype) pair are compiled in their own translation unit
+// (cuda_launch.cuh); this one holds the glue and the pairs with the cache in q's dtype.
+#include "paged_attention/cuda_launch.cuh"
 #include "paged_attention/params_from_tensors.h"
-
-#include <string>
 
 namespace kvmem {
 namespace cuda {
 namespace {
 
-constexpr int kNumWarps = 4;
-constexpr int kMinKeysPerSplit = 128;
-constexpr int kMaxSplits = 128;
+// One fp32 scale: 0-d or [Hkv], on CUDA.
+void check_scale(const std::optional<at::Tensor>& scale, int64_t num_kv_heads, const char* what, const char* name) {
+  if (!scale.has_value()) return;
+  const at::Tensor& s = *scale;
+  TORCH_CHECK(s.is_cuda() && s.scalar_type() == at::kFloat && (s.dim() == 0 || (s.dim() == 1 && s.size(0) == num_kv_heads)),
+              name, ": ", what, " must be a 0-d or [num_kv_heads] fp32 CUDA tensor");
+}
 
-template <typename T, int D, int G_MAX, bool ROPE>
-void launch(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cudaStream_t stream) {
-  auto kernel = paged_decode_kernel<T, D, G_MAX, kNumWarps, ROPE>;
-  const int threads = kNumWarps * 32;
-  const int units = q.size(0) * p.num_kv_heads * p.head_chunks;
-  // Split count by occupancy: enough CTAs to fill every SM, never splits of < kMinKeysPerSplit keys.
-  // The occupancy query is cached per device (one cache per kernel instantiation).
-  static std::atomic<int> per_sm_cache[kMaxDevices];
-  const int per_sm = cached_per_device(per_sm_cache, [&] {
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0));
-    return n;
-  });
-  const int sms = sm_count();
-  const int target = std::max(1, per_sm) * sms;
-  int splits = (target + units - 1) / std::max(units, 1);
-  const int by_len = static_cast<int>((max_seqlen_k + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
-  splits = std::max(1, std::min({splits, by_len, kMaxSplits}));
-  p.num_splits = splits;
-  at::Tensor partial_out, partial_lse;
-  if (splits > 1) {
-    partial_out = at::empty({q.size(0), p.num_heads, splits, D}, q.options().dtype(at::kFloat));
-    partial_lse = at::empty({q.size(0), p.num_heads, splits}, q.options().dtype(at::kFloat));
-    p.partial_out = partial_out.data_ptr<float>();
-    p.partial_lse = partial_lse.data_ptr<float>();
+// launch_decode<T, KV> for the cache dtype (q's T, with or without scales; the other 16-bit float;
+// float8).
+template <typename T>
+void launch_for_cache(at::ScalarType cache_dtype, at::ScalarType q_dtype, PagedDecodeParams& p, int64_t max_seqlen_k,
+                      const at::Tensor& q, cudaStream_t stream, const char* name) {
+  if (cache_dtype == q_dtype && p.k_scale == nullptr && p.v_scale == nullptr) {
+    launch_decode<T, T>(p, max_seqlen_k, q, stream, name);  // the plain path
+  } else if (cache_dtype == q_dtype) {
+    launch_decode<T, scaled<T>>(p, max_seqlen_k, q, stream, name);
+  } else if (cache_dtype == at::kFloat8_e4m3fn) {
+    launch_decode<T, fp8_e4m3>(p, max_seqlen_k, q, stream, name);
+  } else if (cache_dtype == at::kFloat8_e5m2) {
+    launch_decode<T, fp8_e5m2>(p, max_seqlen_k, q, stream, name);
+  } else if (cache_dtype == at::kHalf && q_dtype == at::kBFloat16) {
+    launch_decode<__nv_bfloat16, __half>(p, max_seqlen_k, q, stream, name);
+  } else if (cache_dtype == at::kBFloat16 && q_dtype == at::kHalf) {
+    launch_decode<__half, __nv_bfloat16>(p, max_seqlen_k, q, stream, name);
+  } else {
+    TORCH_CHECK(false, name, ": caches of ", cache_dtype, " under q of ", q_dtype,
+                " are not built (float16, bfloat16, float8_e4m3fn, float8_e5m2 caches are)");
   }
-  TORCH_CHECK(p.num_kv_heads * p.head_chunks <= 65535, "kvmem_C::paged_attention (CUDA): too many KV heads");
-  dim3 grid(q.size(0), p.num_kv_heads * p.head_chunks, splits);  // tokens on x (up to 2^31 - 1)
-  kernel<<<grid, threads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    paged_decode_reduce_kernel<T, D><<<dim3(q.size(0), p.num_heads), D, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
-// "64, 80, ..." (error messages).
-std::string head_dim_list() {
-  std::string s;
-  for (int d : kPagedAttentionCudaHeadDims) s += (s.empty() ? "" : ", ") + std::to_string(d);
-  return s;
-}
-
-template <typename T, int D, bool ROPE>
-void launch_group(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cudaStream_t s) {
-  // G_MAX query heads per CTA: the smallest of {1, 2, 4, 8} holding the group (larger groups
-  // are cut into chunks of 8).
-  const int g = p.group;
-  if (g <= 1) { p.head_chunks = 1; launch<T, D, 1, ROPE>(p, max_seqlen_k, q, s); }
-  else if (g <= 2) { p.head_chunks = 1; launch<T, D, 2, ROPE>(p, max_seqlen_k, q, s); }
-  else if (g <= 4) { p.head_chunks = 1; launch<T, D, 4, ROPE>(p, max_seqlen_k, q, s); }
-  else { p.head_chunks = (g + 7) / 8; launch<T, D, 8, ROPE>(p, max_seqlen_k, q, s); }
-}
-
-template <typename T, int D>
-void launch_rope_or_not(PagedDecodeParams& p, int64_t max_seqlen_k, const at::Tensor& q, cudaStream_t s) {
-  if (p.rot_dim > 0) launch_group<T, D, true>(p, max_seqlen_k, q, s);
-  else launch_group<T, D, false>(p, max_seqlen_k, q, s);
 }
 
 }  // namespace
@@ -89,13 +54,17 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
                      int64_t max_seqlen_q, int64_t max_seqlen_k,   // host upper bounds
                      double scale, bool causal, int64_t window, double softcap,
                      const std::optional<at::Tensor>& sink_logits,  // [Hq] fp32
+                     const std::optional<at::Tensor>& k_scale,      // 0-d or [Hkv] fp32
+                     const std::optional<at::Tensor>& v_scale,      // 0-d or [Hkv] fp32
                      const std::optional<at::Tensor>& rope_cos_sin, // [num_positions, rot_dim] fp32
                      bool rope_neox
 ) {
   constexpr const char* kName = "kvmem_C::paged_attention (CUDA)";
   TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && out.is_cuda(), kName, ": tensors must be on CUDA");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
-                  out.scalar_type() == q.scalar_type(), kName, ": q, caches and out must share a dtype");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(), kName,
+              ": out must be of q's dtype, v_cache of k_cache's");
+  check_scale(k_scale, k_cache.size(2), "k_scale", kName);
+  check_scale(v_scale, k_cache.size(2), "v_scale", kName);
   TORCH_CHECK(aligned_16(q) && aligned_16(k_cache) && aligned_16(v_cache), kName,
               ": q and caches need 16-byte aligned rows");
   TORCH_CHECK(block_table.stride(1) == 1 && seq_lens.is_contiguous() && cu_seqlens_q.is_contiguous(), kName,
@@ -111,19 +80,11 @@ void paged_attention(at::Tensor& out,                              // [T, Hq, D]
   static_cast<PagedAttentionParams&>(p) =
       paged_attention_params(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                              max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
-                             rope_cos_sin, rope_neox);
+                             k_scale, v_scale, rope_cos_sin, rope_neox);
   if (q.size(0) == 0) return;
   cudaStream_t stream = current_stream();
-  const int64_t D = q.size(2);
   dispatch_half_types(q.scalar_type(), kName, [&](auto tag) {
-    using T = decltype(tag);
-    switch (D) {
-#define KVMEM_HEAD_DIM_CASE(d) \
-  case d: launch_rope_or_not<T, d>(p, max_seqlen_k, q, stream); break;
-      KVMEM_PAGED_ATTENTION_CUDA_HEAD_DIMS(KVMEM_HEAD_DIM_CASE)
-#undef KVMEM_HEAD_DIM_CASE
-      default: TORCH_CHECK(false, kName, ": head_dim must be one of ", head_dim_list(), "; got ", D);
-    }
+    launch_for_cache<decltype(tag)>(k_cache.scalar_type(), q.scalar_type(), p, max_seqlen_k, q, stream, kName);
   });
 }
 

@@ -12,7 +12,11 @@ architecture). The format::
                                       {"op": "merge_states", "dtype": "bfloat16",
                                        "head_dim": 128, "block_size": 0}, ...]}}}
 
-``block_size`` is 0 for ops without pages. ``max_group`` (paged_attention only) is the largest
+``block_size`` is 0 for ops without pages. ``cache_dtype`` (ops with a KV cache; absent: the
+entry's ``dtype``) and ``kv_scale`` (true: with k_scale / v_scale; absent: without) say which
+cache an entry verified: a call with another cache (float8, a 16-bit cache under the other
+16-bit q) or with scales is verified only by an entry that names them, so new cache kernels
+start unverified. ``max_group`` (paged_attention only) is the largest
 GQA group (query heads per KV head) the GPU tests ran for that entry; a call with a larger group
 is not verified (the CUDA kernel cuts groups above 8 into head chunks, a path only large groups
 take). Entries without ``max_group`` count as verified up to group 8.
@@ -49,11 +53,12 @@ def load_records(path: str) -> dict:
 
 
 def _key(e: dict):
-    return (e["op"], e["dtype"], int(e["head_dim"]), int(e.get("block_size", 0)))
+    return (e["op"], e["dtype"], int(e["head_dim"]), int(e.get("block_size", 0)), e.get("cache_dtype", e["dtype"]),
+            bool(e.get("kv_scale", False)))
 
 
 def passed_groups(entries: Iterable[dict]) -> Dict[tuple, int]:
-    """``{(op, dtype, head_dim, block_size): max_group}`` of record entries."""
+    """``{(op, dtype, head_dim, block_size, cache_dtype, kv_scale): max_group}`` of record entries."""
     out: Dict[tuple, int] = {}
     for e in entries:
         k = _key(e)
@@ -69,7 +74,8 @@ def _passed(backend: str, arch: str) -> Dict[tuple, int]:
 def call_key(call) -> tuple:
     dtype = str(call.dtype).replace("torch.", "")
     block_size = call.block_size if call.op == "paged_attention" else 0
-    return (call.op, dtype, int(call.head_dim), int(block_size))
+    cache_dtype = dtype if call.cache_dtype is None else str(call.cache_dtype).replace("torch.", "")
+    return (call.op, dtype, int(call.head_dim), int(block_size), cache_dtype, "kv_scale" in call.features)
 
 
 def matches(passed: Dict[tuple, int], call) -> bool:

@@ -13,8 +13,10 @@ from kvmem.ops.cache_write import reference
 from kvmem.ops.cache_write.params import FEATURE_OF, MODIFIER_OF, OP
 
 ALL_FEATURES = frozenset(FEATURE_OF.values())
-KERNEL_FEATURES = frozenset()  # the cuda and triton kernels (until they take scales): unscaled
-CPU_FEATURES = frozenset({"kv_scale"})  # scales (float8 and float caches), kvmem's one encoding
+KERNEL_FEATURES = frozenset()  # the triton kernel (until it takes scales): unscaled
+# scales (float8 and float caches), kvmem's one encoding; cache dtypes from the build facts.
+CPU_FEATURES = frozenset({"kv_scale"})
+CUDA_FEATURES = frozenset({"kv_scale"})  # compile-checked only (nvcc_check): no GPU here
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +42,7 @@ def run_cpu(p) -> None:
 
 
 def run_cuda(p) -> None:
-    _run_compiled(p, KERNEL_FEATURES)
+    _run_compiled(p, CUDA_FEATURES)
 
 
 def run_triton(p) -> None:
@@ -49,7 +51,7 @@ def run_triton(p) -> None:
 
 
 CAPABILITIES = (
-    Capability(OP, "cuda", run_cuda, devices=("cuda",), from_build=True, features=KERNEL_FEATURES),
+    Capability(OP, "cuda", run_cuda, devices=("cuda",), from_build=True, features=CUDA_FEATURES),
     Capability(OP, "triton", run_triton, devices=("cuda",), features=KERNEL_FEATURES),
     Capability(OP, "cpu", run_cpu, devices=("cpu",), from_build=True, features=CPU_FEATURES),
     Capability(OP, "reference", run_reference, cache_dtypes=None, features=ALL_FEATURES),

@@ -1,6 +1,6 @@
 """What each backend runs of ``paged_attention``, as data (read by ``kvmem.dispatch``).
 
-The compiled backends' dtypes and head dims come from the build
+The compiled backends' dtypes, head dims and cache dtypes come from the build
 (``kvmem._ext.build_info()["kernels"]["paged_attention"][device]``), not from here.
 """
 
@@ -17,8 +17,10 @@ from kvmem.ops.paged_attention.params import FEATURE_OF, MODIFIER_OF, OP
 
 ALL_FEATURES = frozenset(FEATURE_OF.values())
 KERNEL_FEATURES = frozenset({"window", "softcap", "sink_logits"})  # what every compiled and Triton kernel implements
-CPU_FEATURES = KERNEL_FEATURES | {"rope", "kv_scale"}
-CUDA_FEATURES = KERNEL_FEATURES | {"rope"}  # compile-checked only (nvcc_check): no GPU here
+CPU_FEATURES = KERNEL_FEATURES | {"rope", "kv_scale"}  # float8 / scaled / other-dtype float caches
+# compile-checked only (nvcc_check): no GPU here. kv_scale: float8 / 16-bit caches with scales; the
+# cache dtypes (q's, the other 16-bit float, float8) come from the build facts (cache_dtypes).
+CUDA_FEATURES = KERNEL_FEATURES | {"rope", "kv_scale"}
 TRITON_FEATURES = KERNEL_FEATURES | {"rope"}
 # Longest query segment the CUDA kernels take (they are decode kernels: one row per query token
 # and head-in-group); longer segments (prefill) go to another backend.

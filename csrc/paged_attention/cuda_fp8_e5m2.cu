@@ -1,0 +1,10 @@
+// paged_attention's CUDA decode kernels for float8_e5m2 caches (csrc/paged_attention/cuda_launch.cuh;
+// the glue is cuda.cu).
+#include "paged_attention/cuda_launch.cuh"
+
+namespace kvmem {
+namespace cuda {
+KVMEM_PAGED_DECODE_INSTANTIATE(__half, fp8_e5m2)
+KVMEM_PAGED_DECODE_INSTANTIATE(__nv_bfloat16, fp8_e5m2)
+}  // namespace cuda
+}  // namespace kvmem
