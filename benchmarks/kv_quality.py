@@ -114,8 +114,18 @@ def load(name):
         return json.load(f)
 
 
+#: ``--center-keys``: fp8 rows with key centring (``kvmem.cache.scales``, "Key centring"), written as
+#: ``<kind>_<dtype>_centred``; without it the fp8 rows are measured with centring off
+CENTER = False
+
+
+def row_name(dtype_name):
+    """The result name of a dtype: ``fp8_e4m3_centred`` for a centred fp8 row."""
+    return dtype_name + ("_centred" if CENTER and dtype_name.startswith("fp8") else "")
+
+
 def patched(model, dtype_name):
-    kvmem.patch(model, kv_cache_dtype=DTYPES[dtype_name])
+    kvmem.patch(model, kv_cache_dtype=DTYPES[dtype_name], kv_center_keys=CENTER and dtype_name.startswith("fp8"))
     return model
 
 
@@ -146,7 +156,7 @@ def chunked_nll(model, ids, chunk):
 
 
 def run_ppl(model, ids, dtype_name, chunk, hashes):
-    name = f"ppl_{dtype_name}_{ids.shape[1]}"
+    name = f"ppl_{row_name(dtype_name)}_{ids.shape[1]}"
     if load(name) is not None:
         return
     t0 = time.time()
@@ -155,7 +165,8 @@ def run_ppl(model, ids, dtype_name, chunk, hashes):
         nll, pool_dtype, scales = chunked_nll(model, ids, chunk)
     finally:
         kvmem.unpatch(model)
-    save(name, {"kind": "ppl", "dtype": dtype_name, "pool_dtype": pool_dtype, "tokens": ids.shape[1], "chunk": chunk,
+    save(name, {"kind": "ppl", "dtype": row_name(dtype_name), "pool_dtype": pool_dtype, "tokens": ids.shape[1],
+                "chunk": chunk,
                 "ppl": math.exp(nll.mean().item()), "nll": nll.mean().item(), "seconds": time.time() - t0,
                 "headroom": DEFAULT_HEADROOM if scales else None, "scales": scales, "text_sha256": hashes,
                 "machine": machine()})
@@ -205,7 +216,7 @@ def prompts_from(ids, n, length):
 
 
 def run_greedy(model, prompts, offsets, dtype_name, new_tokens, hashes):
-    name = f"greedy_{dtype_name}"
+    name = f"greedy_{row_name(dtype_name)}"
     if load(name) is not None:
         return
     t0 = time.time()
@@ -217,7 +228,7 @@ def run_greedy(model, prompts, offsets, dtype_name, new_tokens, hashes):
     finally:
         kvmem.unpatch(model)
     gen = out[:, prompts.shape[1]:].tolist()
-    save(name, {"kind": "greedy", "dtype": dtype_name, "prompts": prompts.shape[0], "prompt_tokens": prompts.shape[1],
+    save(name, {"kind": "greedy", "dtype": row_name(dtype_name), "prompts": prompts.shape[0], "prompt_tokens": prompts.shape[1],
                 "new_tokens": new_tokens, "offsets": offsets, "generated": gen, "seconds": time.time() - t0,
                 "text_sha256": hashes, "machine": machine()})
 
@@ -282,7 +293,8 @@ def table():
                     lines.append(f"| {d} | {n} | {r['chunk']} | {r['ppl']:.4f} | {rel} | {r['seconds']:.0f} |")
         lines.append("")
     ref = load("greedy_fp32")
-    rows = [(d, load(f"greedy_{d}")) for d in DTYPES if d != "fp32"]
+    rows = [(d, load(f"greedy_{d}")) for d in list(DTYPES) + [d + "_centred" for d in DTYPES if d.startswith("fp8")]
+            if d != "fp32"]
     if ref and any(r for _, r in rows):
         lines += [f"Greedy agreement vs the fp32 cache: {ref['prompts']} prompts x {ref['prompt_tokens']} tokens, "
                   f"{ref['new_tokens']} new tokens.", "",
@@ -327,10 +339,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/kv_quality)")
     ap.add_argument("--table", action="store_true", help="print the markdown table and exit")
+    ap.add_argument("--center-keys", action="store_true", help="fp8 rows with key centring (<dtype>_centred)")
     args = ap.parse_args(argv)
     if args.out:
         global OUT
         OUT = os.path.abspath(args.out)
+    global CENTER
+    CENTER = args.center_keys
     if args.table:
         print(table())
         return

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from kvmem.cache import GroupUsage, KVCacheManager, KVPool, LayerGroupSpec, StaticDecodeBuffers
-from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales
+from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales
 from kvmem.cache.scales import kv_cache_dtype as _parse_kv_dtype
 from kvmem.cache.sizing import bytes_per_block, parse_memory, size_groups
 from kvmem.ops._common import is_fp8
@@ -113,6 +113,12 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         (``absmax * kv_scale_headroom / finfo.max`` per KV head, ``kvmem.cache.scales``). Fixed
         for the life of the pools (``kv_scales`` reads them back).
     kv_scale_headroom: the headroom of that default rule (default ``kvmem.cache.scales.DEFAULT_HEADROOM``)
+    kv_center_keys: float8 caches only: store each layer's keys minus their mean ``mu`` per (KV head,
+        channel), fixed with the scales by the layer's first write (attention's output is unchanged
+        in exact arithmetic, the quantisation error of the keys smaller; "Key centring" in
+        ``kvmem.cache.scales``). Skipped in layers with a softcap or sink logits and in the memory
+        bank's extend-mode layers. Default ``kvmem.cache.scales.DEFAULT_CENTER_KEYS``; ignored for
+        float caches. A ``KVPool`` brings its own.
 
     Notes
     -----
@@ -131,7 +137,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                  max_cache_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                  device: Union[None, str, torch.device] = None, backend: str = "auto",
                  pool: Optional["KVPool"] = None, memory_bank=None, kv_cache_dtype=None, kv_scales=None,
-                 kv_scale_headroom: float = DEFAULT_HEADROOM):
+                 kv_scale_headroom: float = DEFAULT_HEADROOM, kv_center_keys: bool = DEFAULT_CENTER_KEYS):
         families.resolve(config)
         tc = families.text_config(config)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -166,6 +172,9 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                              f"'fp8_e5m2'), got kv_cache_dtype={self._dtype}")
         self._given_scales: Optional[KVScales] = given
         self._headroom = kv_scale_headroom
+        if not isinstance(kv_center_keys, bool):
+            raise TypeError(f"PagedKVCache: kv_center_keys must be a bool, got {type(kv_center_keys).__name__}")
+        self._center_keys = kv_center_keys
         self._scales: Optional[PoolScales] = None  # the pools' float8 scales (set with the pools)
         if self._dtype is not None and is_fp8(self._dtype):
             PoolScales(self._dtype, self.num_layers, None, kv_scale_headroom)  # validates the headroom
@@ -373,12 +382,25 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         layer's scales are fixed yet (the default rule fixes them at each layer's first write)."""
         return None if self._scales is None else self._scales.snapshot()
 
-    def layer_scales(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+    def layer_scales(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, center: bool = True):
         """``(k_scale, v_scale)`` a layer's write and attention use (None, None for a float cache);
-        ``k``/``v`` ``[T, Hkv, D]``: the tokens being written (the default rule's first write)."""
+        ``k``/``v`` ``[T, Hkv, D]``: the tokens being written (the default rule's first write);
+        ``center``: whether the layer may centre its keys (decided by its first write)."""
         if self._scales is None:
             return None, None
-        return self._scales.for_write(layer_idx, k, v)
+        return self._scales.for_write(layer_idx, k, v, center)
+
+    def layer_keys(self, layer_idx: int, k: torch.Tensor) -> torch.Tensor:
+        """``k`` ``[T, Hkv, D]`` as the layer's pages store it: ``k - mu`` in a layer with centred keys
+        (``kvmem.cache.scales``, "Key centring"), else ``k`` itself. Call after ``layer_scales``."""
+        mu = None if self._scales is None else self._scales.center_of(layer_idx, k.device)
+        return k if mu is None else (k.float() - mu).to(k.dtype)
+
+    @property
+    def key_centers(self) -> Dict[int, Optional[torch.Tensor]]:
+        """layer -> the fixed key mean ``mu`` ``[Hkv, D]`` (CPU copy) of a layer with centred keys, None
+        for a layer storing its keys as they are; only layers written so far (empty for a float cache)."""
+        return {} if self._scales is None else self._scales.centers()
 
     # ------------------------------------------------------------------ memory
     def usage(self) -> Dict[str, GroupUsage]:
@@ -431,7 +453,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         self._manager = KVCacheManager(blocks, self.block_size, self.groups, device, bytes_per_block=per_block)
         self._pool_dtype = dtype
         if is_fp8(dtype):
-            self._scales = PoolScales(dtype, self.num_layers, self._given_scales, self._headroom)
+            self._scales = PoolScales(dtype, self.num_layers, self._given_scales, self._headroom, self._center_keys)
         if self._device is not None or eager:
             self._pools = self._manager.make_pools(self.num_kv_heads, self.head_dim, dtype, device)
         # else: each layer's pools at its first update, on its keys' device (_layer_pools)
