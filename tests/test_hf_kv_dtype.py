@@ -323,9 +323,9 @@ def offset_llama(offset=30.0):
     return m
 
 
-def test_centred_keys_close_to_fp32_and_smaller_error_than_plain():
+def test_centred_keys_close_to_fp32_and_mu_is_the_first_writes_mean():
     """Centring: greedy output equal to the fp32 cache's within the fp8 bound; ``mu`` is the mean of
-    the first write's real (post-RoPE) keys; with a large key channel it cuts the error."""
+    the first write's real (post-RoPE) keys."""
     m = offset_llama()
     ids, mask = batch(6)
     g = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10)
@@ -343,8 +343,38 @@ def test_centred_keys_close_to_fp32_and_smaller_error_than_plain():
     k0 = cache.layers[0].keys.permute(0, 2, 1, 3)[real]  # [real tokens, Hkv, D]
     torch.testing.assert_close(centers[0], k0.mean(0), rtol=1e-5, atol=1e-5)
     assert bool((centers[0][:, 7] > 20).all())
-    err, err_plain = max_logit_err(out, ref), max_logit_err(plain, ref)
-    assert err < FP8_RTOL[E4M3] and err < 0.5 * err_plain, (err, err_plain)
+    # measured on this random model: 1.2e-2 centred, 1.2e-2 plain (its error is not the keys' mean)
+    assert torch.equal(out.sequences, ref.sequences) and max_logit_err(out, ref) < FP8_RTOL[E4M3]
+
+
+def _stored_keys(m, center, ids):
+    """Layer 0's keys as its fp8 pages decode them (``code * k_scale + mu``), ``[T, Hkv, D]``."""
+    cache = PagedKVCache(m.config, block_size=8, num_blocks=16, kv_cache_dtype="fp8_e4m3", kv_center_keys=center)
+    patch(m)
+    try:
+        with torch.no_grad():
+            m(input_ids=ids, use_cache=True, **{CACHE_KW: cache})
+    finally:
+        unpatch(m)
+    mgr, seq = cache._manager, cache._seq_ids[0]
+    table = mgr.block_table(seq, cache.groups[0].name)
+    pages = cache.pools[0][0][torch.tensor(table)].float().flatten(0, 1)[: ids.shape[1]]  # [T, Hkv, D]
+    ks = cache.kv_scales.k[0]
+    mu = cache.key_centers[0]
+    return pages * ks[None, :, None] + (0 if mu is None else mu)
+
+
+def test_centred_keys_store_a_large_key_channel_with_a_smaller_error():
+    m = offset_llama()
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(11))
+    cache = transformers.DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(input_ids=ids, use_cache=True, **{CACHE_KW: cache})
+    true = cache.layers[0].keys[0].transpose(0, 1)  # [T, Hkv, D]
+    err_plain = (_stored_keys(m, False, ids) - true).abs()
+    err = (_stored_keys(m, True, ids) - true).abs()
+    assert err[..., 7].max() < 0.25 * err_plain[..., 7].max()  # the offset channel
+    assert err.mean() < err_plain.mean()
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
