@@ -3,6 +3,7 @@
     nice -n 10 python benchmarks/kv_quality.py                  # everything not measured yet
     python benchmarks/kv_quality.py --only ppl                  # perplexity rows first
     python benchmarks/kv_quality.py --table                     # print the markdown table
+    python benchmarks/kv_quality.py --only ppl greedy --center-keys   # fp8 rows with key centring
 
 Resumable: one JSON per result under ``benchmarks/results/kv_quality/`` (``ppl_<dtype>_<N>.json``,
 ``greedy_<dtype>.json``, ``encode_<dtype>.json``); a result already there is skipped. The table is
@@ -28,6 +29,9 @@ Rows
   offsets, one batch, 64 new tokens (greedy ``generate()``); per dtype vs the fp32 cache: the
   fraction of generated tokens before the first divergence (mean over prompts) and the fraction
   of prompts whose 64 tokens are all identical. The fp8 scales come from the batch's prefill.
+* **centred keys** (``--center-keys``: ``ppl_<fp8>_centred_<N>``, ``greedy_<fp8>_centred``): the same
+  rows with ``kv_center_keys=True`` (the pages store ``k - mu``, ``mu`` the first write's mean key;
+  ``kvmem.cache.scales``); without the flag the fp8 rows are measured with ``kv_center_keys=False``.
 * **K or V alone** (``split``, a diagnostic): the perplexity pass with an fp32 cache whose keys
   (or values) only are round-tripped through the e4m3 encoding as they are written (same scale
   rule), to tell which of the two costs the perplexity.
@@ -228,7 +232,8 @@ def run_greedy(model, prompts, offsets, dtype_name, new_tokens, hashes):
     finally:
         kvmem.unpatch(model)
     gen = out[:, prompts.shape[1]:].tolist()
-    save(name, {"kind": "greedy", "dtype": row_name(dtype_name), "prompts": prompts.shape[0], "prompt_tokens": prompts.shape[1],
+    save(name, {"kind": "greedy", "dtype": row_name(dtype_name), "prompts": prompts.shape[0],
+                "prompt_tokens": prompts.shape[1],
                 "new_tokens": new_tokens, "offsets": offsets, "generated": gen, "seconds": time.time() - t0,
                 "text_sha256": hashes, "machine": machine()})
 
@@ -276,7 +281,10 @@ def run_encode(model, ids, calib_tokens, hashes):
 def table():
     lines = ["# KV cache dtype quality: SmolLM2-135M, fp32 CPU, GPL-2 + GFDL-1.3", "",
              "`benchmarks/kv_quality.py` (see its docstring for the method). fp8 scales: the default rule "
-             f"(each layer's first write fixes per-KV-head scales, headroom {DEFAULT_HEADROOM}).", ""]
+             f"(each layer's first write fixes per-KV-head scales, headroom {DEFAULT_HEADROOM}). Rows `fp8_*` "
+             "store the keys as they are (`kv_center_keys=False`); rows `fp8_*_centred` (`--center-keys`) store "
+             "`k - mu`, `mu` the first write's mean key per (layer, KV head, channel) (`kvmem.cache.scales`, "
+             "\"Key centring\").", ""]
     ppl = {}
     for fn in sorted(os.listdir(OUT)) if os.path.isdir(OUT) else []:
         if fn.startswith("ppl_") and fn.endswith(".json"):

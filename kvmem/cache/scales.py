@@ -42,8 +42,9 @@ import torch
 
 from kvmem.ops._common import FP8_DTYPES, is_fp8
 
-__all__ = ["KV_DTYPE_NAMES", "DEFAULT_HEADROOM", "DEFAULT_CENTER_KEYS", "MIN_ABSMAX", "kv_cache_dtype", "KVScales", "as_kv_scales",
-           "scales_from_absmax", "PoolScales", "scales_key"]
+__all__ = ["KV_DTYPE_NAMES", "DEFAULT_HEADROOM", "DEFAULT_CENTER_KEYS", "MIN_ABSMAX", "kv_cache_dtype", "KVScales",
+           "as_kv_scales",
+           "scales_from_absmax", "center_keys_arg", "PoolScales", "scales_key"]
 
 #: accepted ``kv_cache_dtype`` names
 KV_DTYPE_NAMES: Dict[str, torch.dtype] = {
@@ -90,6 +91,13 @@ def kv_cache_dtype(value, where: str = "kvmem.patch") -> Optional[torch.dtype]:
             return KV_DTYPE_NAMES[key]
         raise ValueError(f"{where}: kv_cache_dtype must be {_accepted()}; got {value!r}")
     raise TypeError(f"{where}: kv_cache_dtype must be {_accepted()}; got {type(value).__name__}")
+
+
+def center_keys_arg(value, where: str) -> bool:
+    """``kv_center_keys=`` checked: a bool (TypeError otherwise)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: kv_center_keys must be a bool, got {type(value).__name__}")
+    return value
 
 
 def scales_from_absmax(absmax: torch.Tensor, headroom: float, dtype: torch.dtype) -> torch.Tensor:
@@ -226,7 +234,7 @@ class PoolScales:
                 and math.isfinite(headroom) and headroom > 0):
             raise ValueError(f"kvmem: headroom must be a finite float > 0, got {headroom!r}")
         self.dtype, self.num_layers, self.headroom = dtype, num_layers, float(headroom)
-        self.given, self.center_keys = given, bool(center_keys)
+        self.given, self.center_keys = given, center_keys_arg(center_keys, "kvmem")
         self._centers: Dict[int, Optional[torch.Tensor]] = {}  # layer -> [Hkv, D] fp32 mu, or None
         self._centers_on: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._fixed: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> CPU or device fp32 pair
@@ -270,6 +278,12 @@ class PoolScales:
         if on is None:
             on = self._centers_on[key] = mu.to(key[1]).contiguous()
         return on
+
+    def centred(self, layer_idx: int, k: torch.Tensor) -> torch.Tensor:
+        """``k`` ``[T, Hkv, D]`` as the layer's pages store it: ``k - mu`` (in ``k``'s dtype) in a layer with
+        centred keys, else ``k`` itself. Call after the layer's first ``for_write``."""
+        mu = self.center_of(layer_idx, k.device)
+        return k if mu is None else (k.float() - mu).to(k.dtype)
 
     def centers(self) -> Dict[int, Optional[torch.Tensor]]:
         """layer -> its fixed ``mu`` (CPU copy) or None, for the layers written so far."""

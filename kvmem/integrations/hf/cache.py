@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from kvmem.cache import GroupUsage, KVCacheManager, KVPool, LayerGroupSpec, StaticDecodeBuffers
-from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales
+from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales, \
+    center_keys_arg
 from kvmem.cache.scales import kv_cache_dtype as _parse_kv_dtype
 from kvmem.cache.sizing import bytes_per_block, parse_memory, size_groups
 from kvmem.ops._common import is_fp8
@@ -113,12 +114,8 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         (``absmax * kv_scale_headroom / finfo.max`` per KV head, ``kvmem.cache.scales``). Fixed
         for the life of the pools (``kv_scales`` reads them back).
     kv_scale_headroom: the headroom of that default rule (default ``kvmem.cache.scales.DEFAULT_HEADROOM``)
-    kv_center_keys: float8 caches only: store each layer's keys minus their mean ``mu`` per (KV head,
-        channel), fixed with the scales by the layer's first write (attention's output is unchanged
-        in exact arithmetic, the quantisation error of the keys smaller; "Key centring" in
-        ``kvmem.cache.scales``). Skipped in layers with a softcap or sink logits and in the memory
-        bank's extend-mode layers. Default ``kvmem.cache.scales.DEFAULT_CENTER_KEYS``; ignored for
-        float caches. A ``KVPool`` brings its own.
+    kv_center_keys: float8 only: pages store ``k - mu``, ``mu`` fixed by each layer's first write ("Key
+        centring" in ``kvmem.cache.scales``; not in softcap / sink / memory layers); a KVPool brings its own
 
     Notes
     -----
@@ -172,9 +169,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                              f"'fp8_e5m2'), got kv_cache_dtype={self._dtype}")
         self._given_scales: Optional[KVScales] = given
         self._headroom = kv_scale_headroom
-        if not isinstance(kv_center_keys, bool):
-            raise TypeError(f"PagedKVCache: kv_center_keys must be a bool, got {type(kv_center_keys).__name__}")
-        self._center_keys = kv_center_keys
+        self._center_keys = center_keys_arg(kv_center_keys, "PagedKVCache")
         self._scales: Optional[PoolScales] = None  # the pools' float8 scales (set with the pools)
         if self._dtype is not None and is_fp8(self._dtype):
             PoolScales(self._dtype, self.num_layers, None, kv_scale_headroom)  # validates the headroom
@@ -386,20 +381,15 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         """``(k_scale, v_scale)`` a layer's write and attention use (None, None for a float cache);
         ``k``/``v`` ``[T, Hkv, D]``: the tokens being written (the default rule's first write);
         ``center``: whether the layer may centre its keys (decided by its first write)."""
-        if self._scales is None:
-            return None, None
-        return self._scales.for_write(layer_idx, k, v, center)
+        return (None, None) if self._scales is None else self._scales.for_write(layer_idx, k, v, center)
 
     def layer_keys(self, layer_idx: int, k: torch.Tensor) -> torch.Tensor:
-        """``k`` ``[T, Hkv, D]`` as the layer's pages store it: ``k - mu`` in a layer with centred keys
-        (``kvmem.cache.scales``, "Key centring"), else ``k`` itself. Call after ``layer_scales``."""
-        mu = None if self._scales is None else self._scales.center_of(layer_idx, k.device)
-        return k if mu is None else (k.float() - mu).to(k.dtype)
+        """``k`` ``[T, Hkv, D]`` as the layer's pages store it (``PoolScales.centred``)."""
+        return k if self._scales is None else self._scales.centred(layer_idx, k)
 
     @property
     def key_centers(self) -> Dict[int, Optional[torch.Tensor]]:
-        """layer -> the fixed key mean ``mu`` ``[Hkv, D]`` (CPU copy) of a layer with centred keys, None
-        for a layer storing its keys as they are; only layers written so far (empty for a float cache)."""
+        """layer -> fixed key mean ``mu`` ``[Hkv, D]`` (CPU) or None (``PoolScales.centers``); {} if not fp8."""
         return {} if self._scales is None else self._scales.centers()
 
     # ------------------------------------------------------------------ memory

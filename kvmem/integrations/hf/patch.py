@@ -24,7 +24,7 @@ from kvmem.integrations.hf import compat, graphs
 from kvmem.integrations.hf.attention import ATTN_NAME, kvmem_attention_forward, kvmem_mask, uses_kvmem
 from kvmem.integrations.hf.cache import PagedKVCache
 from kvmem.integrations.hf.generate import capturing_generate, install_generate_hook, instance_generate_hook
-from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM
+from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, center_keys_arg
 from kvmem.integrations.hf.options import KvmemOptions, check_args, check_kv_args
 from kvmem.ops.kernel_ops import KernelOps
 
@@ -157,8 +157,7 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
     families.resolve(model.config, model)
     num_layers, kv_heads, _ = families.kv_dims(model.config)
     kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers, kv_heads)
-    if not isinstance(kv_center_keys, bool):
-        raise TypeError(f"kvmem.patch: kv_center_keys must be a bool, got {type(kv_center_keys).__name__}")
+    center_keys_arg(kv_center_keys, "kvmem.patch")
     bank = None
     if memory_bank is not None:
         from kvmem.integrations.hf.memory import bank_spec
