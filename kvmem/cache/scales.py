@@ -27,9 +27,13 @@ write's tokens (padding excluded: the caller passes real tokens only), and the p
 per-query constant added to all of a query's scores, and ``q . (k - mu) = q . k - q . mu`` is one,
 so the attention output is unchanged in exact arithmetic while the channels with a large mean
 (common in keys) quantise with a much smaller absolute error. Only exact where nothing reads the
-absolute score (no softcap, no sink logits) and the cached keys are rotated already (not the
-memory bank's extend mode): the caller decides per layer (``for_write(..., center=)``); the lse of
-such a layer is shifted by ``scale * q . mu``. ``mu`` is fixed for the life of the pool too.
+absolute score (no softcap, no sink logits) and the shift is one constant per query: not in the
+memory bank's layers (extend mode rotates cached keys as they are read, so ``rotate(mu)`` depends
+on the key's position; exact mode's page selection takes a max over a GQA group's query heads,
+each shifted by its own ``q . mu``: ``kvmem.integrations.hf.memory.CacheBank.run``). The caller
+decides per layer (``for_write(..., center=)``). The lse of a centred layer would be shifted by
+``scale * q . mu``; no kvmem HF path reads an lse outside ``paged_attention`` (``run_layer`` takes its
+output only). ``mu`` is fixed for the life of the pool, like the scales.
 """
 
 from __future__ import annotations
