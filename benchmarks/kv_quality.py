@@ -3,6 +3,7 @@
     nice -n 10 python benchmarks/kv_quality.py                  # everything not measured yet
     python benchmarks/kv_quality.py --only ppl                  # perplexity rows first
     python benchmarks/kv_quality.py --table                     # print the markdown table
+    python benchmarks/kv_quality.py --only ppl greedy --center-keys   # fp8 rows with key centring
 
 Resumable: one JSON per result under ``benchmarks/results/kv_quality/`` (``ppl_<dtype>_<N>.json``,
 ``greedy_<dtype>.json``, ``encode_<dtype>.json``); a result already there is skipped. The table is
@@ -28,6 +29,9 @@ Rows
   offsets, one batch, 64 new tokens (greedy ``generate()``); per dtype vs the fp32 cache: the
   fraction of generated tokens before the first divergence (mean over prompts) and the fraction
   of prompts whose 64 tokens are all identical. The fp8 scales come from the batch's prefill.
+* **centred keys** (``--center-keys``: ``ppl_<fp8>_centred_<N>``, ``greedy_<fp8>_centred``): the same
+  rows with ``kv_center_keys=True`` (the pages store ``k - mu``, ``mu`` the first write's mean key;
+  ``kvmem.cache.scales``); without the flag the fp8 rows are measured with ``kv_center_keys=False``.
 * **K or V alone** (``split``, a diagnostic): the perplexity pass with an fp32 cache whose keys
   (or values) only are round-tripped through the e4m3 encoding as they are written (same scale
   rule), to tell which of the two costs the perplexity.
@@ -114,8 +118,18 @@ def load(name):
         return json.load(f)
 
 
+#: ``--center-keys``: fp8 rows with key centring (``kvmem.cache.scales``, "Key centring"), written as
+#: ``<kind>_<dtype>_centred``; without it the fp8 rows are measured with centring off
+CENTER = False
+
+
+def row_name(dtype_name):
+    """The result name of a dtype: ``fp8_e4m3_centred`` for a centred fp8 row."""
+    return dtype_name + ("_centred" if CENTER and dtype_name.startswith("fp8") else "")
+
+
 def patched(model, dtype_name):
-    kvmem.patch(model, kv_cache_dtype=DTYPES[dtype_name])
+    kvmem.patch(model, kv_cache_dtype=DTYPES[dtype_name], kv_center_keys=CENTER and dtype_name.startswith("fp8"))
     return model
 
 
@@ -146,7 +160,7 @@ def chunked_nll(model, ids, chunk):
 
 
 def run_ppl(model, ids, dtype_name, chunk, hashes):
-    name = f"ppl_{dtype_name}_{ids.shape[1]}"
+    name = f"ppl_{row_name(dtype_name)}_{ids.shape[1]}"
     if load(name) is not None:
         return
     t0 = time.time()
@@ -155,7 +169,8 @@ def run_ppl(model, ids, dtype_name, chunk, hashes):
         nll, pool_dtype, scales = chunked_nll(model, ids, chunk)
     finally:
         kvmem.unpatch(model)
-    save(name, {"kind": "ppl", "dtype": dtype_name, "pool_dtype": pool_dtype, "tokens": ids.shape[1], "chunk": chunk,
+    save(name, {"kind": "ppl", "dtype": row_name(dtype_name), "pool_dtype": pool_dtype, "tokens": ids.shape[1],
+                "chunk": chunk,
                 "ppl": math.exp(nll.mean().item()), "nll": nll.mean().item(), "seconds": time.time() - t0,
                 "headroom": DEFAULT_HEADROOM if scales else None, "scales": scales, "text_sha256": hashes,
                 "machine": machine()})
@@ -205,7 +220,7 @@ def prompts_from(ids, n, length):
 
 
 def run_greedy(model, prompts, offsets, dtype_name, new_tokens, hashes):
-    name = f"greedy_{dtype_name}"
+    name = f"greedy_{row_name(dtype_name)}"
     if load(name) is not None:
         return
     t0 = time.time()
@@ -217,7 +232,8 @@ def run_greedy(model, prompts, offsets, dtype_name, new_tokens, hashes):
     finally:
         kvmem.unpatch(model)
     gen = out[:, prompts.shape[1]:].tolist()
-    save(name, {"kind": "greedy", "dtype": dtype_name, "prompts": prompts.shape[0], "prompt_tokens": prompts.shape[1],
+    save(name, {"kind": "greedy", "dtype": row_name(dtype_name), "prompts": prompts.shape[0],
+                "prompt_tokens": prompts.shape[1],
                 "new_tokens": new_tokens, "offsets": offsets, "generated": gen, "seconds": time.time() - t0,
                 "text_sha256": hashes, "machine": machine()})
 
@@ -265,7 +281,10 @@ def run_encode(model, ids, calib_tokens, hashes):
 def table():
     lines = ["# KV cache dtype quality: SmolLM2-135M, fp32 CPU, GPL-2 + GFDL-1.3", "",
              "`benchmarks/kv_quality.py` (see its docstring for the method). fp8 scales: the default rule "
-             f"(each layer's first write fixes per-KV-head scales, headroom {DEFAULT_HEADROOM}).", ""]
+             f"(each layer's first write fixes per-KV-head scales, headroom {DEFAULT_HEADROOM}). Rows `fp8_*` "
+             "store the keys as they are (`kv_center_keys=False`); rows `fp8_*_centred` (`--center-keys`) store "
+             "`k - mu`, `mu` the first write's mean key per (layer, KV head, channel) (`kvmem.cache.scales`, "
+             "\"Key centring\").", ""]
     ppl = {}
     for fn in sorted(os.listdir(OUT)) if os.path.isdir(OUT) else []:
         if fn.startswith("ppl_") and fn.endswith(".json"):
@@ -282,7 +301,8 @@ def table():
                     lines.append(f"| {d} | {n} | {r['chunk']} | {r['ppl']:.4f} | {rel} | {r['seconds']:.0f} |")
         lines.append("")
     ref = load("greedy_fp32")
-    rows = [(d, load(f"greedy_{d}")) for d in DTYPES if d != "fp32"]
+    rows = [(d, load(f"greedy_{d}")) for d in list(DTYPES) + [d + "_centred" for d in DTYPES if d.startswith("fp8")]
+            if d != "fp32"]
     if ref and any(r for _, r in rows):
         lines += [f"Greedy agreement vs the fp32 cache: {ref['prompts']} prompts x {ref['prompt_tokens']} tokens, "
                   f"{ref['new_tokens']} new tokens.", "",
@@ -327,10 +347,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/kv_quality)")
     ap.add_argument("--table", action="store_true", help="print the markdown table and exit")
+    ap.add_argument("--center-keys", action="store_true", help="fp8 rows with key centring (<dtype>_centred)")
     args = ap.parse_args(argv)
     if args.out:
         global OUT
         OUT = os.path.abspath(args.out)
+    global CENTER
+    CENTER = args.center_keys
     if args.table:
         print(table())
         return

@@ -308,3 +308,141 @@ def test_smollm2_generate_fp8_e4m3_close_to_fp32(smol):
     err = rel_err(out.logits[0], ref.logits[0])  # the last prompt token's logits (after the prefill)
     assert err < SMOL_FP8_RTOL, err
     assert out.logits[0].argmax() == ref.logits[0].argmax()
+
+
+# ----------------------------------------------------------------------------------------- key centring
+def offset_llama(offset=30.0):
+    """tiny_llama whose keys carry a large, consistent channel (as real models' keys do): a bias on
+    the lowest-frequency RoPE pair (channels 7 and 15 of 16), which barely rotates over 40 tokens."""
+    m = tiny_llama(layers=2, attention_bias=True)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            b = layer.self_attn.k_proj.bias.view(2, 16)
+            b.zero_()
+            b[:, 7] = offset
+    return m
+
+
+def test_centred_keys_close_to_fp32_and_mu_is_the_first_writes_mean():
+    """Centring: greedy output equal to the fp32 cache's within the fp8 bound; ``mu`` is the mean of
+    the first write's real (post-RoPE) keys."""
+    m = offset_llama()
+    ids, mask = batch(6)
+    g = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10)
+    ref = run(m, {}, **g)
+    plain = run(m, dict(kv_cache_dtype="fp8_e4m3", kv_center_keys=False), **g)
+    out = run(m, dict(kv_cache_dtype="fp8_e4m3", kv_center_keys=True), **g)
+    assert output_cache(plain).key_centers == {0: None, 1: None}
+    centers = output_cache(out).key_centers
+    assert sorted(centers) == [0, 1] and all(c.shape == (2, 16) for c in centers.values())
+    cache = transformers.DynamicCache(config=m.config)
+    with torch.no_grad():  # generate()'s positions of a left-padded batch
+        m(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+          **{CACHE_KW: cache})
+    real = mask.bool()  # [B, S]
+    k0 = cache.layers[0].keys.permute(0, 2, 1, 3)[real]  # [real tokens, Hkv, D]
+    torch.testing.assert_close(centers[0], k0.mean(0), rtol=1e-5, atol=1e-5)
+    assert bool((centers[0][:, 7] > 20).all())
+    # measured on this random model: 1.2e-2 centred, 1.2e-2 plain (its error is not the keys' mean)
+    assert torch.equal(out.sequences, ref.sequences) and max_logit_err(out, ref) < FP8_RTOL[E4M3]
+
+
+def _stored_keys(m, center, ids):
+    """Layer 0's keys as its fp8 pages decode them (``code * k_scale + mu``), ``[T, Hkv, D]``."""
+    cache = PagedKVCache(m.config, block_size=8, num_blocks=16, kv_cache_dtype="fp8_e4m3", kv_center_keys=center)
+    patch(m)
+    try:
+        with torch.no_grad():
+            m(input_ids=ids, use_cache=True, **{CACHE_KW: cache})
+    finally:
+        unpatch(m)
+    mgr, seq = cache._manager, cache._seq_ids[0]
+    table = mgr.block_table(seq, cache.groups[0].name)
+    pages = cache.pools[0][0][torch.tensor(table)].float().flatten(0, 1)[: ids.shape[1]]  # [T, Hkv, D]
+    ks = cache.kv_scales.k[0]
+    mu = cache.key_centers[0]
+    return pages * ks[None, :, None] + (0 if mu is None else mu)
+
+
+def test_centred_keys_store_a_large_key_channel_with_a_smaller_error():
+    m = offset_llama()
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(11))
+    cache = transformers.DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(input_ids=ids, use_cache=True, **{CACHE_KW: cache})
+    true = cache.layers[0].keys[0].transpose(0, 1)  # [T, Hkv, D]
+    err_plain = (_stored_keys(m, False, ids) - true).abs()
+    err = (_stored_keys(m, True, ids) - true).abs()
+    assert err[..., 7].max() < 0.25 * err_plain[..., 7].max()  # the offset channel
+    assert err.mean() < err_plain.mean()
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_centred_keys_static_decode_and_beams(fmt):
+    m = tiny_llama(layers=2)
+    ids, mask = batch(7)
+    g = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    ref = run(m, {}, **g)
+    eager = run(m, dict(kv_cache_dtype=fmt, kv_center_keys=True), **g)
+    assert all(c is not None for c in output_cache(eager).key_centers.values())
+    assert max_logit_err(eager, ref) < FP8_RTOL[E4M3 if fmt == "fp8_e4m3" else E5M2]
+    static = run(m, dict(kv_cache_dtype=fmt, kv_center_keys=True, cuda_graph=True), **g)
+    assert_same_generation(static, eager, rtol=1e-5)
+    beams = run(m, dict(kv_cache_dtype=fmt, kv_center_keys=True), num_beams=2, **g)
+    assert rel_err(beams.logits[0], run(m, {}, num_beams=2, **g).logits[0]) < FP8_RTOL[
+        E4M3 if fmt == "fp8_e4m3" else E5M2]
+
+
+def test_centring_off_for_float_caches_and_memory_layers():
+    m = tiny_llama(layers=2)
+    ids, mask = batch(8)
+    g = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    ref = run(m, {}, **g)
+    for kw in ({}, dict(kv_center_keys=True), dict(kv_cache_dtype="bf16", kv_center_keys=True)):
+        out = run(m, kw, **g)
+        assert output_cache(out).key_centers == {}
+        if "kv_cache_dtype" not in kw:
+            assert_same_generation(out, ref, rtol=1e-5)  # the model unchanged
+    cfg = kvmem.MemoryConfig(mode="exact", sink_tokens=16, window=32, block_size=16, top_k=2, chunk_size=48,
+                             dense_layers=1)
+    out = run(m, dict(memory_bank=cfg, kv_cache_dtype="fp8_e4m3", kv_center_keys=True),
+              input_ids=torch.randint(1, 128, (1, 90), generator=torch.Generator().manual_seed(5)), max_new_tokens=4)
+    centers = output_cache(out).key_centers
+    assert centers[0] is not None and centers[1] is None  # layer 1 is a memory layer
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_centring_off_with_softcap_or_sinks(family):
+    """Layers whose attention reads the absolute score (gemma2's softcap, gpt-oss's sink logits)
+    store their keys as they are: the same output as with centring off."""
+    from test_hf_families import build
+
+    m = build(family)
+    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(9))
+    on = run(m, dict(kv_cache_dtype="fp8_e4m3", kv_center_keys=True), input_ids=ids, max_new_tokens=5)
+    off = run(m, dict(kv_cache_dtype="fp8_e4m3", kv_center_keys=False), input_ids=ids, max_new_tokens=5)
+    centers = output_cache(on).key_centers
+    assert centers and all(c is None for c in centers.values())
+    assert torch.equal(on.sequences, off.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(on.logits, off.logits))
+
+
+def test_centred_keys_fixed_for_the_life_of_the_pool_and_in_the_fingerprint():
+    m = tiny_llama(layers=2)
+    patch(m, kv_cache_dtype="fp8_e4m3", kv_center_keys=True, prefix_cache=True, num_blocks=64, block_size=4)
+    try:
+        gen(m, input_ids=torch.randint(1, 128, (1, 24)), max_new_tokens=4)
+        pool = options_of(m).pool
+        first = pool.scales.centers()
+        assert all(c is not None for c in first.values())
+        for seed in range(2):
+            gen(m, input_ids=torch.randint(1, 128, (2, 30), generator=torch.Generator().manual_seed(seed)) + 0,
+                max_new_tokens=4)
+            assert options_of(m).pool is pool
+            again = pool.scales.centers()
+            assert all(torch.equal(first[i], again[i]) for i in first)
+    finally:
+        unpatch(m)
+    fp = {kvmem.model_fingerprint(m, kv_dtype=E4M3, kv_scales=scales_key(E4M3, None, DEFAULT_HEADROOM, c))
+          for c in (False, True)}
+    assert len(fp) == 2 and scales_key(torch.float32, None, center_keys=True) is None

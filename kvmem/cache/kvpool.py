@@ -10,7 +10,7 @@ import torch
 
 from kvmem.cache.manager import KVCacheManager
 from kvmem.cache.metadata import LayerGroupSpec
-from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, PoolScales
+from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, KVScales, PoolScales
 from kvmem.cache.sizing import bytes_per_block
 from kvmem.ops._common import is_fp8
 
@@ -36,6 +36,7 @@ class KVPool:
     kv_scales: a float8 pool's ``KVScales``, or None: each layer's first write fixes its scales
         (``kvmem.cache.scales``); fixed for the life of the pool either way
     kv_scale_headroom: the headroom of that default rule
+    kv_center_keys: a float8 pool's key centring (``kvmem.cache.scales``, "Key centring")
 
     Attributes
     ----------
@@ -46,7 +47,7 @@ class KVPool:
                  num_blocks: Dict[str, int], dtype: torch.dtype,
                  device: Union[str, torch.device, Mapping[int, Union[str, torch.device]]], *,
                  fingerprint: Optional[str] = None, kv_scales: Optional[KVScales] = None,
-                 kv_scale_headroom: float = DEFAULT_HEADROOM):
+                 kv_scale_headroom: float = DEFAULT_HEADROOM, kv_center_keys: bool = DEFAULT_CENTER_KEYS):
         self.groups = tuple(groups)
         self.num_layers = sum(len(g.layers) for g in self.groups)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
@@ -63,7 +64,8 @@ class KVPool:
         self.ids = itertools.count()
         if kv_scales is not None and not is_fp8(dtype):
             raise ValueError(f"KVPool: kv_scales are for float8 pools, got dtype {dtype}")
-        self.scales = PoolScales(dtype, self.num_layers, kv_scales, kv_scale_headroom) if is_fp8(dtype) else None
+        self.scales = (PoolScales(dtype, self.num_layers, kv_scales, kv_scale_headroom, kv_center_keys)
+                       if is_fp8(dtype) else None)
         self.live = None  # the cache currently using the pool
         #: (rows, width, device) -> StaticDecodeBuffers shared by the caches living in this pool
         self.static: Dict[tuple, object] = {}

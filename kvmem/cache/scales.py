@@ -18,6 +18,22 @@ its layers' keys pre-RoPE, and the rule sees those):
 finfo(fp8).max`` with ``headroom = DEFAULT_HEADROOM``. Later writes never change them; a value
 beyond ``scale * finfo.max`` is clamped to the largest finite code (``kvmem.ops._common.encode``).
 The measured error is in ``benchmarks/results/kv_quality`` (README "KV cache dtype").
+
+Key centring (``center_keys``)
+------------------------------
+With ``center_keys`` a layer's first write also fixes ``mu[h, d]``, the mean of its keys over that
+write's tokens (padding excluded: the caller passes real tokens only), and the pages store
+``k - mu``; its key scale is then fixed from the absmax of ``k - mu``. Softmax is invariant to a
+per-query constant added to all of a query's scores, and ``q . (k - mu) = q . k - q . mu`` is one,
+so the attention output is unchanged in exact arithmetic while the channels with a large mean
+(common in keys) quantise with a much smaller absolute error. Only exact where nothing reads the
+absolute score (no softcap, no sink logits) and the shift is one constant per query: not in the
+memory bank's layers (extend mode rotates cached keys as they are read, so ``rotate(mu)`` depends
+on the key's position; exact mode's page selection takes a max over a GQA group's query heads,
+each shifted by its own ``q . mu``: ``kvmem.integrations.hf.memory.CacheBank.run``). The caller
+decides per layer (``for_write(..., center=)``). The lse of a centred layer would be shifted by
+``scale * q . mu``; no kvmem HF path reads an lse outside ``paged_attention`` (``run_layer`` takes its
+output only). ``mu`` is fixed for the life of the pool, like the scales.
 """
 
 from __future__ import annotations
@@ -30,8 +46,9 @@ import torch
 
 from kvmem.ops._common import FP8_DTYPES, is_fp8
 
-__all__ = ["KV_DTYPE_NAMES", "DEFAULT_HEADROOM", "MIN_ABSMAX", "kv_cache_dtype", "KVScales", "as_kv_scales",
-           "scales_from_absmax", "PoolScales", "scales_key"]
+__all__ = ["KV_DTYPE_NAMES", "DEFAULT_HEADROOM", "DEFAULT_CENTER_KEYS", "MIN_ABSMAX", "kv_cache_dtype", "KVScales",
+           "as_kv_scales",
+           "scales_from_absmax", "center_keys_arg", "PoolScales", "scales_key"]
 
 #: accepted ``kv_cache_dtype`` names
 KV_DTYPE_NAMES: Dict[str, torch.dtype] = {
@@ -45,6 +62,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16) + FP8_DTYPES
 
 #: multiple of the calibrated absmax that maps to the format's largest finite value
 DEFAULT_HEADROOM = 2.0
+#: whether float8 caches centre their keys by default (``kv_center_keys``; "Key centring" above)
+DEFAULT_CENTER_KEYS = True
 #: floor of a head's absmax (an all-zero head still gets a positive scale)
 MIN_ABSMAX = 1e-6
 
@@ -76,6 +95,13 @@ def kv_cache_dtype(value, where: str = "kvmem.patch") -> Optional[torch.dtype]:
             return KV_DTYPE_NAMES[key]
         raise ValueError(f"{where}: kv_cache_dtype must be {_accepted()}; got {value!r}")
     raise TypeError(f"{where}: kv_cache_dtype must be {_accepted()}; got {type(value).__name__}")
+
+
+def center_keys_arg(value, where: str) -> bool:
+    """``kv_center_keys=`` checked: a bool (TypeError otherwise)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: kv_center_keys must be a bool, got {type(value).__name__}")
+    return value
 
 
 def scales_from_absmax(absmax: torch.Tensor, headroom: float, dtype: torch.dtype) -> torch.Tensor:
@@ -176,14 +202,18 @@ def as_kv_scales(value, num_layers: int, num_kv_heads: int, where: str = "kvmem.
     return scales
 
 
-def scales_key(dtype: Optional[torch.dtype], scales: Optional[KVScales], headroom: float = DEFAULT_HEADROOM):
+def scales_key(dtype: Optional[torch.dtype], scales: Optional[KVScales], headroom: float = DEFAULT_HEADROOM,
+               center_keys: bool = False):
     """What ``kvmem.model_fingerprint(kv_scales=)`` is given for a cache of ``dtype``: None (not
-    quantised), the given scales' tensors, or the default rule and its headroom."""
+    quantised), the given scales' tensors, or the default rule and its headroom; with
+    ``center_keys`` the key-centring rule too (its ``mu`` is fixed by each layer's first write)."""
     if dtype is None or not is_fp8(dtype):
         return None
-    if scales is None:
-        return {"rule": "first_write", "headroom": float(headroom)}
-    return {"k": list(scales.k), "v": list(scales.v)}
+    key = {"rule": "first_write", "headroom": float(headroom)} if scales is None else {
+        "k": list(scales.k), "v": list(scales.v)}
+    if center_keys:
+        key["center_keys"] = "first_write_mean"
+    return key
 
 
 class PoolScales:
@@ -196,17 +226,21 @@ class PoolScales:
     num_layers: layers of the pool
     given: ``KVScales`` to use, or None for the default rule
     headroom: of the default rule
+    center_keys: store ``k - mu`` (see "Key centring" in the module docstring) in the layers whose
+        first write asks for it
     """
 
     def __init__(self, dtype: torch.dtype, num_layers: int, given: Optional[KVScales] = None,
-                 headroom: float = DEFAULT_HEADROOM):
+                 headroom: float = DEFAULT_HEADROOM, center_keys: bool = False):
         if not is_fp8(dtype):
             raise ValueError(f"kvmem: PoolScales are for float8 caches, got {dtype}")
         if not (isinstance(headroom, (int, float)) and not isinstance(headroom, bool)
                 and math.isfinite(headroom) and headroom > 0):
             raise ValueError(f"kvmem: headroom must be a finite float > 0, got {headroom!r}")
         self.dtype, self.num_layers, self.headroom = dtype, num_layers, float(headroom)
-        self.given = given
+        self.given, self.center_keys = given, center_keys_arg(center_keys, "kvmem")
+        self._centers: Dict[int, Optional[torch.Tensor]] = {}  # layer -> [Hkv, D] fp32 mu, or None
+        self._centers_on: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._fixed: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> CPU or device fp32 pair
         self._on: Dict[Tuple[int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
         if given is not None:
@@ -216,15 +250,48 @@ class PoolScales:
     def is_fixed(self, layer_idx: int) -> bool:
         return layer_idx in self._fixed
 
-    def for_write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def for_write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                  center: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """The layer's ``(k_scale, v_scale)`` on ``k``'s device; the first call of an unfixed layer
-        fixes them from ``k``/``v`` ``[T, Hkv, D]`` (device work, no host sync)."""
+        fixes them from ``k``/``v`` ``[T, Hkv, D]`` (device work, no host sync), and with
+        ``center_keys`` and ``center`` (the layer may be centred) its key mean ``mu``
+        (``center_of``); the key scale is then that of ``k - mu``."""
+        if layer_idx not in self._centers:
+            mu = None
+            if self.center_keys and center and k.shape[0] > 0:
+                with torch.no_grad():
+                    mu = k.detach().float().mean(dim=0).contiguous()
+            self._centers[layer_idx] = mu
         if layer_idx not in self._fixed:
+            mu = self._centers[layer_idx]
             with torch.no_grad():
-                ks = scales_from_absmax(k.detach().abs().amax(dim=(0, 2)), self.headroom, self.dtype)
+                kc = k.detach().float() if mu is None else k.detach().float() - mu.to(k.device)
+                ks = scales_from_absmax(kc.abs().amax(dim=(0, 2)), self.headroom, self.dtype)
                 vs = scales_from_absmax(v.detach().abs().amax(dim=(0, 2)), self.headroom, self.dtype)
             self._fixed[layer_idx] = (ks.contiguous(), vs.contiguous())
         return self.on(layer_idx, k.device)
+
+    def center_of(self, layer_idx: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The layer's key mean ``mu`` ``[Hkv, D]`` fp32 on ``device`` (the same tensor every call),
+        None when the layer's keys are stored as they are (or its first write has not happened)."""
+        mu = self._centers.get(layer_idx)
+        if mu is None:
+            return None
+        key = (layer_idx, torch.device(device))
+        on = self._centers_on.get(key)
+        if on is None:
+            on = self._centers_on[key] = mu.to(key[1]).contiguous()
+        return on
+
+    def centred(self, layer_idx: int, k: torch.Tensor) -> torch.Tensor:
+        """``k`` ``[T, Hkv, D]`` as the layer's pages store it: ``k - mu`` (in ``k``'s dtype) in a layer with
+        centred keys, else ``k`` itself. Call after the layer's first ``for_write``."""
+        mu = self.center_of(layer_idx, k.device)
+        return k if mu is None else (k.float() - mu).to(k.dtype)
+
+    def centers(self) -> Dict[int, Optional[torch.Tensor]]:
+        """layer -> its fixed ``mu`` (CPU copy) or None, for the layers written so far."""
+        return {i: None if m is None else m.cpu() for i, m in self._centers.items()}
 
     def on(self, layer_idx: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """The fixed ``(k_scale, v_scale)`` of a layer on ``device`` (the same tensors every call)."""

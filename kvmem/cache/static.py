@@ -89,6 +89,7 @@ class StaticDecodeBuffers:
                                  1, self.max_seqlen_k, g.window) for g in groups}
         self.pools: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.scales: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.centers: Dict[int, Optional[torch.Tensor]] = {}  # layer -> fixed key mean mu (centred keys)
         self.active = False  # True between the host half and the end of the step
 
     def fill(self, plan) -> None:

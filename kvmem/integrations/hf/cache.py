@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from kvmem.cache import GroupUsage, KVCacheManager, KVPool, LayerGroupSpec, StaticDecodeBuffers
-from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales
+from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales, \
+    center_keys_arg
 from kvmem.cache.scales import kv_cache_dtype as _parse_kv_dtype
 from kvmem.cache.sizing import bytes_per_block, parse_memory, size_groups
 from kvmem.ops._common import is_fp8
@@ -113,6 +114,8 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         (``absmax * kv_scale_headroom / finfo.max`` per KV head, ``kvmem.cache.scales``). Fixed
         for the life of the pools (``kv_scales`` reads them back).
     kv_scale_headroom: the headroom of that default rule (default ``kvmem.cache.scales.DEFAULT_HEADROOM``)
+    kv_center_keys: float8 only: pages store ``k - mu``, ``mu`` fixed by each layer's first write ("Key
+        centring" in ``kvmem.cache.scales``; not in softcap / sink / memory layers); a KVPool brings its own
 
     Notes
     -----
@@ -131,7 +134,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                  max_cache_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                  device: Union[None, str, torch.device] = None, backend: str = "auto",
                  pool: Optional["KVPool"] = None, memory_bank=None, kv_cache_dtype=None, kv_scales=None,
-                 kv_scale_headroom: float = DEFAULT_HEADROOM):
+                 kv_scale_headroom: float = DEFAULT_HEADROOM, kv_center_keys: bool = DEFAULT_CENTER_KEYS):
         families.resolve(config)
         tc = families.text_config(config)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -166,6 +169,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                              f"'fp8_e5m2'), got kv_cache_dtype={self._dtype}")
         self._given_scales: Optional[KVScales] = given
         self._headroom = kv_scale_headroom
+        self._center_keys = center_keys_arg(kv_center_keys, "PagedKVCache")
         self._scales: Optional[PoolScales] = None  # the pools' float8 scales (set with the pools)
         if self._dtype is not None and is_fp8(self._dtype):
             PoolScales(self._dtype, self.num_layers, None, kv_scale_headroom)  # validates the headroom
@@ -373,12 +377,20 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         layer's scales are fixed yet (the default rule fixes them at each layer's first write)."""
         return None if self._scales is None else self._scales.snapshot()
 
-    def layer_scales(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+    def layer_scales(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, center: bool = True):
         """``(k_scale, v_scale)`` a layer's write and attention use (None, None for a float cache);
-        ``k``/``v`` ``[T, Hkv, D]``: the tokens being written (the default rule's first write)."""
-        if self._scales is None:
-            return None, None
-        return self._scales.for_write(layer_idx, k, v)
+        ``k``/``v`` ``[T, Hkv, D]``: the tokens being written (the default rule's first write);
+        ``center``: whether the layer may centre its keys (decided by its first write)."""
+        return (None, None) if self._scales is None else self._scales.for_write(layer_idx, k, v, center)
+
+    def layer_keys(self, layer_idx: int, k: torch.Tensor) -> torch.Tensor:
+        """``k`` ``[T, Hkv, D]`` as the layer's pages store it (``PoolScales.centred``)."""
+        return k if self._scales is None else self._scales.centred(layer_idx, k)
+
+    @property
+    def key_centers(self) -> Dict[int, Optional[torch.Tensor]]:
+        """layer -> fixed key mean ``mu`` ``[Hkv, D]`` (CPU) or None (``PoolScales.centers``); {} if not fp8."""
+        return {} if self._scales is None else self._scales.centers()
 
     # ------------------------------------------------------------------ memory
     def usage(self) -> Dict[str, GroupUsage]:
@@ -431,7 +443,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         self._manager = KVCacheManager(blocks, self.block_size, self.groups, device, bytes_per_block=per_block)
         self._pool_dtype = dtype
         if is_fp8(dtype):
-            self._scales = PoolScales(dtype, self.num_layers, self._given_scales, self._headroom)
+            self._scales = PoolScales(dtype, self.num_layers, self._given_scales, self._headroom, self._center_keys)
         if self._device is not None or eager:
             self._pools = self._manager.make_pools(self.num_kv_heads, self.head_dim, dtype, device)
         # else: each layer's pools at its first update, on its keys' device (_layer_pools)

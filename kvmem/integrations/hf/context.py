@@ -130,6 +130,10 @@ class StepContext:
         B, Hq, S, D = query.shape
         k_cache, v_cache = st.pools[layer_idx]
         ks, vs = st.scales.get(layer_idx, (None, None))
-        out = run_layer(self.ops, tokens(query), tokens(key), tokens(value), k_cache, v_cache, st.metadata(layer_idx),
+        k = tokens(key)
+        mu = st.centers.get(layer_idx)
+        if mu is not None:  # centred keys (kvmem.cache.scales), fixed by the prefill
+            k = (k.float() - mu).to(k.dtype)
+        out = run_layer(self.ops, tokens(query), k, tokens(value), k_cache, v_cache, st.metadata(layer_idx),
                         attention, self.layer_context(layer_idx), k_scale=ks, v_scale=vs)
         return out.view(B, S, Hq, D)

@@ -51,7 +51,8 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
         return PagedKVCache(model.config, num_blocks=options.num_blocks, memory=options.memory,
                             max_batch_size=rows, max_cache_len=max_cache_len, memory_bank=options.memory_bank,
                             kv_cache_dtype=options.kv_cache_dtype, kv_scales=options.kv_scales,
-                            kv_scale_headroom=options.kv_scale_headroom, **kw)
+                            kv_scale_headroom=options.kv_scale_headroom, kv_center_keys=options.kv_center_keys,
+                            **kw)
     prompt = options.prompt
     rows_tokens, pads = _prompt_rows(prompt, max_batch_size, expand)
     dtype, device = options.kv_cache_dtype or model.dtype, model_layer_devices(model) or model.device
@@ -69,7 +70,8 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
                        memory=None if options.memory is None else parse_memory(options.memory),
                        max_cache_len=max_cache_len)
     fingerprint = (model_fingerprint(model, kv_dtype=dtype,
-                                     kv_scales=scales_key(dtype, options.kv_scales, options.kv_scale_headroom))
+                                     kv_scales=scales_key(dtype, options.kv_scales, options.kv_scale_headroom,
+                                                          options.kv_center_keys))
                    if options.prefix_cache else None)
     pool = options.pool
     if pool is not None and pool.live is not None:
@@ -82,7 +84,8 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
         blocks = {k: 2 * v for k, v in want.items()} if auto and options.prefix_cache else want
         pool = options.pool = KVPool(groups, kv_heads, head_dim, options.block_size, blocks, dtype, device,
                                      fingerprint=fingerprint, kv_scales=options.kv_scales,
-                                     kv_scale_headroom=options.kv_scale_headroom)
+                                     kv_scale_headroom=options.kv_scale_headroom,
+                                     kv_center_keys=options.kv_center_keys)
     cache = PagedKVCache(model.config, pool=pool, max_cache_len=max_cache_len, **kw)
     pool.live = cache
     if rows_tokens and options.prefix_cache:

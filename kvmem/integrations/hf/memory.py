@@ -180,14 +180,24 @@ class CacheBank:
         self._report = {}
 
     def run(self, ops, step, layer_idx: int, query, key, value, index, k_cache, v_cache, md, attention,
-            scales=None):
+            scales=None, keys=None):
         """One memory layer: ``[B, H, S, D]`` q/k/v (after RoPE) -> out ``[T, Hq, D]`` of the real tokens.
-        ``scales(layer_idx, k, v) -> (k_scale, v_scale)``: a float8 cache's scales of the keys as
-        cached (pre-RoPE in extend mode), None for a float cache."""
+        ``scales(layer_idx, k, v, center) -> (k_scale, v_scale)``: a float8 cache's scales of the keys as
+        cached (pre-RoPE in extend mode), None for a float cache; ``keys(layer_idx, k)``: the keys
+        as the pages store them (centred keys, ``kvmem.cache.scales``), None = as they are.
+
+        Key centring is never asked for in a memory layer. Extend mode rotates the keys as they are
+        read: ``rotate(mu)`` depends on the key's position, so the score shift would not be one
+        constant per query. Exact mode: the memory attention merges partials of this one layer's
+        pages, all shifted alike (that part would be exact), but the page selection scores a KV
+        head's pages with the *maximum over its GQA group's query heads*, and each query head's
+        shift ``q_g . mu`` differs, so the max (and the top-k) would change."""
         if self.spec.rope_table is not None:
             query, key = self._unrotate(step, layer_idx, query, key)
         q, k, v = tokens(query, index), tokens(key, index), tokens(value, index)
-        ks, vs = (None, None) if scales is None else scales(layer_idx, k, v)
+        ks, vs = (None, None) if scales is None else scales(layer_idx, k, v, False)
+        if keys is not None:
+            k = keys(layer_idx, k)
         summaries = self.summaries.get(layer_idx)
         if summaries is None or summaries.device != k_cache.device:
             summaries = torch.full((k_cache.shape[0] + 1, self.num_kv_heads, 2, self.head_dim), float("nan"),

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 
 from kvmem.cache import KVPool, parse_memory
-from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales, kv_cache_dtype
+from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, KVScales, PoolScales, as_kv_scales, kv_cache_dtype
 from kvmem.ops._common import is_fp8
 from kvmem.ops.kernel_ops import check_backend
 
@@ -28,6 +28,7 @@ class KvmemOptions:
     kv_cache_dtype: the pools' dtype (a torch dtype), None = the model's
     kv_scales: a float8 cache's ``KVScales``, None = the default rule (``kvmem.cache.scales``)
     kv_scale_headroom: that rule's headroom
+    kv_center_keys: a float8 cache's key centring (``kvmem.cache.scales``, "Key centring")
     pool: the ``KVPool`` kept across calls (``prefix_cache`` / ``cuda_graph``)
     prompt: ``(input_ids, attention_mask)`` of the ``generate()`` call in flight, set by the
         generate wrapper of a prefix-caching / CUDA-graph model for the cache hook (explicit
@@ -47,6 +48,7 @@ class KvmemOptions:
     kv_cache_dtype: Optional[torch.dtype] = None
     kv_scales: Optional[KVScales] = field(default=None, repr=False)
     kv_scale_headroom: float = DEFAULT_HEADROOM
+    kv_center_keys: bool = DEFAULT_CENTER_KEYS
 
 
 def options_of(model) -> KvmemOptions:

@@ -24,7 +24,7 @@ from kvmem.integrations.hf import compat, graphs
 from kvmem.integrations.hf.attention import ATTN_NAME, kvmem_attention_forward, kvmem_mask, uses_kvmem
 from kvmem.integrations.hf.cache import PagedKVCache
 from kvmem.integrations.hf.generate import capturing_generate, install_generate_hook, instance_generate_hook
-from kvmem.cache.scales import DEFAULT_HEADROOM
+from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, center_keys_arg
 from kvmem.integrations.hf.options import KvmemOptions, check_args, check_kv_args
 from kvmem.ops.kernel_ops import KernelOps
 
@@ -82,7 +82,8 @@ def _all_configs(model):
 def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
           num_blocks: Union[None, int, Mapping] = None, memory: Union[None, int, str] = None,
           prefix_cache: bool = False, cuda_graph: bool = False, compile_decode: Union[None, bool, dict] = None,
-          memory_bank=None, kv_cache_dtype=None, kv_scales=None, kv_scale_headroom: float = DEFAULT_HEADROOM):
+          memory_bank=None, kv_cache_dtype=None, kv_scales=None, kv_scale_headroom: float = DEFAULT_HEADROOM,
+          kv_center_keys: bool = DEFAULT_CENTER_KEYS):
     """Run ``model``'s attention on kvmem's paged kernels and make ``generate()`` use a ``PagedKVCache``.
 
     Parameters
@@ -126,6 +127,12 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
         head of the keys/values as cached (``kvmem.cache.scales``); never changed for the life of
         the pool (``cache.kv_scales`` reads them). Part of the prefix cache's key.
     kv_scale_headroom: the headroom of that default rule (default ``DEFAULT_HEADROOM`` = 2)
+    kv_center_keys: float8 caches only: each layer's first write also fixes its keys' mean ``mu`` per
+        (KV head, channel) and the pages store ``k - mu`` (softmax ignores the per-query shift
+        ``q . mu``: the output is unchanged in exact arithmetic, the keys' quantisation error smaller;
+        "Key centring" in ``kvmem.cache.scales``). Not in layers with a softcap or sink logits, nor in
+        memory-bank layers. Default ``kvmem.cache.scales.DEFAULT_CENTER_KEYS``; part of the prefix
+        cache's key; ignored for float caches.
 
     Returns
     -------
@@ -150,6 +157,7 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
     families.resolve(model.config, model)
     num_layers, kv_heads, _ = families.kv_dims(model.config)
     kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers, kv_heads)
+    center_keys_arg(kv_center_keys, "kvmem.patch")
     bank = None
     if memory_bank is not None:
         from kvmem.integrations.hf.memory import bank_spec
@@ -177,7 +185,8 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
     model._kvmem_options = KvmemOptions(backend=backend, block_size=block_size, num_blocks=num_blocks,
                                         memory=memory, prefix_cache=prefix_cache, cuda_graph=cuda_graph,
                                         compile_decode=compile_decode, memory_bank=bank, kv_cache_dtype=kv_dtype,
-                                        kv_scales=kv_scales, kv_scale_headroom=float(kv_scale_headroom))
+                                        kv_scales=kv_scales, kv_scale_headroom=float(kv_scale_headroom),
+                                        kv_center_keys=kv_center_keys)
     if bank is not None:
         model._kvmem_memory_report = bank.report
     if cuda_graph or compile_decode:

@@ -150,6 +150,7 @@ class _StepMachine:
         st.pools = dict(self._pools)
         if self._scales is not None:  # fixed by the prefill: the same tensors every step (graph-safe)
             st.scales = {layer: self._scales.on(layer, device) for layer in range(self.num_layers)}
+            st.centers = {layer: self._scales.center_of(layer, device) for layer in range(self.num_layers)}
         if mask is not None:
             self._check_mask_shape(mask, B, 1)
         prev = [m.seq_len(s) for s in self._seq_ids]
@@ -244,10 +245,11 @@ class _StepMachine:
         bank = self._bank
         if bank is not None and layer_idx in bank.layers:  # the memory bank (kvmem.integrations.hf.memory)
             out = bank.run(self.ops, step, layer_idx, query, key, value, index, k_cache, v_cache, md, attention,
-                           scales=self.layer_scales)
+                           scales=self.layer_scales, keys=self.layer_keys)
         else:
             q, k, v = tokens(query, index), tokens(key, index), tokens(value, index)
-            ks, vs = self.layer_scales(layer_idx, k, v)
+            ks, vs = self.layer_scales(layer_idx, k, v, attention.softcap is None and attention.sink_logits is None)
+            k = self.layer_keys(layer_idx, k)  # centred keys (kvmem.cache.scales): scores shift by q.mu per query
             out = run_layer(self.ops, q, k, v, k_cache, v_cache, md, attention, step.layer_context(layer_idx),
                             k_scale=ks, v_scale=vs)
         step.done.add(layer_idx)
