@@ -147,8 +147,11 @@ def test_undeclared_cache_write_scale_never_reaches_a_kernel():
     params = CacheWriteParams(torch.randn(3, 2, 64), torch.randn(3, 2, 64), k_cache, k_cache.clone(),
                               torch.tensor([0, 5, 9]), torch.tensor(0.5), torch.tensor(2.0))
     for backend in ("cuda", "triton", "cpu"):
+        cap = dispatch.capability("cache_write", backend)
+        if "kv_scale" in cap.features:  # this backend takes scales (its tests check them)
+            continue
         with pytest.raises(RuntimeError, match="does not take it"):
-            dispatch.capability("cache_write", backend).run(params)
+            cap.run(params)
 
 
 @pytest.fixture

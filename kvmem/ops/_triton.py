@@ -40,12 +40,14 @@ class AotVariant:
     num_warps: int
     num_stages: int
     src_dtype: Optional[str] = None  # cache write: element type of k/v
+    cache_dtype: Optional[str] = None  # attention: element type of the caches, when not ``dtype``
 
     @property
     def name(self) -> str:
         ce = ",".join(f"{k}={v}" for k, v in self.constexprs)
         src = f"{self.src_dtype}->" if self.src_dtype else ""
-        return f"{self.kernel}[{src}{self.dtype}; {ce}; w{self.num_warps} s{self.num_stages}]"
+        cache = f" over {self.cache_dtype}" if self.cache_dtype else ""
+        return f"{self.kernel}[{src}{self.dtype}{cache}; {ce}; w{self.num_warps} s{self.num_stages}]"
 
 
 def block_ds() -> list:

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kvmem.ops._triton import E4M3, E5M2, FLOAT  # noqa: F401  (the FORMAT values)
 
-__all__ = ["fp8_decode", "fp8_decode_f16", "fp8_encode", "bf16_rne", "F16_UNIT"]
+__all__ = ["fp8_decode", "fp8_decode_f16", "fp8_encode", "bf16_rne", "to_f32", "encode_for_cache", "F16_UNIT"]
 
 # What fp8_decode_f16 multiplies each format's values by (a kernel folds the inverse into its scale).
 F16_UNIT = {FLOAT: 1.0, E4M3: 2.0 ** -8, E5M2: 1.0}
@@ -89,3 +89,41 @@ def bf16_rne(x):
     r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     r = tl.where(nan, (u >> 16) | 0x40, r)
     return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_f32(x):
+    """``x`` in fp32, exactly: bf16 by its bits (Triton's interpreter flushes bf16 subnormals to
+    zero when converting), other dtypes by a cast."""
+    if x.dtype == tl.bfloat16:
+        y = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def encode_for_cache(x, scale, cache_ptr, FORMAT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """``x`` as stored in the cache ``cache_ptr`` points into (kvmem's one cache encoding, the
+    reference ``cache_write``): with a scale, ``x / scale`` in fp32 (IEEE division), clamped to +-
+    the cache format's largest finite value (NaN kept); then rounded to nearest even into the
+    cache's element (float8 codes for ``FORMAT`` e4m3/e5m2, whose cache is uint8)."""
+    if HAS_SCALE:
+        x = tl.math.div_rn(to_f32(x), scale)
+        if FORMAT == 0:
+            if cache_ptr.dtype.element_ty == tl.float16:
+                big: tl.constexpr = 65504.0
+            elif cache_ptr.dtype.element_ty == tl.bfloat16:
+                big: tl.constexpr = 3.3895313892515355e38
+            else:
+                big: tl.constexpr = 3.4028234663852886e38
+            x = tl.where(x > big, big, tl.where(x < -big, -big, x))  # comparisons keep NaN
+    if FORMAT != 0:
+        y = fp8_encode(to_f32(x), FORMAT)
+    elif cache_ptr.dtype.element_ty == tl.bfloat16 and x.dtype != tl.bfloat16:
+        y = bf16_rne(to_f32(x))
+    elif cache_ptr.dtype.element_ty == x.dtype:
+        y = x
+    else:
+        y = to_f32(x).to(cache_ptr.dtype.element_ty)
+    return y

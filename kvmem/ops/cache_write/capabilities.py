@@ -8,12 +8,15 @@ import importlib
 
 from kvmem import _ext
 from kvmem.dispatch import Capability, register
+from kvmem.ops import _triton
 from kvmem.ops._common import flat, omitted_args
 from kvmem.ops.cache_write import reference
 from kvmem.ops.cache_write.params import FEATURE_OF, MODIFIER_OF, OP
 
 ALL_FEATURES = frozenset(FEATURE_OF.values())
-KERNEL_FEATURES = frozenset()  # the cpu, cuda and triton kernels store in the cache's own dtype, unscaled
+KERNEL_FEATURES = frozenset()  # the cpu and cuda kernels store in the cache's own dtype, unscaled
+# The Triton kernel: any float k/v into any float or float8 cache, scaled (kvmem/ops/triton_fp8.py).
+TRITON_FEATURES = frozenset({"kv_scale"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,13 +38,13 @@ def run_compiled(p) -> None:
 
 
 def run_triton(p) -> None:
-    args = _kernel_args(p, KERNEL_FEATURES)
+    args = _kernel_args(p, TRITON_FEATURES)
     importlib.import_module("kvmem.ops.cache_write.triton").cache_write(*args)
 
 
 CAPABILITIES = (
     Capability(OP, "cuda", run_compiled, devices=("cuda",), from_build=True, features=KERNEL_FEATURES),
-    Capability(OP, "triton", run_triton, devices=("cuda",), features=KERNEL_FEATURES),
+    Capability(OP, "triton", run_triton, devices=("cuda",), cache_dtypes=_triton.CACHE_DTYPES, features=TRITON_FEATURES),
     Capability(OP, "cpu", run_compiled, devices=("cpu",), from_build=True, features=KERNEL_FEATURES),
     Capability(OP, "reference", run_reference, cache_dtypes=None, features=ALL_FEATURES),
 )
