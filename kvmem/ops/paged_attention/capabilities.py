@@ -19,7 +19,7 @@ ALL_FEATURES = frozenset(FEATURE_OF.values())
 KERNEL_FEATURES = frozenset({"window", "softcap", "sink_logits"})  # what every compiled and Triton kernel implements
 CPU_FEATURES = KERNEL_FEATURES | {"rope"}
 CUDA_FEATURES = KERNEL_FEATURES | {"rope"}  # compile-checked only (nvcc_check): no GPU here
-TRITON_FEATURES = KERNEL_FEATURES | {"rope"}
+TRITON_FEATURES = KERNEL_FEATURES | {"rope", "kv_scale"}  # kv_scale: float8 and scaled float caches
 # Longest query segment the CUDA kernels take (they are decode kernels: one row per query token
 # and head-in-group); longer segments (prefill) go to another backend.
 CUDA_MAX_SEQLEN_Q = 16
@@ -68,7 +68,7 @@ CAPABILITIES = (
     Capability(OP, "cuda", run_cuda, devices=("cuda",), from_build=True, features=CUDA_FEATURES,
                max_seqlen_q=CUDA_MAX_SEQLEN_Q, needs_aligned=True),
     Capability(OP, "triton", run_triton, devices=("cuda",), dtypes=configs.SUPPORTED_DTYPES,
-               head_dims=configs.SUPPORTED_HEAD_DIMS, max_block_size=configs.MAX_PAGE_SIZE, features=TRITON_FEATURES),
+               cache_dtypes=configs.SUPPORTED_CACHE_DTYPES, head_dims=configs.SUPPORTED_HEAD_DIMS, max_block_size=configs.MAX_PAGE_SIZE, features=TRITON_FEATURES),
     Capability(OP, "cpu", run_cpu, devices=("cpu",), from_build=True, features=CPU_FEATURES),
     Capability(OP, "reference", run_reference, cache_dtypes=None, features=ALL_FEATURES),
 )
