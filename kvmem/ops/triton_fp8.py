@@ -34,13 +34,13 @@ def fp8_decode_f16(bits, FORMAT: tl.constexpr):
     included (fp16 subnormals, exact); code 0x7F (and 0xFF) is NaN. Every result is exact in
     fp16, bf16 and fp32, so a dot product can take it in the query's dtype unrounded.
     """
-    sx = bits.to(tl.int8, bitcast=True).to(tl.int32)  # sign-extended
+    b = bits.to(tl.uint16)  # 16-bit integer operations: fewer registers than 32-bit ones (sm80)
     if FORMAT == 1:
-        h = (sx << 7) & 0xBF80  # sign -> bit 15, exponent+mantissa -> bits 13..7
-        h = tl.where((sx & 0x7F) == 0x7F, h | 0x7E00, h)  # NaN (sign kept)
+        h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+        h = tl.where((b & 0x7F) == 0x7F, h | 0x7E00, h)  # NaN (sign kept)
     else:
-        h = sx << 8
-    return h.to(tl.int16).to(tl.float16, bitcast=True)
+        h = b << 8
+    return h.to(tl.uint16).to(tl.float16, bitcast=True)
 
 
 @triton.jit

@@ -249,3 +249,46 @@ def test_capability_takes_the_cache_dtypes():
     assert capability("paged_attention", "triton").rejects(call) is None
     call = Call("paged_attention", "cuda", BF16, 64, 16, 8, 2, torch.float64, frozenset())
     assert capability("paged_attention", "triton").rejects(call) is not None
+
+
+def _tile_shapes():
+    """Each distinct 16-bit (kernel, BLOCK_D, tile) a launcher or the tuner can pick, on any arch."""
+    seen = {}
+    for arch in cfgs.ARCHS:
+        for bd in (64, 128, 256):
+            for c in cfgs.prefill_configs(BF16, bd, arch):
+                seen.setdefault(("prefill", bd, c.block_m, c.block_n), c)
+            for rows in cfgs.decode_row_options(BF16, bd):
+                for c in cfgs.decode_configs(BF16, bd, arch, rows):
+                    seen.setdefault(("decode", bd, rows, c.block_n), c)
+    return sorted(seen.items())
+
+
+TILE_SHAPES = _tile_shapes()
+
+
+@pytest.mark.parametrize("key,cfg", TILE_SHAPES, ids=[f"{k}-bd{b}-{m}x{n}" for (k, b, m, n), _ in TILE_SHAPES])
+def test_every_tile_shape_quantised(key, cfg):
+    """Every tile shape over a float8 cache (formats and scale kinds alternate), with window and
+    causal edges (prefill) or forced splits (decode)."""
+    kernel, bd, m, bn = key
+    i = TILE_SHAPES.index((key, cfg))
+    cache, scales = (E4M3, E5M2)[i % 2], ("0d", "head")[(i // 2) % 2]
+    D = {64: 64, 128: 112, 256: 256}[bd]
+    if kernel == "prefill":
+        p = quantised_problem([m + 3, 2], [m + 40, 2], D=D, bs=8, Hkv=1, G=2, q_dtype=BF16, cache=cache, scales=scales,
+                              window=bn + 5, seed=i)
+        a = args_of(p)
+        out, lse = poisoned_outputs(p)
+        pa.launch_prefill(out, lse, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[8], a[9], a[10], a[11], a[12],
+                          cfg=cfg, k_scale=p["k_scale"], v_scale=p["v_scale"])
+    else:
+        G, q_lens = (4, [1, 1]) if m == 16 else (12, [3, 1])
+        p = quantised_problem(q_lens, [3 * bn + 5, 9], D=D, bs=16, Hkv=2, G=G, q_dtype=BF16, cache=cache, scales=scales,
+                              sink=True, seed=i)
+        assert cfgs.decode_rows(G * max(q_lens), BF16, bd) == m
+        a = args_of(p)
+        out, lse = poisoned_outputs(p)
+        pa.launch_decode(out, lse, *a[:8], a[8], a[9], a[10], a[11], a[12], cfg=cfg, num_splits=2,
+                         k_scale=p["k_scale"], v_scale=p["v_scale"])
+    _check(p, out, lse, f"{key} {cfg}")

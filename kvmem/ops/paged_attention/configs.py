@@ -273,6 +273,16 @@ def rope_config(c):
     return dataclasses.replace(c, num_stages=1)
 
 
+def cache_config(c, dtype, cache_dtype):
+    """The config a launch over a ``cache_dtype`` cache runs: ``c``, unpipelined for fp32 queries
+    over a cache of another dtype (float8 or 16-bit, converted on load). Pipelined, triton 3.9's
+    FMA dot over converted tiles takes 255 registers and spills (176-224 B on sm80, measured with
+    tools/aot_compile_triton.py); unpipelined it takes 64-80, as over an fp32 cache."""
+    if _is_fp32(dtype) and not _is_fp32(cache_dtype):
+        return dataclasses.replace(c, num_stages=1)
+    return c
+
+
 # (ROPE, ROPE_NEOX) constexpr pairs: no RoPE on load (ROPE_NEOX unused, pinned True), NeoX
 # halves, GPT-J pairs.
 ROPE_VARIANTS = ((False, True), (True, True), (True, False))
@@ -284,8 +294,10 @@ def aot_variants(arch: int = 80) -> Iterator[AotVariant]:
     without softcap, without RoPE on load and with each of its two pairings; and representative
     variants over other caches (:func:`_aot_cache_variants`).
     Head dim, page size and group size are runtime arguments: they only pick BLOCK_D (next
-    power of two of the head dim) and decode's ROWS. Causal, window, sink, lse and scales are
-    runtime flags (uniform branches outside the key loop, or masks inside it)."""
+    power of two of the head dim) and decode's ROWS. Causal, window, sink and lse are runtime
+    flags (uniform branches outside the key loop, or masks inside it); HAS_SCALE is a constexpr
+    (so the unscaled path compiles as it did before scales), True with float8 caches (which
+    always have scales)."""
     bds = sorted({block_d(hd) for hd in SUPPORTED_HEAD_DIMS})
     seen = set()
     for v in list(_aot_variants(arch, bds)) + list(_aot_cache_variants(arch)):
@@ -298,14 +310,14 @@ def _prefill_variant(dtype, bd, c, softcap, rope, fmt=FLOAT, cache=None) -> AotV
     return AotVariant("prefill", DTYPE_NAMES[dtype], (
         ("BLOCK_D", bd), ("BLOCK_M", c.block_m), ("BLOCK_N", c.block_n), ("SOFTCAP", softcap),
         ("FP32", dtype == torch.float32), ("ROPE", rope[0]), ("ROPE_NEOX", rope[1]), ("SEARCH_BLOCK", SEARCH_BLOCK),
-        ("FORMAT", fmt)), c.num_warps, c.num_stages, cache_dtype=cache)
+        ("FORMAT", fmt), ("HAS_SCALE", fmt != FLOAT)), c.num_warps, c.num_stages, cache_dtype=cache)
 
 
 def _decode_variant(dtype, bd, rows, c, softcap, rope, fmt=FLOAT, cache=None) -> AotVariant:
     return AotVariant("decode", DTYPE_NAMES[dtype], (
         ("BLOCK_D", bd), ("ROWS", rows), ("BLOCK_N", c.block_n), ("SOFTCAP", softcap),
-        ("FP32", dtype == torch.float32), ("ROPE", rope[0]), ("ROPE_NEOX", rope[1]), ("FORMAT", fmt)),
-        c.num_warps, c.num_stages, cache_dtype=cache)
+        ("FP32", dtype == torch.float32), ("ROPE", rope[0]), ("ROPE_NEOX", rope[1]), ("FORMAT", fmt),
+        ("HAS_SCALE", fmt != FLOAT)), c.num_warps, c.num_stages, cache_dtype=cache)
 
 
 def _aot_variants(arch, bds) -> Iterator[AotVariant]:
@@ -332,8 +344,9 @@ AOT_CACHE_CASES = tuple((torch.bfloat16, fmt, name, bd) for fmt, name in FORMAT_
 
 def _aot_cache_variants(arch) -> Iterator[AotVariant]:
     for dtype, fmt, cache, bd in AOT_CACHE_CASES:
+        cache_dtype = "fp32" if cache == "fp32" else "other"
         for rope in ROPE_VARIANTS[:2] if fmt != FLOAT else ROPE_VARIANTS[:1]:
-            c = prefill_configs(dtype, bd, arch)[0]
+            c = cache_config(prefill_configs(dtype, bd, arch)[0], dtype, cache_dtype)
             yield _prefill_variant(dtype, bd, rope_config(c) if rope[0] else c, False, rope, fmt, cache)
-            c = decode_configs(dtype, bd, arch, DECODE_ROWS[0])[0]
+            c = cache_config(decode_configs(dtype, bd, arch, DECODE_ROWS[0])[0], dtype, cache_dtype)
             yield _decode_variant(dtype, bd, DECODE_ROWS[0], rope_config(c) if rope[0] else c, False, rope, fmt, cache)

@@ -89,7 +89,7 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
     k_store, v_store, fmt, k_scale, v_scale, stride_scale, has_scale = _kv_params(q, k_cache, v_cache, k_scale, v_scale)
 
     def launch(c: _cfg.PrefillConfig):
-        c = _cfg.rope_config(c) if use_rope else c
+        c = _cfg.cache_config(_cfg.rope_config(c) if use_rope else c, q.dtype, k_cache.dtype)
         num_tiles = num_tokens // c.block_m + num_seqs
         grid = (num_tiles, num_heads)
         _prefill_kernel[grid](
@@ -102,17 +102,19 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
             num_seqs, num_tiles, group, page_size,
             qk_scale, sc_in, sc_out, int(window) if window and window > 0 else 0,
             1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, stride_rope, rot_dim,
-            stride_scale, 1 if has_scale else 0, head_dim,
+            stride_scale, head_dim,
             BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
             SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox, SEARCH_BLOCK=_cfg.SEARCH_BLOCK,
-            FORMAT=fmt,
+            FORMAT=fmt, HAS_SCALE=has_scale,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
 
     if cfg is None:
         arch = _cfg.arch_of(q.device)
         cfg = _cfg.tuned(
-            "prefill", _cfg.prefill_key(q.dtype, head_dim, group, page_size, max_seqlen_q, arch) + (use_rope, str(k_cache.dtype)),
+            "prefill",
+            _cfg.prefill_key(q.dtype, head_dim, group, page_size, max_seqlen_q, arch) + (use_rope, str(k_cache.dtype),
+                                                                                        has_scale),
             _cfg.prefill_configs(q.dtype, block_d, arch),
             _cfg.prefill_heuristic(q.dtype, block_d, arch, max_seqlen_q), launch, q.device)
     launch(cfg)
@@ -141,7 +143,7 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     k_store, v_store, fmt, k_scale, v_scale, stride_scale, has_scale = _kv_params(q, k_cache, v_cache, k_scale, v_scale)
 
     def launch(c: _cfg.DecodeConfig, splits=None):
-        c = _cfg.rope_config(c) if use_rope else c
+        c = _cfg.cache_config(_cfg.rope_config(c) if use_rope else c, q.dtype, k_cache.dtype)
         if splits is None:
             splits = _cfg.decode_num_splits(num_seqs, num_kv_heads * num_row_chunks,
                                             max_seqlen_k, c.block_n, q.device)
@@ -167,9 +169,9 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
             num_row_chunks, group, page_size, splits,
             qk_scale, sc_in, sc_out, int(window) if window and window > 0 else 0,
             1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, stride_rope, rot_dim,
-            stride_scale, 1 if has_scale else 0, head_dim,
+            stride_scale, head_dim,
             BLOCK_D=block_d, ROWS=rows, BLOCK_N=c.block_n,
-            SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox, FORMAT=fmt,
+            SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox, FORMAT=fmt, HAS_SCALE=has_scale,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
         if splits > 1:
@@ -186,7 +188,8 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     if cfg is None:
         arch = _cfg.arch_of(q.device)
         cfg = _cfg.tuned(
-            "decode", _cfg.decode_key(q.dtype, head_dim, group, page_size, rows, arch) + (use_rope, str(k_cache.dtype)),
+            "decode",
+            _cfg.decode_key(q.dtype, head_dim, group, page_size, rows, arch) + (use_rope, str(k_cache.dtype), has_scale),
             _cfg.decode_configs(q.dtype, block_d, arch, rows),
             _cfg.decode_heuristic(q.dtype, block_d, arch, rows), lambda c: launch(c, num_splits),
             q.device)

@@ -67,15 +67,16 @@ def _load_kv_tile(
 
 
 @triton.jit
-def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, stride_scale, has_scale, FORMAT: tl.constexpr):
+def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, stride_scale, HAS_SCALE: tl.constexpr, FORMAT: tl.constexpr):
     """(k factor, v factor) of KV head ``kv_head``: its dequantisation scales (1 without) times
     the inverse of the tile unit of :func:`_load_kv_tile` (2^8 for e4m3, else 1). The keys'
     factor multiplies the scores, the values' the output."""
-    ks = tl.full([], 1.0, tl.float32)
-    vs = tl.full([], 1.0, tl.float32)
-    if has_scale != 0:
+    if HAS_SCALE:
         ks = tl.load(k_scale_ptr + kv_head * stride_scale)
         vs = tl.load(v_scale_ptr + kv_head * stride_scale)
+    else:
+        ks = tl.full([], 1.0, tl.float32)
+        vs = tl.full([], 1.0, tl.float32)
     if FORMAT == 1:
         ks = ks * 256.0
         vs = vs * 256.0
