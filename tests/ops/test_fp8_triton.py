@@ -32,8 +32,8 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 @pytest.fixture(autouse=True)
-def _interpreter_only():
-    if not cfgs.interpreting():
+def _interpreter_only(request):
+    if "gpu" not in request.keywords and not cfgs.interpreting():
         pytest.skip("Triton interpreter test (CPU tensors): run with TRITON_INTERPRET=1")
 
 
@@ -84,7 +84,7 @@ def _write_inputs(src, T, hkv, D, layout, gen, spread):
 
 
 @pytest.mark.parametrize("case", WRITE_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
-def test_cache_write_bit_exact(case):
+def test_cache_write_bit_exact(case, dev="cpu"):
     dtype, src, scales, D, bs, hkv, layout = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()) % 1000)
     T = 9
@@ -97,7 +97,9 @@ def test_cache_write_bit_exact(case):
     vc = kc.clone()
     kc_ref, vc_ref = kc.clone(), vc.clone()
     ref.cache_write(k, v, kc_ref, vc_ref, slots, k_scale, v_scale)
+    k, v, kc, vc, slots, k_scale, v_scale = (None if t is None else t.to(dev) for t in (k, v, kc, vc, slots, k_scale, v_scale))
     cw.cache_write(k, v, kc, vc, slots, k_scale, v_scale)
+    kc, vc = kc.cpu(), vc.cpu()
     if dtype in (E4M3, E5M2):
         assert torch.equal(kc.view(torch.uint8), kc_ref.view(torch.uint8))
         assert torch.equal(vc.view(torch.uint8), vc_ref.view(torch.uint8))
@@ -214,14 +216,15 @@ ATTN_CASES = [
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=[c[0] for c in ATTN_CASES])
-def test_paged_attention_quantised(case):
+def test_paged_attention_quantised(case, dev="cpu"):
     name, q_lens, kv_lens, kw = case
     p = quantised_problem(q_lens, kv_lens, seed=zlib.crc32(name.encode()) % 1000, **kw)
     decode = cfgs.use_decode(max(q_lens), kw["G"])
     assert decode == name.startswith(("dec", "spec", "rope-dec")), "case does not exercise the kernel its name says"
-    out, lse = poisoned_outputs(p)
-    pa.paged_attention(out, lse, *args_of(p), *_extra(p))
-    _check(p, out, lse, name)
+    pd = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in p.items()}
+    out, lse = poisoned_outputs(pd)
+    pa.paged_attention(out, lse, *args_of(pd), *_extra(pd))
+    _check(p, out.cpu(), lse.cpu(), name)
 
 
 @pytest.mark.parametrize("cache", [E4M3, E5M2], ids=["e4m3", "e5m2"])
@@ -292,3 +295,14 @@ def test_every_tile_shape_quantised(key, cfg):
         pa.launch_decode(out, lse, *a[:8], a[8], a[9], a[10], a[11], a[12], cfg=cfg, num_splits=2,
                          k_scale=p["k_scale"], v_scale=p["v_scale"])
     _check(p, out, lse, f"{key} {cfg}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantised_caches_gpu():
+    """The same cases compiled on a GPU (real float8 bit operations, tensor-core dots)."""
+    for case in WRITE_CASES:
+        test_cache_write_bit_exact(case, dev="cuda")
+    for case in ATTN_CASES:
+        test_paged_attention_quantised(case, dev="cuda")
+    torch.cuda.synchronize()
