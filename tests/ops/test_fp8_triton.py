@@ -38,11 +38,13 @@ def _interpreter_only(request):
 
 
 def _scales(kind, hkv, gen, spread=1.0):
-    """(k_scale, v_scale): None, 0-d or [hkv] fp32."""
+    """(k_scale, v_scale): None, 0-d, [hkv] fp32 ("head"), or 0-d and [hkv] ("mix")."""
     if kind is None:
         return None, None
     if kind == "0d":
         return torch.tensor(0.37 * spread), torch.tensor(1.9 * spread)
+    if kind == "mix":  # a 0-d k_scale beside a per-head v_scale
+        return torch.tensor(0.37 * spread), (torch.rand(hkv, generator=gen) + 0.5) * spread
     return ((torch.rand(hkv, generator=gen) + 0.2) * spread, (torch.rand(hkv, generator=gen) + 0.5) * spread)
 
 
@@ -55,7 +57,7 @@ WRITE_CASES = [
     (E4M3, F32, "0d", 128, 16, 2, "plain"),
     (E4M3, BF16, "head", 64, 1, 3, "qkv"),
     (E4M3, F16, "head", 80, 8, 1, "plain"),
-    (E5M2, F32, "head", 96, 32, 4, "qkv"),
+    (E5M2, F32, "mix", 96, 32, 4, "qkv"),
     (E5M2, BF16, "0d", 256, 8, 2, "plain"),
     (E5M2, F16, "0d", 64, 16, 3, "qkv"),
     (BF16, F32, "head", 128, 16, 2, "plain"),  # float caches with scales: clamp to the format's max
@@ -89,7 +91,7 @@ def test_cache_write_bit_exact(case, dev="cpu"):
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()) % 1000)
     T = 9
     num_blocks = max(4, -(-2 * T // bs))
-    k_scale, v_scale = _scales(scales if scales is None else ("0d" if scales == "0d" else "head"), hkv, gen)
+    k_scale, v_scale = _scales(scales, hkv, gen)
     k, v = _write_inputs(src, T, hkv, D, layout, gen, 1.0 if scales is None else float(k_scale.mean()))
     slots = torch.randperm(num_blocks * bs, generator=gen)[:T]
     slots[[3, 6]] = -1
@@ -180,12 +182,12 @@ ATTN_CASES = [
     ("dec-e5m2-head-f16-d64-bs8-g1", [1, 1], [70, 33], dict(D=64, bs=8, Hkv=3, G=1, q_dtype=F16, cache=E5M2, scales="head",
                                                             table="neg1")),
     ("dec-e4m3-head-f32-d64-bs1-g8", [1], [45], dict(D=64, bs=1, Hkv=1, G=8, q_dtype=F32, cache=E4M3, scales="head")),
-    ("dec-e5m2-0d-bf16-d256-bs32-g2", [1, 1], [50, 3], dict(D=256, bs=32, Hkv=2, G=2, q_dtype=BF16, cache=E5M2, scales="0d")),
+    ("dec-e5m2-mix-bf16-d256-bs32-g2", [1, 1], [50, 3], dict(D=256, bs=32, Hkv=2, G=2, q_dtype=BF16, cache=E5M2, scales="mix")),
     ("pf-e4m3-head-bf16-d64-bs16-g3", [20, 7], [20, 7], dict(D=64, bs=16, Hkv=1, G=3, q_dtype=BF16, cache=E4M3, scales="head")),
     ("pf-e5m2-0d-f32-d128-bs32-g1", [13], [13], dict(D=128, bs=32, Hkv=2, G=1, q_dtype=F32, cache=E5M2, scales="0d")),
     ("pfx-e4m3-0d-f16-d80-bs8-g2", [9, 3], [40, 20], dict(D=80, bs=8, Hkv=2, G=2, q_dtype=F16, cache=E4M3, scales="0d",
                                                           table="neg1")),
-    ("pfx-e5m2-head-f16-d112-bs1-g4", [10], [26], dict(D=112, bs=1, Hkv=1, G=4, q_dtype=F16, cache=E5M2, scales="head")),
+    ("pfx-e5m2-mix-f16-d112-bs1-g4", [10], [26], dict(D=112, bs=1, Hkv=2, G=4, q_dtype=F16, cache=E5M2, scales="mix")),
     ("mix-e5m2-head-bf16-d128-bs16-g4", [1, 12, 1], [50, 30, 9], dict(D=128, bs=16, Hkv=2, G=4, q_dtype=BF16, cache=E5M2,
                                                                       scales="head")),
     ("mix-e4m3-head-f16-d256-bs32-g1", [1, 9], [33, 20], dict(D=256, bs=32, Hkv=2, G=1, q_dtype=F16, cache=E4M3, scales="head")),

@@ -14,7 +14,7 @@ from kvmem.ops.triton_fp8 import encode_for_cache
 __all__ = ["cache_write"]
 
 
-@triton.jit(do_not_specialize=["stride_scale", "num_kv_heads", "page_size"])
+@triton.jit(do_not_specialize=["stride_k_scale", "stride_v_scale", "num_kv_heads", "page_size"])
 def _cache_write_kernel(
     k_ptr,
     v_ptr,
@@ -33,7 +33,8 @@ def _cache_write_kernel(
     stride_vcb,
     stride_vcs,
     stride_vch,
-    stride_scale,
+    stride_k_scale,
+    stride_v_scale,
     num_kv_heads,
     head_dim,
     page_size,
@@ -57,8 +58,8 @@ def _cache_write_kernel(
         ks = 1.0
         vs = 1.0
         if HAS_SCALE:
-            ks = tl.load(k_scale_ptr + offs_h * stride_scale, mask=offs_h < num_kv_heads, other=1.0)[:, None]
-            vs = tl.load(v_scale_ptr + offs_h * stride_scale, mask=offs_h < num_kv_heads, other=1.0)[:, None]
+            ks = tl.load(k_scale_ptr + offs_h * stride_k_scale, mask=offs_h < num_kv_heads, other=1.0)[:, None]
+            vs = tl.load(v_scale_ptr + offs_h * stride_v_scale, mask=offs_h < num_kv_heads, other=1.0)[:, None]
         kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs
         vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs
         tl.store(kc + (offs_h * stride_kch)[:, None] + offs_d[None, :],
@@ -86,17 +87,17 @@ def cache_write(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None
     assert has_scale == (v_scale is not None)
     fmt = _cfg.cache_format(k_cache.dtype)
     assert has_scale or fmt == _cfg.FLOAT, "float8 caches need k_scale/v_scale"
-    if has_scale:
-        stride_scale = 1 if k_scale.dim() == 1 else 0
-        assert v_scale.dim() == k_scale.dim() and k_scale.dtype == v_scale.dtype == torch.float32
+    if has_scale:  # each 0-d (stride 0) or [Hkv] (stride 1)
+        assert k_scale.dtype == v_scale.dtype == torch.float32
+        strides = (1 if k_scale.dim() == 1 else 0, 1 if v_scale.dim() == 1 else 0)
     else:
         k_scale = v_scale = torch.empty(1, dtype=torch.float32, device=k.device)  # never read
-        stride_scale = 0
+        strides = (0, 0)
     _cache_write_kernel[grid](
         k, v, _cfg.storage(k_cache), _cfg.storage(v_cache), slot_mapping, k_scale, v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_scale,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), strides[0], strides[1],
         num_kv_heads, head_dim, k_cache.shape[1],
         BLOCK_H=bh, BLOCK_D=bd, FORMAT=fmt, HAS_SCALE=has_scale, num_warps=4,
     )

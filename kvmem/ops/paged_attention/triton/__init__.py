@@ -53,19 +53,19 @@ def _rope_params(q, rope_cos_sin):
 
 
 def _kv_params(q, k_cache, v_cache, k_scale, v_scale):
-    """(k storage, v storage, FORMAT, k_scale, v_scale, scale stride, has_scale): the caches as the
-    kernels take them (float8 as uint8) and their scales (dummies without)."""
+    """(k storage, v storage, FORMAT, k_scale, v_scale, their strides, has_scale): the caches as
+    the kernels take them (float8 as uint8) and their scales (each 0-d or [Hkv]; dummies without)."""
     fmt = _facts.cache_format(k_cache.dtype)
     has_scale = k_scale is not None
     assert has_scale == (v_scale is not None) and (has_scale or fmt == _facts.FLOAT), \
         "float8 caches need k_scale and v_scale"
     if has_scale:
-        stride = 1 if k_scale.dim() == 1 else 0
-        assert k_scale.dim() == v_scale.dim() and k_scale.dtype == v_scale.dtype == torch.float32
+        assert k_scale.dtype == v_scale.dtype == torch.float32
+        strides = (1 if k_scale.dim() == 1 else 0, 1 if v_scale.dim() == 1 else 0)
     else:
         k_scale = v_scale = _dummy(q)
-        stride = 0
-    return _facts.storage(k_cache), _facts.storage(v_cache), fmt, k_scale, v_scale, stride, has_scale
+        strides = (0, 0)
+    return _facts.storage(k_cache), _facts.storage(v_cache), fmt, k_scale, v_scale, strides, has_scale
 
 
 def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
@@ -86,7 +86,7 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
     rope, stride_rope, rot_dim, use_rope = _rope_params(q, rope_cos_sin)
     rope_neox = bool(rope_neox) if use_rope else True
     block_d = _cfg.block_d(head_dim)
-    k_store, v_store, fmt, k_scale, v_scale, stride_scale, has_scale = _kv_params(q, k_cache, v_cache, k_scale, v_scale)
+    k_store, v_store, fmt, k_scale, v_scale, scale_strides, has_scale = _kv_params(q, k_cache, v_cache, k_scale, v_scale)
 
     def launch(c: _cfg.PrefillConfig):
         c = _cfg.cache_config(_cfg.rope_config(c) if use_rope else c, q.dtype, k_cache.dtype)
@@ -102,7 +102,7 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
             num_seqs, num_tiles, group, page_size,
             qk_scale, sc_in, sc_out, int(window) if window and window > 0 else 0,
             1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, stride_rope, rot_dim,
-            stride_scale, head_dim,
+            scale_strides[0], scale_strides[1], head_dim,
             BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
             SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox, SEARCH_BLOCK=_cfg.SEARCH_BLOCK,
             FORMAT=fmt, HAS_SCALE=has_scale,
@@ -140,7 +140,7 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     block_d = _cfg.block_d(head_dim)
     rows = _cfg.decode_rows(group * max(1, max_seqlen_q), q.dtype, block_d)
     num_row_chunks = triton.cdiv(group * max(1, max_seqlen_q), rows)
-    k_store, v_store, fmt, k_scale, v_scale, stride_scale, has_scale = _kv_params(q, k_cache, v_cache, k_scale, v_scale)
+    k_store, v_store, fmt, k_scale, v_scale, scale_strides, has_scale = _kv_params(q, k_cache, v_cache, k_scale, v_scale)
 
     def launch(c: _cfg.DecodeConfig, splits=None):
         c = _cfg.cache_config(_cfg.rope_config(c) if use_rope else c, q.dtype, k_cache.dtype)
@@ -169,7 +169,7 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
             num_row_chunks, group, page_size, splits,
             qk_scale, sc_in, sc_out, int(window) if window and window > 0 else 0,
             1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, stride_rope, rot_dim,
-            stride_scale, head_dim,
+            scale_strides[0], scale_strides[1], head_dim,
             BLOCK_D=block_d, ROWS=rows, BLOCK_N=c.block_n,
             SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox, FORMAT=fmt, HAS_SCALE=has_scale,
             num_warps=c.num_warps, num_stages=c.num_stages,

@@ -19,7 +19,7 @@ from kvmem.ops.paged_attention.triton.tiles import _kv_scales, _load_kv_tile, _o
 # strides over head_dim-sized rows and head_dim itself are multiples of 16 for every supported
 # head dim and keep the /16 hint (the AOT tool marks them too).
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "group", "page_size", "window", "causal",
-                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_scale", "stride_bt", "stride_lt",
+                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_k_scale", "stride_v_scale", "stride_bt", "stride_lt",
                                "stride_lh"])
 def _prefill_kernel(
     q_ptr,
@@ -60,7 +60,8 @@ def _prefill_kernel(
     write_lse,
     stride_rope,
     rot_dim,
-    stride_scale,
+    stride_k_scale,
+    stride_v_scale,
     head_dim,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -136,7 +137,7 @@ def _prefill_kernel(
         k_head = kv_head.to(tl.int64) * stride_kh
         v_head = kv_head.to(tl.int64) * stride_vh
         # The load transform (tiles.py): float8 decode in _load_kv_tile, the scales on scores and output.
-        k_fac, v_fac = _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, stride_scale, HAS_SCALE, FORMAT)
+        k_fac, v_fac = _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, stride_k_scale, stride_v_scale, HAS_SCALE, FORMAT)
         qk_scale = qk_scale * k_fac
         softcap_in = softcap_in * k_fac
         # keys not exact in q's 16-bit dtype (rotated, or a float cache of another dtype): two dots

@@ -67,13 +67,14 @@ def _load_kv_tile(
 
 
 @triton.jit
-def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, stride_scale, HAS_SCALE: tl.constexpr, FORMAT: tl.constexpr):
+def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, stride_k_scale, stride_v_scale, HAS_SCALE: tl.constexpr,
+               FORMAT: tl.constexpr):
     """(k factor, v factor) of KV head ``kv_head``: its dequantisation scales (1 without) times
     the inverse of the tile unit of :func:`_load_kv_tile` (2^8 for e4m3, else 1). The keys'
     factor multiplies the scores, the values' the output."""
     if HAS_SCALE:
-        ks = tl.load(k_scale_ptr + kv_head * stride_scale)
-        vs = tl.load(v_scale_ptr + kv_head * stride_scale)
+        ks = tl.load(k_scale_ptr + kv_head * stride_k_scale)  # strides: 0 (0-d scale) or 1 ([Hkv])
+        vs = tl.load(v_scale_ptr + kv_head * stride_v_scale)
     else:
         ks = tl.full([], 1.0, tl.float32)
         vs = tl.full([], 1.0, tl.float32)
