@@ -208,14 +208,15 @@ def test_aot_variants_match_jit_specialization(backend, monkeypatch):
                          dtype=torch.float16, seed=len(records))
         cos_sin = torch.randn(case.max_seqlen_k, 32)
         kvmem.paged_attention(*case.args(), **case.kwargs, rope_cos_sin=cos_sin, rope_neox=neox)
-    for q_lens, kv_lens, fmt in (([1], [40], torch.float8_e4m3fn), ([70], [70], torch.float8_e5m2)):
-        case = make_case(q_lens, kv_lens, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+    for q_lens, kv_lens, fmt, hd in (([1], [40], torch.float8_e4m3fn, 64), ([70], [70], torch.float8_e4m3fn, 64),
+                                     ([1], [30], torch.float8_e5m2, 128)):
+        case = make_case(q_lens, kv_lens, num_heads=4, num_kv_heads=2, head_dim=hd, block_size=16,
                          dtype=torch.bfloat16, seed=len(records))  # float8 caches: decode, prefill
         scales = dict(k_scale=torch.tensor(0.5), v_scale=torch.rand(2) + 0.5)
         f8 = [c.float().nan_to_num(0.0).to(fmt) for c in (case.k_cache, case.v_cache)]
         kvmem.paged_attention(case.q, f8[0], f8[1], *case.args()[3:], **case.kwargs, **scales)
-        kv8 = torch.zeros(3, 16, 2, 64, dtype=fmt)
-        kvmem.cache_write(torch.randn(4, 2, 64, dtype=torch.bfloat16), torch.randn(4, 2, 64, dtype=torch.bfloat16), kv8,
+        kv8 = torch.zeros(3, 16, 2, hd, dtype=fmt)
+        kvmem.cache_write(torch.randn(4, 2, hd, dtype=torch.bfloat16), torch.randn(4, 2, hd, dtype=torch.bfloat16), kv8,
                           kv8.clone(), torch.tensor([0, 5, -1, 40]), **scales)
     o = torch.randn(3, 5, 64, dtype=torch.float16)
     lse = torch.randn(3, 5)

@@ -68,7 +68,8 @@ CAPABILITIES = (
     Capability(OP, "cuda", run_cuda, devices=("cuda",), from_build=True, features=CUDA_FEATURES,
                max_seqlen_q=CUDA_MAX_SEQLEN_Q, needs_aligned=True),
     Capability(OP, "triton", run_triton, devices=("cuda",), dtypes=configs.SUPPORTED_DTYPES,
-               cache_dtypes=configs.SUPPORTED_CACHE_DTYPES, head_dims=configs.SUPPORTED_HEAD_DIMS, max_block_size=configs.MAX_PAGE_SIZE, features=TRITON_FEATURES),
+               cache_dtypes=configs.SUPPORTED_CACHE_DTYPES, head_dims=configs.SUPPORTED_HEAD_DIMS,
+               max_block_size=configs.MAX_PAGE_SIZE, features=TRITON_FEATURES),
     Capability(OP, "cpu", run_cpu, devices=("cpu",), from_build=True, features=CPU_FEATURES),
     Capability(OP, "reference", run_reference, cache_dtypes=None, features=ALL_FEATURES),
 )

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
-from kvmem.ops._triton import (CACHE_DTYPES, DTYPE_NAMES, DTYPES, FLOAT, FORMAT_NAMES, HEAD_DIMS,  # noqa: F401
+from kvmem.ops._triton import (CACHE_DTYPES, DTYPE_NAMES, DTYPES, E4M3, FLOAT, FORMAT_NAMES, HEAD_DIMS,  # noqa: F401
                                AotVariant, block_d, interpreting, next_pow2, reduce_block_h)
 
 SUPPORTED_DTYPES = DTYPES  # the Triton capability of paged_attention (kvmem/ops/paged_attention/capabilities.py)
@@ -336,10 +336,10 @@ def _aot_variants(arch, bds) -> Iterator[AotVariant]:
 
 
 # Caches other than q's dtype compiled ahead of time (the JIT compiles any other on first use): bf16
-# queries over each float8 format, head dims 64 and 128, without and with RoPE (NeoX), each
-# kernel's default config; fp32 queries over a bf16 cache.
-AOT_CACHE_CASES = tuple((torch.bfloat16, fmt, name, bd) for fmt, name in FORMAT_NAMES.items() for bd in (64, 128)) + (
-    (torch.float32, FLOAT, "bf16", 128),)
+# queries over each float8 format at head dim 128 (and e4m3 at 64), without and with RoPE (NeoX),
+# each kernel's default config; fp32 queries over a bf16 cache.
+AOT_CACHE_CASES = tuple((torch.bfloat16, fmt, name, 128) for fmt, name in FORMAT_NAMES.items()) + (
+    (torch.bfloat16, E4M3, "e4m3", 64), (torch.float32, FLOAT, "bf16", 128))
 
 
 def _aot_cache_variants(arch) -> Iterator[AotVariant]:
