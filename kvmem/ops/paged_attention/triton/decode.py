@@ -5,7 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvmem.ops.paged_attention.triton.tiles import _kv_scales, _load_kv_tile, _online_softmax_step, _rope_k_tile, _scores
+from kvmem.ops.paged_attention.triton.tiles import (_kv_scales, _load_kv_tile, _online_softmax_step, _rope_k_tile,
+                                                    _scores)
 
 # --------------------------------------------------------------------------------------------
 # Decode (split-K): the G query heads (x small q_len) of one KV head share each K/V tile
@@ -13,7 +14,8 @@ from kvmem.ops.paged_attention.triton.tiles import _kv_scales, _load_kv_tile, _o
 
 
 @triton.jit(do_not_specialize=["num_row_chunks", "group", "page_size", "num_splits", "window", "causal",
-                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_k_scale", "stride_v_scale", "stride_bt", "stride_lt",
+                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_k_scale", "stride_v_scale",
+                               "stride_bt", "stride_lt",
                                "stride_lh", "stride_pls", "stride_plt"])
 def _decode_kernel(
     q_ptr,
@@ -128,7 +130,8 @@ def _decode_kernel(
     qk_scale = qk_scale * k_fac
     softcap_in = softcap_in * k_fac
     # keys not exact in q's 16-bit dtype (rotated, or a float cache of another dtype): two dots
-    SPLIT_K: tl.constexpr = (ROPE or (FORMAT == 0 and k_ptr.dtype.element_ty != q_ptr.dtype.element_ty)) and not FP32
+    SPLIT_K: tl.constexpr = (ROPE or (FORMAT == 0 and k_ptr.dtype.element_ty != q_ptr.dtype.element_ty)) and \
+        not FP32
     for t in range(t_begin, t_end):
         n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = (n >= lo) & (n < hi)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvmem.ops.paged_attention.triton.tiles import _kv_scales, _load_kv_tile, _online_softmax_step, _rope_k_tile, _scores
+from kvmem.ops.paged_attention.triton.tiles import (_kv_scales, _load_kv_tile, _online_softmax_step, _rope_k_tile,
+                                                    _scores)
 
 # --------------------------------------------------------------------------------------------
 # Prefill (varlen, one query head per program, BLOCK_M queries per program)
@@ -19,7 +20,8 @@ from kvmem.ops.paged_attention.triton.tiles import _kv_scales, _load_kv_tile, _o
 # strides over head_dim-sized rows and head_dim itself are multiples of 16 for every supported
 # head dim and keep the /16 hint (the AOT tool marks them too).
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "group", "page_size", "window", "causal",
-                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_k_scale", "stride_v_scale", "stride_bt", "stride_lt",
+                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_k_scale", "stride_v_scale",
+                               "stride_bt", "stride_lt",
                                "stride_lh"])
 def _prefill_kernel(
     q_ptr,
@@ -141,7 +143,8 @@ def _prefill_kernel(
         qk_scale = qk_scale * k_fac
         softcap_in = softcap_in * k_fac
         # keys not exact in q's 16-bit dtype (rotated, or a float cache of another dtype): two dots
-        SPLIT_K: tl.constexpr = (ROPE or (FORMAT == 0 and k_ptr.dtype.element_ty != q_ptr.dtype.element_ty)) and not FP32
+        SPLIT_K: tl.constexpr = (ROPE or (FORMAT == 0 and k_ptr.dtype.element_ty != q_ptr.dtype.element_ty)) and \
+        not FP32
 
         # Interior tiles: every key visible to every (real) query row.
         for n0 in range(a, bb, BLOCK_N):
