@@ -26,9 +26,6 @@ TRITON_OUT = {
     torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
 }
 TRITON_LSE = dict(atol=2e-4, rtol=2e-4)
-# Triton's interpreter rounds fp32 -> bf16 toward zero (GPUs and torch round to nearest even):
-# one bf16 ulp, relative, for an fp32 -> bf16 cache_write under the interpreter.
-TRITON_INTERPRETER_BF16_ROUNDING = dict(atol=0, rtol=2**-7)
 # merge_states of an fp32 partial with itself: weights exp(lse - lse - log 2) = 1/2 up to exp's
 # rounding, so the merge returns the partial to a few fp32 ulps.
 MERGE_SELF_FP32 = dict(atol=1e-5, rtol=1e-5)

@@ -60,22 +60,26 @@ def family_limit(cc: int) -> int:
     fam = configs.family_of_cc(cc)
     return min(v for k, v in SMEM_LIMIT.items() if configs.family_of_cc(k) == fam)
 
-# Argument names -> type, per kernel. "T" = the variant's dtype, "S" = the source dtype.
+# Argument names -> type, per kernel. "T" = the variant's dtype, "S" = the source dtype, "C" = the
+# caches' dtype (the variant's cache_dtype, else its dtype). Float8 caches are uint8 pointers.
 _PTRS = {
-    "prefill": dict(q_ptr="T", k_ptr="T", v_ptr="T", out_ptr="T", bt_ptr="i32", seq_lens_ptr="i32",
-                    cu_q_ptr="i32", sink_ptr="fp32", rope_ptr="fp32", lse_ptr="fp32"),
-    "decode": dict(q_ptr="T", k_ptr="T", v_ptr="T", out_ptr="T", bt_ptr="i32", seq_lens_ptr="i32",
-                   cu_q_ptr="i32", sink_ptr="fp32", rope_ptr="fp32", lse_ptr="fp32", part_out_ptr="fp32",
-                   part_lse_ptr="fp32"),
+    "prefill": dict(q_ptr="T", k_ptr="C", v_ptr="C", out_ptr="T", bt_ptr="i32", seq_lens_ptr="i32",
+                    cu_q_ptr="i32", sink_ptr="fp32", rope_ptr="fp32", k_scale_ptr="fp32", v_scale_ptr="fp32",
+                    lse_ptr="fp32"),
+    "decode": dict(q_ptr="T", k_ptr="C", v_ptr="C", out_ptr="T", bt_ptr="i32", seq_lens_ptr="i32",
+                   cu_q_ptr="i32", sink_ptr="fp32", rope_ptr="fp32", k_scale_ptr="fp32", v_scale_ptr="fp32",
+                   lse_ptr="fp32", part_out_ptr="fp32", part_lse_ptr="fp32"),
     "decode_reduce": dict(part_out_ptr="fp32", part_lse_ptr="fp32", cu_q_ptr="i32", sink_ptr="fp32",
                           out_ptr="T", lse_ptr="fp32"),
     "merge_states": dict(out_ptr="T", lse_ptr="fp32", a_ptr="T", lse_a_ptr="fp32", b_ptr="T",
                          lse_b_ptr="fp32"),
-    "cache_write": dict(k_ptr="S", v_ptr="S", k_cache_ptr="T", v_cache_ptr="T", slot_ptr="i64"),
+    "cache_write": dict(k_ptr="S", v_ptr="S", k_cache_ptr="T", v_cache_ptr="T", slot_ptr="i64", k_scale_ptr="fp32",
+                        v_scale_ptr="fp32"),
     "memory_select_scores": dict(scores_ptr="fp32", q_ptr="T", summaries_ptr="fp32", bank_ptr="i32",
                                  bank_lens_ptr="i32", query_index_ptr="i32"),
 }
 _FLOATS = {"qk_scale", "softcap_in", "softcap_out"}
+_STORAGE = {"e4m3": "u8", "e5m2": "u8"}  # AotVariant dtype names of float8 caches -> pointer element type
 # Integer arguments that are multiples of 16 in every supported layout (strides over a head dim
 # that is a multiple of 16). Block-table, lse and split-lse strides may be anything.
 _DIV16 = re.compile(r"^head_dim$|^stride_(qt|qh|kb|ks|kh|vb|vs|vh|ot|oh|ps|pt|ph|at|ah|bt|bh|kt|vt|kcb|kcs|kch|"
@@ -96,7 +100,7 @@ def do_not_specialize(fn) -> set:
     return {fn.arg_names[d] if isinstance(d, int) else d for d in dns}
 
 
-def signature_and_attrs(kernel: str, fn, constexprs: dict, dtype: str, src_dtype=None):
+def signature_and_attrs(kernel: str, fn, constexprs: dict, dtype: str, src_dtype=None, cache_dtype=None):
     """(signature, attrs) of ``kernel`` as the JIT specialises a launch through the public ops."""
     ptrs = _PTRS[kernel]
     dns = do_not_specialize(fn)
@@ -107,8 +111,8 @@ def signature_and_attrs(kernel: str, fn, constexprs: dict, dtype: str, src_dtype
             continue
         if name in ptrs:
             ty = ptrs[name]
-            ty = {"T": dtype, "S": src_dtype}.get(ty, ty)
-            signature[name] = "*" + ty
+            ty = {"T": dtype, "S": src_dtype, "C": cache_dtype or dtype}.get(ty, ty)
+            signature[name] = "*" + _STORAGE.get(ty, ty)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
             signature[name] = "fp32"
@@ -134,11 +138,13 @@ def build_source(variant):
 
     fn = _kernel_fn(variant.kernel)
     constexprs = dict(variant.constexprs)
-    signature, attrs = signature_and_attrs(variant.kernel, fn, constexprs, variant.dtype, variant.src_dtype)
+    signature, attrs = signature_and_attrs(variant.kernel, fn, constexprs, variant.dtype, variant.src_dtype,
+                                           variant.cache_dtype)
     return triton.compiler.ASTSource(fn, signature, constexprs, attrs)
 
 
-_TORCH_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32", "int64": "i64"}
+_TORCH_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32", "int64": "i64",
+                "uint8": "u8"}
 
 
 def jit_specialization(fn, args) -> tuple:

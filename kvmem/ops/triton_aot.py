@@ -9,7 +9,7 @@ import importlib
 from typing import Dict, Iterator
 
 from kvmem.ops import OP_NAMES
-from kvmem.ops._triton import DTYPE_NAMES, AotVariant, interpreting  # noqa: F401  (for the GPU tests)
+from kvmem.ops._triton import DTYPE_NAMES, FORMAT_NAMES, AotVariant, interpreting  # noqa: F401  (for the GPU tests)
 
 
 def triton_modules() -> Dict[str, object]:

@@ -169,7 +169,8 @@ def test_aot_variants_match_jit_specialization(backend, monkeypatch):
     tools/aot_compile_triton.py compiles: same int constants (an argument equal to 1 would be
     one unless in do_not_specialize), same /16 hints, and the variant is in the enumeration.
     Covers contiguous lse (stride 1), no lse, one-column block tables, split and unsplit decode,
-    speculative steps, merge with contiguous lse, and cache_write."""
+    speculative steps, merge with contiguous lse, cache_write, and float8 caches (attention and
+    cache_write)."""
     pytest.importorskip("triton")
     cw, configs, ms, pa = _triton_modules()
     import importlib
@@ -207,6 +208,16 @@ def test_aot_variants_match_jit_specialization(backend, monkeypatch):
                          dtype=torch.float16, seed=len(records))
         cos_sin = torch.randn(case.max_seqlen_k, 32)
         kvmem.paged_attention(*case.args(), **case.kwargs, rope_cos_sin=cos_sin, rope_neox=neox)
+    for q_lens, kv_lens, fmt, hd in (([1], [40], torch.float8_e4m3fn, 64), ([70], [70], torch.float8_e4m3fn, 64),
+                                     ([1], [30], torch.float8_e5m2, 128)):
+        case = make_case(q_lens, kv_lens, num_heads=4, num_kv_heads=2, head_dim=hd, block_size=16,
+                         dtype=torch.bfloat16, seed=len(records))  # float8 caches: decode, prefill
+        scales = dict(k_scale=torch.tensor(0.5), v_scale=torch.rand(2) + 0.5)
+        f8 = [c.float().nan_to_num(0.0).to(fmt) for c in (case.k_cache, case.v_cache)]
+        kvmem.paged_attention(case.q, f8[0], f8[1], *case.args()[3:], **case.kwargs, **scales)
+        kv8 = torch.zeros(3, 16, 2, hd, dtype=fmt)
+        kvmem.cache_write(torch.randn(4, 2, hd, dtype=torch.bfloat16), torch.randn(4, 2, hd, dtype=torch.bfloat16), kv8,
+                          kv8.clone(), torch.tensor([0, 5, -1, 40]), **scales)
     o = torch.randn(3, 5, 64, dtype=torch.float16)
     lse = torch.randn(3, 5)
     kvmem.merge_states(o, lse, o, lse)
@@ -220,6 +231,7 @@ def test_aot_variants_match_jit_specialization(backend, monkeypatch):
                       torch.tensor([[0, 3, 1], [4, 2, 0]], dtype=torch.int32), torch.tensor([3, 1], dtype=torch.int32),
                       torch.tensor([0, 1, 3], dtype=torch.int32), 2, summary=summary)
 
+    assert {k for k, _, _, kw in records if kw.get("FORMAT")} == {"prefill", "decode", "cache_write"}  # float8 ran
     names = {v.name for v in configs.aot_variants(80)}
     seen = set()
     for kernel, fn, args, kwargs in records:
@@ -228,12 +240,16 @@ def test_aot_variants_match_jit_specialization(backend, monkeypatch):
         # element type of: the cache (cache_write, k is the source), out (decode_reduce), q (memory_select_scores),
         # q / out (the others)
         where = {"cache_write": 2, "decode_reduce": 4, "memory_select_scores": 1}.get(kernel, 0)
-        dtype = configs.DTYPE_NAMES[args[where].dtype]
+        fp8 = configs.FORMAT_NAMES.get(constexprs.get("FORMAT"))  # a float8 cache (uint8 storage): its format
+        dtype = fp8 if fp8 and kernel == "cache_write" else configs.DTYPE_NAMES[args[where].dtype]
         src = configs.DTYPE_NAMES[args[0].dtype] if kernel == "cache_write" else None
+        cache = None
+        if kernel in ("prefill", "decode") and (fp8 or args[1].dtype != args[0].dtype):
+            cache = fp8 or configs.DTYPE_NAMES[args[1].dtype]
         variant = configs.AotVariant(kernel, dtype, tuple(constexprs.items()), kwargs.get("num_warps", 4),
-                                     kwargs.get("num_stages", 3), src)
+                                     kwargs.get("num_stages", 3), src, cache)
         assert variant.name in names, f"launched variant not in the AOT enumeration: {variant.name}"
-        sig, attrs = aot.signature_and_attrs(kernel, fn, constexprs, dtype, src)
+        sig, attrs = aot.signature_and_attrs(kernel, fn, constexprs, dtype, src, cache)
         jit_sig, jit_div = aot.jit_specialization(fn, args)
         for i, name in enumerate(fn.arg_names[:len(args)]):
             assert jit_sig[name] == sig[name], f"{variant.name}: {name}={args[i]!r}: JIT {jit_sig[name]}, AOT {sig[name]}"

@@ -294,7 +294,7 @@ def test_aot_enumeration_covers_launchers():
                         for rope, neox in ((False, True), (True, True), (True, False)):
                             assert (f"prefill[{dn}; BLOCK_D={bd},BLOCK_M={c.block_m},BLOCK_N={c.block_n},SOFTCAP={sc},"
                                     f"FP32={dtype == F32},ROPE={rope},ROPE_NEOX={neox},"
-                                    f"SEARCH_BLOCK={cfgs.SEARCH_BLOCK}; w{c.num_warps} "
+                                    f"SEARCH_BLOCK={cfgs.SEARCH_BLOCK},FORMAT=0,HAS_SCALE=False; w{c.num_warps} "
                                     f"s{1 if rope else c.num_stages}]") in names
                 for g in (1, 3, 4, 7, 8, 16, 24, 64):
                     for ql in (1, 2, 4, 8):
@@ -305,7 +305,7 @@ def test_aot_enumeration_covers_launchers():
                             for sc in (False, True):
                                 for rope, neox in ((False, True), (True, True), (True, False)):
                                     assert (f"decode[{dn}; BLOCK_D={bd},ROWS={rows},BLOCK_N={c.block_n},SOFTCAP={sc},"
-                                            f"FP32={dtype == F32},ROPE={rope},ROPE_NEOX={neox}; w{c.num_warps} "
+                                            f"FP32={dtype == F32},ROPE={rope},ROPE_NEOX={neox},FORMAT=0,HAS_SCALE=False; w{c.num_warps} "
                                             f"s{1 if rope else c.num_stages}]") in names
 
 

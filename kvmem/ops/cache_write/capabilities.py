@@ -8,15 +8,17 @@ import importlib
 
 from kvmem import _ext
 from kvmem.dispatch import Capability, register
+from kvmem.ops import _triton
 from kvmem.ops._common import flat, omitted_args
 from kvmem.ops.cache_write import reference
 from kvmem.ops.cache_write.params import FEATURE_OF, MODIFIER_OF, OP
 
 ALL_FEATURES = frozenset(FEATURE_OF.values())
-KERNEL_FEATURES = frozenset()  # the triton kernel (until it takes scales): unscaled
-# scales (float8 and float caches), kvmem's one encoding; cache dtypes from the build facts.
+# Every kernel takes scales (float8 and float caches, kvmem's one encoding); the compiled ones'
+# cache dtypes come from the build facts, Triton's from kvmem/ops/_triton.py (kvmem/ops/triton_fp8.py).
 CPU_FEATURES = frozenset({"kv_scale"})
 CUDA_FEATURES = frozenset({"kv_scale"})  # compile-checked only (nvcc_check): no GPU here
+TRITON_FEATURES = frozenset({"kv_scale"})  # any float k/v into any float or float8 cache, scaled
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,13 +48,13 @@ def run_cuda(p) -> None:
 
 
 def run_triton(p) -> None:
-    args = _kernel_args(p, KERNEL_FEATURES)
+    args = _kernel_args(p, TRITON_FEATURES)
     importlib.import_module("kvmem.ops.cache_write.triton").cache_write(*args)
 
 
 CAPABILITIES = (
     Capability(OP, "cuda", run_cuda, devices=("cuda",), from_build=True, features=CUDA_FEATURES),
-    Capability(OP, "triton", run_triton, devices=("cuda",), features=KERNEL_FEATURES),
+    Capability(OP, "triton", run_triton, devices=("cuda",), cache_dtypes=_triton.CACHE_DTYPES, features=TRITON_FEATURES),
     Capability(OP, "cpu", run_cpu, devices=("cpu",), from_build=True, features=CPU_FEATURES),
     Capability(OP, "reference", run_reference, cache_dtypes=None, features=ALL_FEATURES),
 )

@@ -21,7 +21,7 @@ CPU_FEATURES = KERNEL_FEATURES | {"rope", "kv_scale"}  # float8 / scaled / other
 # compile-checked only (nvcc_check): no GPU here. kv_scale: float8 / 16-bit caches with scales; the
 # cache dtypes (q's, the other 16-bit float, float8) come from the build facts (cache_dtypes).
 CUDA_FEATURES = KERNEL_FEATURES | {"rope", "kv_scale"}
-TRITON_FEATURES = KERNEL_FEATURES | {"rope"}
+TRITON_FEATURES = KERNEL_FEATURES | {"rope", "kv_scale"}  # kv_scale: float8 and scaled float caches
 # Longest query segment the CUDA kernels take (they are decode kernels: one row per query token
 # and head-in-group); longer segments (prefill) go to another backend.
 CUDA_MAX_SEQLEN_Q = 16
@@ -70,7 +70,8 @@ CAPABILITIES = (
     Capability(OP, "cuda", run_cuda, devices=("cuda",), from_build=True, features=CUDA_FEATURES,
                max_seqlen_q=CUDA_MAX_SEQLEN_Q, needs_aligned=True),
     Capability(OP, "triton", run_triton, devices=("cuda",), dtypes=configs.SUPPORTED_DTYPES,
-               head_dims=configs.SUPPORTED_HEAD_DIMS, max_block_size=configs.MAX_PAGE_SIZE, features=TRITON_FEATURES),
+               cache_dtypes=configs.SUPPORTED_CACHE_DTYPES, head_dims=configs.SUPPORTED_HEAD_DIMS,
+               max_block_size=configs.MAX_PAGE_SIZE, features=TRITON_FEATURES),
     Capability(OP, "cpu", run_cpu, devices=("cpu",), from_build=True, features=CPU_FEATURES),
     Capability(OP, "reference", run_reference, cache_dtypes=None, features=ALL_FEATURES),
 )

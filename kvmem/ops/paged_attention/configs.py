@@ -30,10 +30,11 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
-from kvmem.ops._triton import (DTYPE_NAMES, DTYPES, HEAD_DIMS, AotVariant, block_d, interpreting,  # noqa: F401
-                               next_pow2, reduce_block_h)
+from kvmem.ops._triton import (CACHE_DTYPES, DTYPE_NAMES, DTYPES, E4M3, FLOAT, FORMAT_NAMES, HEAD_DIMS,  # noqa: F401
+                               AotVariant, block_d, interpreting, next_pow2, reduce_block_h)
 
 SUPPORTED_DTYPES = DTYPES  # the Triton capability of paged_attention (kvmem/ops/paged_attention/capabilities.py)
+SUPPORTED_CACHE_DTYPES = CACHE_DTYPES  # any float cache (converted on load) and float8 (e4m3fn, e5m2)
 SUPPORTED_HEAD_DIMS = HEAD_DIMS
 MAX_PAGE_SIZE = 256
 SEARCH_BLOCK = 128  # sequences scanned per step when a prefill program looks up its sequence
@@ -272,6 +273,16 @@ def rope_config(c):
     return dataclasses.replace(c, num_stages=1)
 
 
+def cache_config(c, dtype, cache_dtype):
+    """The config a launch over a ``cache_dtype`` cache runs: ``c``, unpipelined for fp32 queries
+    over a cache of another dtype (float8 or 16-bit, converted on load). Pipelined, triton 3.9's
+    FMA dot over converted tiles takes 255 registers and spills (176-224 B on sm80, measured with
+    tools/aot_compile_triton.py); unpipelined it takes 64-80, as over an fp32 cache."""
+    if _is_fp32(dtype) and not _is_fp32(cache_dtype):
+        return dataclasses.replace(c, num_stages=1)
+    return c
+
+
 # (ROPE, ROPE_NEOX) constexpr pairs: no RoPE on load (ROPE_NEOX unused, pinned True), NeoX
 # halves, GPT-J pairs.
 ROPE_VARIANTS = ((False, True), (True, True), (True, False))
@@ -279,38 +290,63 @@ ROPE_VARIANTS = ((False, True), (True, True), (True, False))
 
 def aot_variants(arch: int = 80) -> Iterator[AotVariant]:
     """Every paged-attention (kernel, dtype, constexprs, num_warps, num_stages) that the launchers or the tuner
-    can pick on ``arch`` for the supported dtypes and head dims, with and without softcap, without
-    RoPE on load and with each of its two pairings.
+    can pick on ``arch`` for the supported dtypes and head dims over a cache of q's dtype, with and
+    without softcap, without RoPE on load and with each of its two pairings; and representative
+    variants over other caches (:func:`_aot_cache_variants`).
     Head dim, page size and group size are runtime arguments: they only pick BLOCK_D (next
     power of two of the head dim) and decode's ROWS. Causal, window, sink and lse are runtime
-    flags (uniform branches outside the key loop, or masks inside it)."""
+    flags (uniform branches outside the key loop, or masks inside it); HAS_SCALE is a constexpr
+    (so the unscaled path compiles as it did before scales), True with float8 caches (which
+    always have scales)."""
     bds = sorted({block_d(hd) for hd in SUPPORTED_HEAD_DIMS})
     seen = set()
-    for v in _aot_variants(arch, bds):
+    for v in list(_aot_variants(arch, bds)) + list(_aot_cache_variants(arch)):
         if v.name not in seen:  # rope_config can map two configs to one
             seen.add(v.name)
             yield v
 
 
+def _prefill_variant(dtype, bd, c, softcap, rope, fmt=FLOAT, cache=None) -> AotVariant:
+    return AotVariant("prefill", DTYPE_NAMES[dtype], (
+        ("BLOCK_D", bd), ("BLOCK_M", c.block_m), ("BLOCK_N", c.block_n), ("SOFTCAP", softcap),
+        ("FP32", dtype == torch.float32), ("ROPE", rope[0]), ("ROPE_NEOX", rope[1]), ("SEARCH_BLOCK", SEARCH_BLOCK),
+        ("FORMAT", fmt), ("HAS_SCALE", fmt != FLOAT)), c.num_warps, c.num_stages, cache_dtype=cache)
+
+
+def _decode_variant(dtype, bd, rows, c, softcap, rope, fmt=FLOAT, cache=None) -> AotVariant:
+    return AotVariant("decode", DTYPE_NAMES[dtype], (
+        ("BLOCK_D", bd), ("ROWS", rows), ("BLOCK_N", c.block_n), ("SOFTCAP", softcap),
+        ("FP32", dtype == torch.float32), ("ROPE", rope[0]), ("ROPE_NEOX", rope[1]), ("FORMAT", fmt),
+        ("HAS_SCALE", fmt != FLOAT)), c.num_warps, c.num_stages, cache_dtype=cache)
+
+
 def _aot_variants(arch, bds) -> Iterator[AotVariant]:
     for dtype in SUPPORTED_DTYPES:
         dn = DTYPE_NAMES[dtype]
-        fp32 = dtype == torch.float32
         for bd in bds:
             for softcap in (False, True):
                 for rope in ROPE_VARIANTS:
                     for c in prefill_configs(dtype, bd, arch):
-                        c = rope_config(c) if rope[0] else c
-                        yield AotVariant("prefill", dn, (
-                            ("BLOCK_D", bd), ("BLOCK_M", c.block_m), ("BLOCK_N", c.block_n),
-                            ("SOFTCAP", softcap), ("FP32", fp32), ("ROPE", rope[0]), ("ROPE_NEOX", rope[1]),
-                            ("SEARCH_BLOCK", SEARCH_BLOCK)), c.num_warps, c.num_stages)
+                        yield _prefill_variant(dtype, bd, rope_config(c) if rope[0] else c, softcap, rope)
                     for rows in decode_row_options(dtype, bd):
                         for c in decode_configs(dtype, bd, arch, rows):
-                            c = rope_config(c) if rope[0] else c
-                            yield AotVariant("decode", dn, (
-                                ("BLOCK_D", bd), ("ROWS", rows), ("BLOCK_N", c.block_n), ("SOFTCAP", softcap),
-                                ("FP32", fp32), ("ROPE", rope[0]), ("ROPE_NEOX", rope[1])),
-                                c.num_warps, c.num_stages)
+                            yield _decode_variant(dtype, bd, rows, rope_config(c) if rope[0] else c, softcap, rope)
         for bd in bds:
             yield AotVariant("decode_reduce", dn, (("BLOCK_H", reduce_block_h(bd)), ("BLOCK_D", bd)), 4, 3)
+
+
+# Caches other than q's dtype compiled ahead of time (the JIT compiles any other on first use): bf16
+# queries over each float8 format at head dim 128 (and e4m3 at 64), without and with RoPE (NeoX),
+# each kernel's default config; fp32 queries over a bf16 cache.
+AOT_CACHE_CASES = tuple((torch.bfloat16, fmt, name, 128) for fmt, name in FORMAT_NAMES.items()) + (
+    (torch.bfloat16, E4M3, "e4m3", 64), (torch.float32, FLOAT, "bf16", 128))
+
+
+def _aot_cache_variants(arch) -> Iterator[AotVariant]:
+    for dtype, fmt, cache, bd in AOT_CACHE_CASES:
+        cache_dtype = "fp32" if cache == "fp32" else "other"
+        for rope in ROPE_VARIANTS[:2] if fmt != FLOAT else ROPE_VARIANTS[:1]:
+            c = cache_config(prefill_configs(dtype, bd, arch)[0], dtype, cache_dtype)
+            yield _prefill_variant(dtype, bd, rope_config(c) if rope[0] else c, False, rope, fmt, cache)
+            c = cache_config(decode_configs(dtype, bd, arch, DECODE_ROWS[0])[0], dtype, cache_dtype)
+            yield _decode_variant(dtype, bd, DECODE_ROWS[0], rope_config(c) if rope[0] else c, False, rope, fmt, cache)

@@ -9,6 +9,10 @@ is independent of the page size (1..256).
 NaN safety: the block table is loaded only for keys that may be visible, masked K/V rows are
 loaded as 0 (so ``0 * v`` never meets a NaN) and masked scores are set to ``-inf`` with
 ``tl.where``.
+
+Caches: any float dtype (converted on load when not q's), or float8 (e4m3fn, e5m2: passed as
+uint8 and decoded in registers) with 0-d or per-KV-head ``k_scale``/``v_scale``; a float cache
+may have scales too (the load transform: tiles.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from kvmem.ops import _triton as _facts
 from kvmem.ops.paged_attention import configs as _cfg
 from kvmem.ops.paged_attention.triton.decode import _decode_kernel, _decode_reduce_kernel
 from kvmem.ops.paged_attention.triton.prefill import _prefill_kernel
@@ -47,9 +52,25 @@ def _rope_params(q, rope_cos_sin):
     return rope_cos_sin, rope_cos_sin.stride(0), rope_cos_sin.shape[1], True
 
 
+def _kv_params(q, k_cache, v_cache, k_scale, v_scale):
+    """(k storage, v storage, FORMAT, k_scale, v_scale, their strides, has_scale): the caches as
+    the kernels take them (float8 as uint8) and their scales (each 0-d or [Hkv]; dummies without)."""
+    fmt = _facts.cache_format(k_cache.dtype)
+    has_scale = k_scale is not None
+    assert has_scale == (v_scale is not None) and (has_scale or fmt == _facts.FLOAT), \
+        "float8 caches need k_scale and v_scale"
+    if has_scale:
+        assert k_scale.dtype == v_scale.dtype == torch.float32
+        strides = (1 if k_scale.dim() == 1 else 0, 1 if v_scale.dim() == 1 else 0)
+    else:
+        k_scale = v_scale = _dummy(q)
+        strides = (0, 0)
+    return _facts.storage(k_cache), _facts.storage(v_cache), fmt, k_scale, v_scale, strides, has_scale
+
+
 def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                    max_seqlen_q, scale, causal, window, softcap, sink_logits, cfg=None,
-                   rope_cos_sin=None, rope_neox=True):
+                   rope_cos_sin=None, rope_neox=True, k_scale=None, v_scale=None):
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -65,13 +86,14 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
     rope, stride_rope, rot_dim, use_rope = _rope_params(q, rope_cos_sin)
     rope_neox = bool(rope_neox) if use_rope else True
     block_d = _cfg.block_d(head_dim)
+    k_store, v_store, fmt, k_scale, v_scale, scale_strides, has_scale = _kv_params(q, k_cache, v_cache, k_scale, v_scale)
 
     def launch(c: _cfg.PrefillConfig):
-        c = _cfg.rope_config(c) if use_rope else c
+        c = _cfg.cache_config(_cfg.rope_config(c) if use_rope else c, q.dtype, k_cache.dtype)
         num_tiles = num_tokens // c.block_m + num_seqs
         grid = (num_tiles, num_heads)
         _prefill_kernel[grid](
-            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sink, rope, out, lse_t,
+            q, k_store, v_store, block_table, seq_lens, cu_seqlens_q, sink, rope, k_scale, v_scale, out, lse_t,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -80,16 +102,19 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
             num_seqs, num_tiles, group, page_size,
             qk_scale, sc_in, sc_out, int(window) if window and window > 0 else 0,
             1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, stride_rope, rot_dim,
-            head_dim,
+            scale_strides[0], scale_strides[1], head_dim,
             BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
             SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox, SEARCH_BLOCK=_cfg.SEARCH_BLOCK,
+            FORMAT=fmt, HAS_SCALE=has_scale,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
 
     if cfg is None:
         arch = _cfg.arch_of(q.device)
         cfg = _cfg.tuned(
-            "prefill", _cfg.prefill_key(q.dtype, head_dim, group, page_size, max_seqlen_q, arch) + (use_rope,),
+            "prefill",
+            _cfg.prefill_key(q.dtype, head_dim, group, page_size, max_seqlen_q, arch) + (use_rope, str(k_cache.dtype),
+                                                                                        has_scale),
             _cfg.prefill_configs(q.dtype, block_d, arch),
             _cfg.prefill_heuristic(q.dtype, block_d, arch, max_seqlen_q), launch, q.device)
     launch(cfg)
@@ -97,7 +122,7 @@ def launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seql
 
 def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                   max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
-                  cfg=None, num_splits=None, rope_cos_sin=None, rope_neox=True):
+                  cfg=None, num_splits=None, rope_cos_sin=None, rope_neox=True, k_scale=None, v_scale=None):
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -115,9 +140,10 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     block_d = _cfg.block_d(head_dim)
     rows = _cfg.decode_rows(group * max(1, max_seqlen_q), q.dtype, block_d)
     num_row_chunks = triton.cdiv(group * max(1, max_seqlen_q), rows)
+    k_store, v_store, fmt, k_scale, v_scale, scale_strides, has_scale = _kv_params(q, k_cache, v_cache, k_scale, v_scale)
 
     def launch(c: _cfg.DecodeConfig, splits=None):
-        c = _cfg.rope_config(c) if use_rope else c
+        c = _cfg.cache_config(_cfg.rope_config(c) if use_rope else c, q.dtype, k_cache.dtype)
         if splits is None:
             splits = _cfg.decode_num_splits(num_seqs, num_kv_heads * num_row_chunks,
                                             max_seqlen_k, c.block_n, q.device)
@@ -132,7 +158,7 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
         pls = part_lse.stride() if splits > 1 else (0, 0, 1)
         grid = (num_seqs, num_kv_heads * num_row_chunks, splits)
         _decode_kernel[grid](
-            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, sink, rope, out, lse_t,
+            q, k_store, v_store, block_table, seq_lens, cu_seqlens_q, sink, rope, k_scale, v_scale, out, lse_t,
             part_out, part_lse,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -143,9 +169,9 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
             num_row_chunks, group, page_size, splits,
             qk_scale, sc_in, sc_out, int(window) if window and window > 0 else 0,
             1 if causal else 0, 1 if has_sink else 0, 1 if write_lse else 0, stride_rope, rot_dim,
-            head_dim,
+            scale_strides[0], scale_strides[1], head_dim,
             BLOCK_D=block_d, ROWS=rows, BLOCK_N=c.block_n,
-            SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox,
+            SOFTCAP=use_softcap, FP32=fp32, ROPE=use_rope, ROPE_NEOX=rope_neox, FORMAT=fmt, HAS_SCALE=has_scale,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
         if splits > 1:
@@ -162,7 +188,8 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
     if cfg is None:
         arch = _cfg.arch_of(q.device)
         cfg = _cfg.tuned(
-            "decode", _cfg.decode_key(q.dtype, head_dim, group, page_size, rows, arch) + (use_rope,),
+            "decode",
+            _cfg.decode_key(q.dtype, head_dim, group, page_size, rows, arch) + (use_rope, str(k_cache.dtype), has_scale),
             _cfg.decode_configs(q.dtype, block_d, arch, rows),
             _cfg.decode_heuristic(q.dtype, block_d, arch, rows), lambda c: launch(c, num_splits),
             q.device)
@@ -171,13 +198,15 @@ def launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqle
 
 def paged_attention(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                     max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool,
-                    window: int, softcap: float, sink_logits, rope_cos_sin=None, rope_neox: bool = True) -> None:
+                    window: int, softcap: float, sink_logits, k_scale=None, v_scale=None, rope_cos_sin=None,
+                    rope_neox: bool = True) -> None:
     """Write attention of ``q`` over the paged caches into ``out`` (and ``lse`` if not None).
 
-    ``window <= 0`` / ``softcap <= 0`` (or None) mean none. ``rope_cos_sin: [num_positions,
-    rot_dim]`` fp32 (or None): RoPE on load, key n rotated at position n (halves if
-    ``rope_neox``, else interleaved pairs) in fp32. Tokens not covered by
-    ``cu_seqlens_q`` are left untouched. No host synchronisation.
+    ``window <= 0`` / ``softcap <= 0`` (or None) mean none. ``k_scale``/``v_scale`` (fp32, 0-d or
+    [Hkv], both or neither; required by float8 caches): the caches hold ``k / k_scale``.
+    ``rope_cos_sin: [num_positions, rot_dim]`` fp32 (or None): RoPE on load, key n rotated at
+    position n (halves if ``rope_neox``, else interleaved pairs) in fp32, after the scale.
+    Tokens not covered by ``cu_seqlens_q`` are left untouched. No host synchronisation.
     """
     assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.dim() == 4
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -189,11 +218,11 @@ def paged_attention(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seq
     if _cfg.use_decode(max_seqlen_q, group):
         launch_decode(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                       max_seqlen_q, max_seqlen_k, scale, causal, window, softcap, sink_logits,
-                      rope_cos_sin=rope_cos_sin, rope_neox=rope_neox)
+                      rope_cos_sin=rope_cos_sin, rope_neox=rope_neox, k_scale=k_scale, v_scale=v_scale)
     else:
         launch_prefill(out, lse, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                        max_seqlen_q, scale, causal, window, softcap, sink_logits,
-                       rope_cos_sin=rope_cos_sin, rope_neox=rope_neox)
+                       rope_cos_sin=rope_cos_sin, rope_neox=rope_neox, k_scale=k_scale, v_scale=v_scale)
 
 
 AOT_KERNELS = {"prefill": _prefill_kernel, "decode": _decode_kernel, "decode_reduce": _decode_reduce_kernel}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvmem.ops.paged_attention.triton.tiles import _load_kv_tile, _online_softmax_step, _rope_k_tile, _scores
+from kvmem.ops.paged_attention.triton.tiles import (_kv_scales, _load_kv_tile, _online_softmax_step, _rope_k_tile,
+                                                    _scores)
 
 # --------------------------------------------------------------------------------------------
 # Prefill (varlen, one query head per program, BLOCK_M queries per program)
@@ -19,7 +20,8 @@ from kvmem.ops.paged_attention.triton.tiles import _load_kv_tile, _online_softma
 # strides over head_dim-sized rows and head_dim itself are multiples of 16 for every supported
 # head dim and keep the /16 hint (the AOT tool marks them too).
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "group", "page_size", "window", "causal",
-                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_bt", "stride_lt",
+                               "has_sink", "write_lse", "stride_rope", "rot_dim", "stride_k_scale", "stride_v_scale",
+                               "stride_bt", "stride_lt",
                                "stride_lh"])
 def _prefill_kernel(
     q_ptr,
@@ -30,6 +32,8 @@ def _prefill_kernel(
     cu_q_ptr,
     sink_ptr,
     rope_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     out_ptr,
     lse_ptr,
     stride_qt,
@@ -58,6 +62,8 @@ def _prefill_kernel(
     write_lse,
     stride_rope,
     rot_dim,
+    stride_k_scale,
+    stride_v_scale,
     head_dim,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -67,6 +73,8 @@ def _prefill_kernel(
     ROPE: tl.constexpr,
     ROPE_NEOX: tl.constexpr,
     SEARCH_BLOCK: tl.constexpr,
+    FORMAT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     # Later tiles of a sequence carry more causal work: hand them out first.
     pid = num_tiles - 1 - tl.program_id(0)
@@ -130,18 +138,25 @@ def _prefill_kernel(
         bt_row = bt_ptr + b.to(tl.int64) * stride_bt
         k_head = kv_head.to(tl.int64) * stride_kh
         v_head = kv_head.to(tl.int64) * stride_vh
+        # The load transform (tiles.py): float8 decode in _load_kv_tile, the scales on scores and output.
+        k_fac, v_fac = _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, stride_k_scale, stride_v_scale, HAS_SCALE, FORMAT)
+        qk_scale = qk_scale * k_fac
+        softcap_in = softcap_in * k_fac
+        # keys not exact in q's 16-bit dtype (rotated, or a float cache of another dtype): two dots
+        SPLIT_K: tl.constexpr = (ROPE or (FORMAT == 0 and k_ptr.dtype.element_ty != q_ptr.dtype.element_ty)) and \
+        not FP32
 
         # Interior tiles: every key visible to every (real) query row.
         for n0 in range(a, bb, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             k = _load_kv_tile(k_ptr, bt_row, n, n < hi, offs_d, page_size, stride_kb, stride_ks,
-                              k_head, head_dim, False)
+                              k_head, head_dim, False, FORMAT)
             if ROPE:  # RoPE on load: key n rotated at position n, fp32
                 k = _rope_k_tile(k, k_ptr, bt_row, n, n < hi, offs_d, page_size, stride_kb, stride_ks, k_head,
-                                 head_dim, rope_ptr, stride_rope, rot_dim, False, ROPE_NEOX)
-            s = _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP, FP32, ROPE and not FP32)
+                                 head_dim, rope_ptr, stride_rope, rot_dim, False, ROPE_NEOX, FORMAT)
+            s = _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP, FP32, SPLIT_K)
             v = _load_kv_tile(v_ptr, bt_row, n, n < hi, offs_d, page_size, stride_vb, stride_vs,
-                              v_head, head_dim, False)
+                              v_head, head_dim, False, FORMAT)
             m_i, l_i, acc = _online_softmax_step(s, v.to(q.dtype), m_i, l_i, acc, FP32)
 
         # Edge tiles [start, a) and [bb, end): masked.
@@ -152,11 +167,11 @@ def _prefill_kernel(
             n = n0 + tl.arange(0, BLOCK_N)
             n_ok = (n >= lo) & (n < hi)
             k = _load_kv_tile(k_ptr, bt_row, n, n_ok, offs_d, page_size, stride_kb, stride_ks,
-                              k_head, head_dim, True)
+                              k_head, head_dim, True, FORMAT)
             if ROPE:  # RoPE on load: key n rotated at position n, fp32
                 k = _rope_k_tile(k, k_ptr, bt_row, n, n_ok, offs_d, page_size, stride_kb, stride_ks, k_head,
-                                 head_dim, rope_ptr, stride_rope, rot_dim, True, ROPE_NEOX)
-            s = _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP, FP32, ROPE and not FP32)
+                                 head_dim, rope_ptr, stride_rope, rot_dim, True, ROPE_NEOX, FORMAT)
+            s = _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP, FP32, SPLIT_K)
             vis = n_ok[None, :] & row_ok[:, None]
             if causal != 0:
                 vis = vis & (n[None, :] <= pos[:, None])
@@ -164,12 +179,12 @@ def _prefill_kernel(
                 vis = vis & (n[None, :] > pos[:, None] - window)
             s = tl.where(vis, s, float("-inf"))
             v = _load_kv_tile(v_ptr, bt_row, n, n_ok, offs_d, page_size, stride_vb, stride_vs,
-                              v_head, head_dim, True)
+                              v_head, head_dim, True, FORMAT)
             m_i, l_i, acc = _online_softmax_step(s, v.to(q.dtype), m_i, l_i, acc, FP32)
 
         l_ok = l_i > 0.0
         inv_l = tl.where(l_ok, 1.0 / tl.where(l_ok, l_i, 1.0), 0.0)
-        o = acc * inv_l[:, None]
+        o = acc * (inv_l * v_fac)[:, None]
         o_rows = (q_start + offs_m).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
         o_ptrs = out_ptr + (o_rows[:, None] + offs_d[None, :])
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty),

@@ -1,5 +1,17 @@
 """Device helpers shared by the Triton paged-attention kernels (K/V tile gather, scores, one
-online-softmax step)."""
+online-softmax step).
+
+The K/V load transform, written once here for every attention kernel: :func:`_load_kv_tile`
+gathers a tile and decodes a float8 cache in registers (``FORMAT``: kvmem/ops/triton_fp8.py),
+:func:`_rope_k_tile` rotates keys (RoPE on load, after the decode), :func:`_kv_scales` gives the
+dequantisation factors. Dequantisation is ``decode(bits) * scale[kv head]``; since one program
+reads one KV head, the scale is a scalar there and, by linearity, is applied to the scores
+(``q.k * k_scale``, folded into the score scale) and to the output (``acc * v_scale``) rather
+than to each element: the tiles stay exact in the query's dtype (every float8 value is), so a
+quantised cache costs no extra rounding and no per-element multiply. A float cache of another
+dtype than q is converted on load (keys then split in two dots when q is 16-bit, see
+:func:`_scores`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kvmem.ops._triton import interpreting
+from kvmem.ops.triton_fp8 import fp8_decode_f16
 
 # Triton's interpreter (3.6 and 3.9) multiplies bf16 operands of tl.dot as their uint16 bit
 # patterns; when interpreting, bf16 dots run on exactly-upcast fp32 operands instead (same
@@ -27,11 +40,14 @@ def _load_kv_tile(
     head_off,
     head_dim,
     MASK_N: tl.constexpr,
+    FORMAT: tl.constexpr,
 ):
     """Gather a [BLOCK_N, BLOCK_D] tile of keys (or values) at logical positions ``n``.
 
     ``n_ok`` masks keys (and their block-table entries) that must not be read; masked rows
-    and padded head-dim columns come back as 0.
+    and padded head-dim columns come back as 0. A float cache's tile comes in the cache's dtype;
+    a float8 cache's (uint8 codes, ``FORMAT`` e4m3/e5m2) as fp16 values times
+    ``triton_fp8.F16_UNIT[FORMAT]`` (exact; :func:`_kv_scales` folds the unit back in).
     """
     blk_idx = n // page_size
     slot = n - blk_idx * page_size
@@ -42,10 +58,30 @@ def _load_kv_tile(
     row_off = blk.to(tl.int64) * stride_b + slot.to(tl.int64) * stride_s + head_off
     ptrs = cache_ptr + (row_off[:, None] + offs_d[None, :])
     if MASK_N:
-        x = tl.load(ptrs, mask=n_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        x = tl.load(ptrs, mask=n_ok[:, None] & (offs_d < head_dim)[None, :], other=0)
     else:
-        x = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+        x = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0)
+    if FORMAT != 0:
+        x = fp8_decode_f16(x, FORMAT)
     return x
+
+
+@triton.jit
+def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, stride_k_scale, stride_v_scale, HAS_SCALE: tl.constexpr,
+               FORMAT: tl.constexpr):
+    """(k factor, v factor) of KV head ``kv_head``: its dequantisation scales (1 without) times
+    the inverse of the tile unit of :func:`_load_kv_tile` (2^8 for e4m3, else 1). The keys'
+    factor multiplies the scores, the values' the output."""
+    if HAS_SCALE:
+        ks = tl.load(k_scale_ptr + kv_head * stride_k_scale)  # strides: 0 (0-d scale) or 1 ([Hkv])
+        vs = tl.load(v_scale_ptr + kv_head * stride_v_scale)
+    else:
+        ks = tl.full([], 1.0, tl.float32)
+        vs = tl.full([], 1.0, tl.float32)
+    if FORMAT == 1:
+        ks = ks * 256.0
+        vs = vs * 256.0
+    return ks, vs
 
 
 @triton.jit
@@ -66,6 +102,7 @@ def _rope_k_tile(
     rot_dim,
     MASK_N: tl.constexpr,
     ROPE_NEOX: tl.constexpr,
+    FORMAT: tl.constexpr,
 ):
     """RoPE on load: the key tile ``k`` (from :func:`_load_kv_tile` with the same arguments)
     rotated in fp32, key ``n`` at position ``n`` (row ``n`` of ``rope_ptr``: cos half, sin half).
@@ -88,7 +125,7 @@ def _rope_k_tile(
     partner = tl.where(in_rot, partner, offs_d)
     pair = tl.where(in_rot, pair, 0)
     x_partner = _load_kv_tile(cache_ptr, bt_row_ptr, n, n_ok, partner, page_size, stride_b, stride_s,
-                              head_off, rot_dim, MASK_N).to(tl.float32)
+                              head_off, rot_dim, MASK_N, FORMAT).to(tl.float32)
     if MASK_N:
         cs_ok = n_ok[:, None] & in_rot[None, :]
     else:
@@ -116,9 +153,10 @@ def _scores(q, k, qk_scale, softcap_in, softcap_out, SOFTCAP: tl.constexpr, FP32
             SPLIT_K: tl.constexpr = False):
     """Scores in log2 units: ``scale*q.k*log2e`` or ``c*tanh(scale*q.k/c)*log2e``.
 
-    ``SPLIT_K`` (fp32 keys against low-precision queries: RoPE on load): ``k = k_hi + k_lo``, both
-    in q's dtype, and ``q.k = q.k_hi + q.k_lo`` (two tensor-core dots, ~16 mantissa bits of k),
-    so the rotated keys are not rounded to the cache dtype before the product.
+    ``SPLIT_K`` (keys not exact in q's low-precision dtype: rotated fp32 keys of RoPE on load, a
+    float cache of another dtype): ``k = k_hi + k_lo``, both in q's dtype, and
+    ``q.k = q.k_hi + q.k_lo`` (two tensor-core dots, ~16 mantissa bits of k), so the keys are not
+    rounded to q's dtype before the product.
     """
     if SPLIT_K:
         k_hi = k.to(q.dtype)
