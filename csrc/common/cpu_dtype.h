@@ -106,13 +106,9 @@ KVMEM_INLINE T encode_clamped(float x) {
 template <typename T>
 KVMEM_INLINE void load_row_scaled(const T* KVMEM_RESTRICT src, float* KVMEM_RESTRICT dst, int n,
                                   float mul) {
-  if constexpr (is_fp8_v<T>) {
-    // x86 has no fp8 arithmetic: decoded in registers (integer rebias + selects, vectorised).
-    const uint8_t* KVMEM_RESTRICT s = reinterpret_cast<const uint8_t*>(src);
-    constexpr int F = std::is_same_v<T, Fp8E4M3> ? fp8::kE4M3 : fp8::kE5M2;
-#pragma omp simd
-    for (int i = 0; i < n; ++i) dst[i] = fp8::decode<F>(s[i]) * mul;
-  } else if constexpr (std::is_same_v<T, float>) {
+  // float8 rows load through cpu_vec.inc's load_row_v (vectorised; e4m3fn in units of 2^8).
+  static_assert(!is_fp8_v<T>, "float8 rows: use load_row_v");
+  if constexpr (std::is_same_v<T, float>) {
 #pragma omp simd
     for (int i = 0; i < n; ++i) dst[i] = src[i] * mul;
   } else {
@@ -130,9 +126,8 @@ KVMEM_INLINE void load_row_scaled(const T* KVMEM_RESTRICT src, float* KVMEM_REST
 // dst[0:n] = float(src[0:n])
 template <typename T>
 KVMEM_INLINE void load_row(const T* KVMEM_RESTRICT src, float* KVMEM_RESTRICT dst, int n) {
-  if constexpr (is_fp8_v<T>) {
-    load_row_scaled(src, dst, n, 1.0f);
-  } else if constexpr (std::is_same_v<T, float>) {
+  static_assert(!is_fp8_v<T>, "float8 rows: use load_row_v");
+  if constexpr (std::is_same_v<T, float>) {
     std::memcpy(dst, src, sizeof(float) * n);
   } else {
     const uint16_t* KVMEM_RESTRICT s = reinterpret_cast<const uint16_t*>(src);
