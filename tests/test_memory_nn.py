@@ -126,7 +126,7 @@ def test_kernels_attend_equals_the_reference(rot, q_lens, kv_lens):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("summary", ["minmax", "box"])
+@pytest.mark.parametrize("summary", ["minmax", "box", "reps", "mean"])
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_batched_select_equals_the_reference(summary, group):
     """Batched selection (no host sync) = the reference (random scores: no near-ties), with

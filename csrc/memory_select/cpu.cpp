@@ -4,17 +4,18 @@
 // Semantics (kvmem/ops/memory_select/reference.py, block_scores + top_k_positions): row b selects
 // with one query token t = query_index[b] (default: its segment's first, cu_seqlens_q[b]; -1 or an
 // empty segment: nothing). Bank position j < bank_lens[b] (page bank_table[b, j]) scores, for KV
-// head h, scale * max over the group's query heads g of
-//   minmax: sum_d max(q_d * min_d, q_d * max_d)      box: sum_d q_d * centre_d + |q_d| * radius_d
-// (cpu_kernel.inc, fp32). The min(top_k, live) best positions by (-score, position) come out in
-// ascending order, -1 padded. Positions >= bank_lens[b] are never read (the table and the
-// summaries of unused pages may hold anything); a score that is NaN or -inf is never selected.
+// head h, the group rule over its query heads g: max_g (s_g(j) - logsumexp_j' s_g(j')) with
+// s_g(j) = scale * (minmax: sum_d max(q_d * min_d, q_d * max_d); box: sum_d q_d * centre_d +
+// |q_d| * radius_d; reps: max(q.k_a, q.k_b); mean: q.centre) (cpu_kernel.inc, fp32; NaN counts as -inf). The
+// min(top_k, live) best positions by (-score, position) come out in ascending order, -1 padded.
+// Positions >= bank_lens[b] are never read (the table and the summaries of unused pages may hold
+// anything); a score that is NaN or -inf is never selected.
 //
-// Work: pass 1 scores (row, bank tile) items, every KV head of a tile at once so that each page's
+// Work: pass 1 scores (row, bank tile) items, every query head of a tile at once so that each page's
 // [Hkv, 2, D] summaries stream in one contiguous read (a row's bank is cut into tiles when there
 // are few rows, e.g. one long row at 128k tokens = 8k blocks, so that every thread scores);
-// pass 2 selects per (row, KV head): std::nth_element on the (-score, position) order, then an
-// ascending sort of the k winners. Both passes run on at::parallel_for's threads.
+// pass 2 selects per (row, KV head): the group rule into a per-thread row of scores, then
+// std::nth_element on the (-score, position) order and an ascending sort of the k winners. Both passes run on at::parallel_for's threads.
 //
 // Files: this one is the torch glue (checks, parameters), the schedule, the top-k and the CPU
 // registration; cpu_kernel.inc the scoring body, compiled once per ISA (baseline, AVX2+FMA,
@@ -72,6 +73,27 @@ void gather_queries(const MemorySelectParams& p, const std::vector<int64_t>& tok
   }
 }
 
+// The group rule: agg[j] = max_g (s_g[j] - lse_g) over the G rows s_g = scores + g * stride
+// (NaN counts as -inf; a head with nothing finite adds nothing).
+void group_rule(const float* scores, int64_t stride, int G, int64_t n, float* agg) {
+  for (int64_t j = 0; j < n; ++j) agg[j] = kNegInf;
+  for (int g = 0; g < G; ++g) {
+    const float* s = scores + int64_t(g) * stride;
+    float m = kNegInf;
+    for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;  // NaN never wins
+    if (!(m > kNegInf)) continue;
+    double sum = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (s[j] > kNegInf) sum += std::exp(double(s[j]) - double(m));
+    }
+    const float lse = std::isinf(m) ? 0.0f : static_cast<float>(double(m) + std::log(sum));  // +inf: as the reference
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = s[j] - lse;
+      if (v > agg[j]) agg[j] = v;  // NaN never wins
+    }
+  }
+}
+
 // selected[b, h, :] from scores[0:n] (n live positions): the min(k, finite) best by
 // (-score, position), ascending, -1 padded. idx: scratch of n entries.
 void top_k_row(const float* scores, int64_t n, int k, int32_t* selected, std::vector<int32_t>& idx) {
@@ -94,10 +116,10 @@ void top_k_row(const float* scores, int64_t n, int k, int32_t* selected, std::ve
 
 template <typename Ts>
 void run_memory_select(MemorySelectCpuArgs& a) {
-  const int B = a.batch, Hkv = a.num_kv_heads, K = a.top_k;
+  const int B = a.batch, Hkv = a.num_kv_heads, Hq = a.num_heads, K = a.top_k;
   const int nthreads = std::max(1, at::get_num_threads());
   const int64_t stride = a.score_stride;
-  std::unique_ptr<float[]> scores(new float[std::max<int64_t>(1, int64_t(B) * Hkv * stride)]);
+  std::unique_ptr<float[]> scores(new float[std::max<int64_t>(1, int64_t(B) * Hq * stride)]);
   a.scores = scores.get();
 
   // Pass 1: (row, tile) items. Enough tiles for kItemsPerThread items per thread over all rows,
@@ -126,15 +148,17 @@ void run_memory_select(MemorySelectCpuArgs& a) {
     });
   }
 
-  // Pass 2: per (row, KV head) top-k.
-  const int64_t select_grain = total * Hkv < kSerialSelect ? int64_t(B) * Hkv : 1;
+  // Pass 2: per (row, KV head) the group rule, then the top-k.
+  const int G = Hq / Hkv;
+  const int64_t select_grain = total * Hq < kSerialSelect ? int64_t(B) * Hkv : 1;
   at::parallel_for(0, int64_t(B) * Hkv, select_grain, [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> idx;
     idx.reserve(static_cast<size_t>(stride));
+    std::unique_ptr<float[]> agg(new float[std::max<int64_t>(1, stride)]);
     for (int64_t r = r0; r < r1; ++r) {
       const int b = static_cast<int>(r / Hkv), h = static_cast<int>(r % Hkv);
-      top_k_row(ca.scores + r * stride, ca.live[b], K,
-                ca.selected + b * ca.sel_stride_b + h * ca.sel_stride_h, idx);
+      group_rule(ca.scores + r * G * stride, stride, G, ca.live[b], agg.get());
+      top_k_row(agg.get(), ca.live[b], K, ca.selected + b * ca.sel_stride_b + h * ca.sel_stride_h, idx);
     }
   });
 }
@@ -190,8 +214,13 @@ void memory_select(at::Tensor& selected,                         // [B, Hkv, top
     kind = SummaryKind::kMinMax;
   } else if (summary == "box") {
     kind = SummaryKind::kBox;
+  } else if (summary == "reps") {
+    kind = SummaryKind::kReps;
+  } else if (summary == "mean") {
+    kind = SummaryKind::kMean;
   } else {
-    TORCH_CHECK(false, kName, ": summary must be 'minmax' or 'box', got '", std::string(summary), "'");
+    TORCH_CHECK(false, kName, ": summary must be 'minmax', 'box', 'reps' or 'mean', got '", std::string(summary),
+                "'");
   }
   if (B == 0 || Hkv == 0 || selected.size(2) == 0) return;
 

@@ -19,7 +19,7 @@ constexpr int64_t kSerialSelect = 1 << 15;  // fewer (position, KV head) scores:
 struct MemorySelectCpuArgs : MemorySelectParams {
   const float* qf;       // [B, Hq, D] fp32: each row's selecting query (rows without one unused)
   const int64_t* live;   // [B] bank positions to score: bank_lens[b] clamped, 0 without a query
-  float* scores;         // [B, Hkv, stride_row] fp32 scratch
+  float* scores;         // [B, Hq, stride_row] fp32 scratch: per query head, before the group rule
   int64_t score_stride;  // max_b live[b]
 };
 

@@ -6,8 +6,9 @@
 
 namespace kvmem {
 
-// How the summaries were made (kvmem/ops/memory_select/reference.py): [min, max] or [centre, radius].
-enum class SummaryKind : int { kMinMax = 0, kBox = 1 };
+// How the summaries were made (kvmem/ops/memory_select/reference.py): [min, max], [centre, radius]
+// two representative keys, or the mean key (read once).
+enum class SummaryKind : int { kMinMax = 0, kBox = 1, kReps = 2, kMean = 3 };
 
 struct MemorySelectParams {
   int32_t* selected;                   // [B, Hkv, top_k]

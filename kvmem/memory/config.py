@@ -27,7 +27,7 @@ from typing import Optional
 __all__ = ["MemoryConfig", "MODES", "SUMMARIES", "SUPPORTED_ROPE_TYPES", "trained_context"]
 
 MODES = ("exact", "extend")
-SUMMARIES = ("minmax", "box")
+SUMMARIES = ("minmax", "box", "reps", "mean")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DEFAULT_SINK_TOKENS = 64
 DEFAULT_MAX_CHUNK = 512
@@ -86,7 +86,9 @@ class MemoryConfig:
     window: local-window tokens (whole blocks, >= one block)
     block_size: tokens per bank block: the page size (default) or a multiple of it
     top_k: bank blocks selected per (row, KV head) and step
-    summary: block summary used for selection: ``"minmax"`` (Quest) or ``"box"`` (ArkVale)
+    summary: block summary used for selection (``kvmem.ops.memory_select.reference``): ``"mean"``
+        (the block's mean key; the default, the best measured on SmolLM2), ``"minmax"`` (Quest's
+        channel-wise bound), ``"box"`` (ArkVale) or ``"reps"`` (two representative keys)
     chunk_size: prefill chunk (queries per step); selection runs once per chunk
     dense_layers: the first N full-attention layers keep full attention
 

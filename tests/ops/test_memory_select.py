@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmem.ops.memory_select import block_scores, compute_summaries, memory_select, write_summaries
+from kvmem.ops.memory_select.reference import head_scores
 from memory_cases import force_backend, memory_backends
 
 BLOCK_SIZE = 16
@@ -68,32 +69,46 @@ def _bank(bank_lens, *, num_kv_heads=2, head_dim=64, q_lens=None, num_heads=None
     return q, k_cache, summaries, bank_table, torch.tensor(bank_lens, dtype=torch.int32), cu
 
 
+def _head_score(qh, keys, summary):
+    """fp64 per-head score of one page's keys [bs, D], straight from its keys."""
+    if summary == "minmax":
+        return float(torch.maximum(qh * keys.min(0).values, qh * keys.max(0).values).sum())
+    centre = keys.mean(0)
+    if summary == "mean":
+        return float(qh @ centre)
+    if summary == "box":
+        return float((qh * centre + qh.abs() * (keys - centre).abs().mean(0)).sum())
+    dist = [float((k - centre).square().sum()) for k in keys]  # reps: the two keys farthest from the mean
+    far = sorted(range(len(dist)), key=lambda t: (-dist[t], t))[:2]
+    return max(float(qh @ keys[t]) for t in far)
+
+
 def _independent_scores(q, k_cache, bank_table, bank_lens, cu, summary="minmax"):
-    """fp64, one (row, KV head, bank position) at a time, straight from the page's keys."""
+    """fp64, one (row, KV head, bank position) at a time, straight from the page's keys; the group
+    rule: max over the group's query heads of the head's log-softmax over the row's positions."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     scores = {}
     for b in range(bank_table.shape[0]):
-        if cu[b + 1] == cu[b]:
+        n = int(bank_lens[b])
+        if cu[b + 1] == cu[b] or n == 0:
             continue
         qt = q[int(cu[b])].double()
         for h in range(num_kv_heads):
-            for j in range(int(bank_lens[b])):
-                keys = k_cache[int(bank_table[b, j]), :, h].double()  # [bs, D]
-                best = -math.inf
-                for hq in range(h * group, (h + 1) * group):
-                    if summary == "minmax":
-                        s = torch.maximum(qt[hq] * keys.min(0).values, qt[hq] * keys.max(0).values).sum()
-                    else:
-                        centre = keys.mean(0)
-                        s = (qt[hq] * centre + qt[hq].abs() * (keys - centre).abs().mean(0)).sum()
-                    best = max(best, float(s))
-                scores[b, h, j] = best / math.sqrt(head_dim)
+            best = [-math.inf] * n
+            for hq in range(h * group, (h + 1) * group):
+                per = [_head_score(qt[hq], k_cache[int(bank_table[b, j]), :, h].double(), summary) / math.sqrt(head_dim)
+                       for j in range(n)]
+                top = max(per)
+                lse = top + math.log(sum(math.exp(x - top) for x in per))
+                best = [max(x, y - lse) for x, y in zip(best, per)]
+            for j in range(n):
+                scores[b, h, j] = best[j]
     return scores
 
 
-@pytest.mark.parametrize("summary", ["minmax", "box"])
+@pytest.mark.parametrize("summary", ["minmax", "box", "reps", "mean"])
 @pytest.mark.parametrize("heads", GROUPS, ids=lambda h: f"Hq{h[0]}Hkv{h[1]}")
 def test_matches_independent_scoring(heads, summary, backend):
     bank_lens, top_k = [9, 0, 3, 14], 4
@@ -166,7 +181,7 @@ def test_needle_page_is_selected(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("summary", ["minmax", "box"])
+@pytest.mark.parametrize("summary", ["minmax", "box", "reps", "mean"])
 @pytest.mark.parametrize("heads", GROUPS, ids=lambda h: f"Hq{h[0]}Hkv{h[1]}")
 def test_selection_matches_the_reference_scores(heads, summary, dtype, backend):
     """Shuffled pages, NaN in the summaries of unused pages and garbage past bank_lens, ragged
@@ -186,7 +201,7 @@ def test_selection_matches_the_reference_scores(heads, summary, dtype, backend):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (the interpreter without a GPU)")
-@pytest.mark.parametrize("summary", ["minmax", "box"])
+@pytest.mark.parametrize("summary", ["minmax", "box", "reps", "mean"])
 @pytest.mark.parametrize("heads", GROUPS, ids=lambda h: f"Hq{h[0]}Hkv{h[1]}")
 def test_triton_scores_equal_the_reference(heads, summary):
     import importlib
@@ -227,10 +242,64 @@ def test_minmax_score_bounds_every_key(seed, head_dim, spread):
     summaries = compute_summaries(k_cache, torch.tensor([0, 1]))
     bank_table = torch.tensor([[0, 1]], dtype=torch.int32)
     cu = torch.tensor([0, 1], dtype=torch.int32)
-    bound = block_scores(q, summaries, bank_table, torch.tensor([2], dtype=torch.int32), cu, scale=1.0)[0, 0]
+    bound = head_scores(q, summaries, bank_table, torch.tensor([2], dtype=torch.int32), cu, scale=1.0)[0, 0]
     true_max = (k_cache[:, :, 0].double() @ q[0, 0].double()).amax(dim=1)
     slack = 1e-5 * (k_cache.double().abs().amax() * q.double().abs().sum())
     assert (bound.double() >= true_max - slack).all()
+
+
+def test_reps_are_the_two_keys_farthest_from_the_mean():
+    """``reps`` summaries hold two real keys of the page: the farthest from its mean first, ties to
+    the earlier token; their score is a lower bound of the page's best q.k."""
+    g = torch.Generator().manual_seed(11)
+    k_cache = torch.randn(3, BLOCK_SIZE, 2, 64, generator=g)
+    k_cache[2] = 0.0
+    k_cache[2, 3], k_cache[2, 9], k_cache[2, 12], k_cache[2, 14] = 5.0, -5.0, 5.0, -5.0  # mean 0: four tie, 3 then 9
+    reps = compute_summaries(k_cache, torch.tensor([0, 1, 2]), summary="reps")
+    for page in range(3):
+        for h in range(2):
+            keys = k_cache[page, :, h]
+            dist = (keys - keys.mean(0)).square().sum(-1)
+            order = sorted(range(BLOCK_SIZE), key=lambda t: (-float(dist[t]), t))
+            assert torch.equal(reps[page, h, 0], keys[order[0]]) and torch.equal(reps[page, h, 1], keys[order[1]])
+    assert torch.equal(reps[2, 0], k_cache[2, [3, 9], 0])
+    one = compute_summaries(k_cache[:, :1], torch.tensor([0]), summary="reps")  # one-token pages: the key twice
+    assert torch.equal(one[0, :, 0], k_cache[0, 0]) and torch.equal(one[0, :, 1], k_cache[0, 0])
+    q = torch.randn(1, 2, 64, generator=g)
+    got = head_scores(q, reps, torch.tensor([[0, 1, 2]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
+                      torch.tensor([0, 1], dtype=torch.int32), scale=1.0, summary="reps")[0]
+    true_max = torch.einsum("hd,nthd->hnt", q[0], k_cache).amax(-1)
+    assert (got <= true_max + 1e-4).all()
+
+
+def test_group_rule_a_flat_head_never_outvotes_a_peaked_one(backend):
+    """GQA 2: head 0 scores every page alike with large logits, head 1 points at one page with
+    small ones: the group rule (max of per-head log-probabilities) selects head 1's page, where the
+    plain max of the scores would pick by head 0's noise."""
+    g = torch.Generator().manual_seed(12)
+    n, D = 12, 64
+    summaries = torch.full((n + 2, 1, 2, D), math.nan)
+    base = torch.randn(n, D, generator=g) * 0.01
+    summaries[:n, 0, 0] = base
+    summaries[:n, 0, 1] = base
+    q = torch.zeros(1, 2, D)
+    q[0, 0, 0] = 40.0  # head 0: large, nearly flat logits (channel 0 of every page ~ 1 + noise)
+    summaries[:n, 0, :, 0] = 1.0 + 0.02 * torch.arange(n, dtype=torch.float32).flip(0)[:, None]  # head 0 prefers page 0
+    q[0, 1, 1] = 3.0  # head 1: small logits, one page stands out
+    summaries[7, 0, :, 1] = 4.0
+    bank_table = torch.arange(n, dtype=torch.int32)[None]
+    lens, cu = torch.tensor([n], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    for summary in ("minmax", "box", "reps", "mean"):
+        if summary == "box":
+            summaries[:n, 0, 1] = 0.0  # box: [centre, radius]
+            summaries[7, 0, 0, 1] = 4.0
+        selected = memory_select(q, summaries, bank_table, lens, cu, 1, summary=summary)
+        assert selected[0, 0].tolist() == [7], summary
+        raw = head_scores(q, summaries, bank_table, lens, cu, summary=summary)[0]
+        assert int(raw.amax(0).argmax()) != 7  # the plain max would not
+    single = memory_select(q[:, 1:], summaries, bank_table, lens, cu, 3)  # one head per KV head: plain order
+    order = torch.sort(head_scores(q[:, 1:], summaries, bank_table, lens, cu)[0, 0], descending=True, stable=True)
+    assert single[0, 0].tolist() == sorted(order.indices[:3].tolist())
 
 
 def _bad(match, *args, **kw):
@@ -242,7 +311,7 @@ def test_bad_input_is_named():
     q, k_cache, summaries, bank_table, lens, cu = _bank([3, 2], seed=9)
     _bad("'top_k'", q, summaries, bank_table, lens, cu, -1)
     _bad("'top_k'", q, summaries, bank_table, lens, cu, 2.0)
-    _bad("'summary'", q, summaries, bank_table, lens, cu, 2, summary="mean")
+    _bad("'summary'", q, summaries, bank_table, lens, cu, 2, summary="median")
     _bad("'summaries'.*shape", q, summaries[:, :, :1], bank_table, lens, cu, 2)
     _bad("'q'.*divisible", q[:, :3], summaries, bank_table, lens, cu, 2)
     _bad("'bank_lens'.*max_bank", q, summaries, bank_table, lens + 5, cu, 2)
@@ -257,7 +326,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="'summaries'.*one row per page"):
         write_summaries(summaries[:3], k_cache, torch.tensor([0]))
     with pytest.raises(ValueError, match="'summary'"):
-        write_summaries(summaries, k_cache, torch.tensor([0]), summary="mean")
+        write_summaries(summaries, k_cache, torch.tensor([0]), summary="median")
 
 
 def _random_pool(bank_lens, *, num_heads, num_kv_heads, head_dim, seed, q_dtype=torch.float32,
@@ -287,7 +356,7 @@ def _random_pool(bank_lens, *, num_heads, num_kv_heads, head_dim, seed, q_dtype=
                                     (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
                          ids=lambda d: f"q_{str(d[0])[6:]}-s_{str(d[1])[6:]}")
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
-@pytest.mark.parametrize("summary", ["minmax", "box"])
+@pytest.mark.parametrize("summary", ["minmax", "box", "reps", "mean"])
 def test_dtypes_and_head_dims(dtypes, head_dim, summary, backend):
     """q and summaries in fp32 / bf16 / fp16 (summaries fp32 or the cache's dtype), the core's
     head dims, GQA 3: a top-k of the reference's scores."""

@@ -226,7 +226,7 @@ def test_aot_variants_match_jit_specialization(backend, monkeypatch):
     kvmem.cache_write(kv[:, :1], kv[:, 1:], cache, cache.clone(), torch.tensor([0, 5, -1, 40]))
     from kvmem.ops.memory_select import memory_select
 
-    for summary, qdt in (("minmax", torch.bfloat16), ("box", torch.float32)):  # memory_select's block scores
+    for summary, qdt in (("minmax", torch.bfloat16), ("box", torch.float32), ("reps", torch.float16), ("mean", torch.bfloat16)):  # memory_select's block scores
         memory_select(torch.randn(3, 4, 64, dtype=qdt), torch.randn(5, 2, 2, 64),
                       torch.tensor([[0, 3, 1], [4, 2, 0]], dtype=torch.int32), torch.tensor([3, 1], dtype=torch.int32),
                       torch.tensor([0, 1, 3], dtype=torch.int32), 2, summary=summary)

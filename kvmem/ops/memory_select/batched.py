@@ -2,8 +2,8 @@
 
 Same semantics as ``kvmem.ops.memory_select.reference`` (its module docstring); the scores are
 the same sums computed as two matrix products per KV head group (``max(q*lo, q*hi)`` summed over
-channels is ``relu(q).hi + min(q, 0).lo`` for min/max summaries), so they may differ from the
-reference in the last bits: compare selections as sets, ignoring blocks within tolerance of the
+channels is ``relu(q).hi + min(q, 0).lo`` for min/max summaries) and the group rule
+(``reference.group_scores``), so they may differ from the reference in the last bits: compare selections as sets, ignoring blocks within tolerance of the
 k-th score (as the op tests do). Fixed ``top_k`` and fixed table widths give static shapes
 (``torch.compile(fullgraph=True)``, CUDA graphs).
 """
@@ -14,6 +14,8 @@ import math
 from typing import Optional
 
 import torch
+
+from kvmem.ops.memory_select.reference import SUMMARY_KINDS, group_scores
 
 __all__ = ["block_scores", "memory_select"]
 
@@ -47,11 +49,15 @@ def block_scores(q: torch.Tensor, summaries: torch.Tensor, bank_table: torch.Ten
         per_head = torch.matmul(qg.clamp(min=0), high) + torch.matmul(qg.clamp(max=0), low)  # [B, Hkv, G, n]
     elif summary == "box":
         per_head = torch.matmul(qg, low) + torch.matmul(qg.abs(), high)
+    elif summary == "reps":
+        per_head = torch.maximum(torch.matmul(qg, low), torch.matmul(qg, high))
+    elif summary == "mean":
+        per_head = torch.matmul(qg, low)
     else:
-        raise ValueError(f"memory_select: argument 'summary' must be 'minmax' or 'box', got {summary!r}")
-    scores = per_head.amax(dim=2) * scale  # [B, Hkv, n]
+        raise ValueError(f"memory_select: argument 'summary' must be one of {SUMMARY_KINDS}, got {summary!r}")
+    per_head = per_head.reshape(batch, num_heads, max_bank) * scale  # [B, Hq, n]
     valid = (torch.arange(max_bank, device=q.device)[None, :] < bank_lens.long()[:, None]) & (index[:, None] >= 0)
-    return scores.masked_fill(~valid[:, None, :], -math.inf)
+    return group_scores(per_head.masked_fill(~valid[:, None, :], -math.inf), num_kv_heads)
 
 
 def memory_select(q: torch.Tensor, summaries: torch.Tensor, bank_table: torch.Tensor, bank_lens: torch.Tensor,

@@ -1,12 +1,13 @@
-"""Triton block scores of ``memory_select``; the stable top-k is finished by torch on the device
-(``reference.top_k_positions``, so the tie order is the reference's exactly). No host sync.
+"""Triton per-query-head block scores of ``memory_select``; the group rule and the stable top-k
+are finished by torch on the device (``reference.group_scores`` and ``reference.top_k_positions``,
+so the tie order is the reference's exactly). No host sync.
 
 One program per (row, KV head, tile of ``BLOCK_N`` bank positions): it loads the row's query token
 (``query_index[b]``), the tile's page ids and their summaries ``[BLOCK_N, BLOCK_D]`` (low and
-high), and takes, over the group's query heads, the max of ``sum_d max(q_d*low_d, q_d*high_d)``
-(minmax) or ``sum_d q_d*low_d + |q_d|*high_d`` (box), times ``scale``. Positions past
-``bank_lens[b]``, or of a row without a query (``query_index[b] == -1``), score ``-inf``;
-their page ids are never loaded.
+high, loaded once for the group), and writes, for each of the group's query heads,
+``sum_d max(q_d*low_d, q_d*high_d)`` (minmax), ``sum_d q_d*low_d + |q_d|*high_d`` (box) or
+``max(q.low, q.high)`` (reps) or ``q.low`` (mean: ``high`` is not loaded), times ``scale``. Positions past ``bank_lens[b]``, or of a row
+without a query (``query_index[b] == -1``), score ``-inf``; their page ids are never loaded.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import triton
 import triton.language as tl
 
 from kvmem.ops import _triton as _cfg
-from kvmem.ops.memory_select.reference import default_query_index, top_k_positions
+from kvmem.ops.memory_select.reference import SUMMARY_KINDS, default_query_index, group_scores, top_k_positions
 
-__all__ = ["memory_select", "block_scores"]
+__all__ = ["memory_select", "block_scores", "head_scores"]
 
 BLOCK_N = 32  # bank positions per program
 
@@ -47,7 +48,7 @@ def _block_scores_kernel(
     group,
     max_bank,
     head_dim,
-    BOX: tl.constexpr,
+    KIND: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -65,28 +66,33 @@ def _block_scores_kernel(
     s_off = pages[:, None] * stride_sb + h * stride_sh + offs_d[None, :]
     s_mask = live[:, None] & d_ok[None, :]
     low = tl.load(summaries_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
-    high = tl.load(summaries_ptr + s_off + stride_ss, mask=s_mask, other=0.0).to(tl.float32)
+    if KIND != 3:  # mean: the first vector only
+        high = tl.load(summaries_ptr + s_off + stride_ss, mask=s_mask, other=0.0).to(tl.float32)
     t_safe = tl.where(has_query, t, 0)
-    best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     for g in range(0, group):
         qv = tl.load(q_ptr + t_safe * stride_qt + (h * group + g) * stride_qh + offs_d,
                      mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        if BOX:
+        if KIND == 1:  # box
             per_head = tl.sum(qv * low + tl.abs(qv) * high, axis=1)
-        else:
+        elif KIND == 3:  # mean
+            per_head = tl.sum(qv * low, axis=1)
+        elif KIND == 2:  # reps
+            a = tl.sum(qv * low, axis=1)
+            c = tl.sum(qv * high, axis=1)
+            per_head = tl.where((a != a) | (c != c), a + c, tl.maximum(a, c))  # NaN stays NaN
+        else:  # minmax
             per_head = tl.sum(tl.maximum(qv * low, qv * high), axis=1)
-        best = tl.maximum(best, per_head)
-    out = tl.where(live, best * qk_scale, float("-inf"))
-    tl.store(scores_ptr + b * stride_ob + h * stride_oh + offs_n, out, mask=offs_n < max_bank)
+        out = tl.where(live, per_head * qk_scale, float("-inf"))
+        tl.store(scores_ptr + b * stride_ob + (h * group + g) * stride_oh + offs_n, out, mask=offs_n < max_bank)
 
 
-def block_scores(q, summaries, bank_table, bank_lens, query_index, scale: float, summary: str) -> torch.Tensor:
-    """``[batch, num_kv_heads, max_bank]`` fp32 scores (``reference.block_scores``'s meaning);
-    ``query_index`` ``[batch]`` int32 is required here (the launcher resolves the default)."""
+def head_scores(q, summaries, bank_table, bank_lens, query_index, scale: float, summary: str) -> torch.Tensor:
+    """``[batch, num_heads, max_bank]`` fp32 per-query-head scores (``reference.head_scores``'s
+    meaning); ``query_index`` ``[batch]`` int32 is required here (the launcher resolves the default)."""
     assert q.stride(-1) == 1 and summaries.stride(-1) == 1
     batch, max_bank = bank_table.shape
     num_kv_heads = summaries.shape[1]
-    scores = torch.empty((batch, num_kv_heads, max_bank), dtype=torch.float32, device=q.device)
+    scores = torch.empty((batch, q.shape[1], max_bank), dtype=torch.float32, device=q.device)
     if batch == 0 or max_bank == 0 or num_kv_heads == 0:
         return scores
     if q.shape[0] == 0 or summaries.shape[0] == 0:
@@ -97,9 +103,15 @@ def block_scores(q, summaries, bank_table, bank_lens, query_index, scale: float,
         q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1), summaries.stride(2),
         bank_table.stride(0), scores.stride(0), scores.stride(1),
         q.shape[0], q.shape[1] // num_kv_heads, max_bank, q.shape[2],
-        BOX=summary == "box", BLOCK_N=BLOCK_N, BLOCK_D=_cfg.block_d(q.shape[2]), num_warps=4, num_stages=1,
+        KIND=SUMMARY_KINDS.index(summary), BLOCK_N=BLOCK_N, BLOCK_D=_cfg.block_d(q.shape[2]), num_warps=4, num_stages=1,
     )
     return scores
+
+
+def block_scores(q, summaries, bank_table, bank_lens, query_index, scale: float, summary: str) -> torch.Tensor:
+    """``[batch, num_kv_heads, max_bank]`` fp32 scores (``reference.block_scores``'s meaning)."""
+    per_head = head_scores(q, summaries, bank_table, bank_lens, query_index, scale, summary)
+    return group_scores(per_head, summaries.shape[1])
 
 
 def memory_select(selected, q, summaries, bank_table, bank_lens, cu_seqlens_q, scale, query_index=None,
@@ -115,12 +127,13 @@ AOT_KERNELS = {"memory_select_scores": _block_scores_kernel}  # for tools/aot_co
 
 
 def aot_variants(arch: int = 80):
-    """Every variant the launcher can pick: per q dtype, BLOCK_D and summary kind (summaries in
+    """Every variant the launcher can pick: per q dtype, BLOCK_D and summary kind (``KIND`` = its
+    index in ``SUMMARY_KINDS``; summaries in
     fp32, what ``kvmem.memory`` keeps)."""
     del arch
     for dtype in _cfg.DTYPES:
         dn = _cfg.DTYPE_NAMES[dtype]
         for bd in _cfg.block_ds():
-            for box in (False, True):
+            for kind in range(len(SUMMARY_KINDS)):
                 yield _cfg.AotVariant("memory_select_scores", dn,
-                                      (("BOX", box), ("BLOCK_N", BLOCK_N), ("BLOCK_D", bd)), 4, 1)
+                                      (("KIND", kind), ("BLOCK_N", BLOCK_N), ("BLOCK_D", bd)), 4, 1)
