@@ -24,6 +24,7 @@ from kvmem.integrations.hf.cache import PagedKVCache
 from kvmem.integrations.hf.compat import cache_kwarg, generation_mixin, kwargs_cache
 from kvmem.integrations.hf.fingerprint import model_fingerprint
 from kvmem.integrations.hf.options import KvmemOptions, options_of
+from kvmem.integrations.hf.tp import rank_kv_heads
 
 __all__ = ["make_cache", "make_generate_cache", "model_layer_devices", "install_generate_hook",
            "instance_generate_hook", "capturing_generate"]
@@ -44,8 +45,10 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     The pools are in ``options.kv_cache_dtype`` (default the model's dtype); a float8 pool's scales
     are fixed for its life (``kvmem.cache.scales``) and, with ``prefix_cache``, part of its
     fingerprint (blocks are reused only under the same dtype and scales).
+    Under tensor parallelism the cache holds this rank's KV heads (``kvmem.integrations.hf.tp``).
     """
-    kw = dict(block_size=options.block_size, backend=options.backend)
+    kv_heads = rank_kv_heads(model)  # this rank's KV heads under tensor parallelism (kvmem.integrations.hf.tp)
+    kw = dict(block_size=options.block_size, backend=options.backend, num_kv_heads=kv_heads)
     rows = (max_batch_size or 1) * expand
     if not (options.prefix_cache or options.cuda_graph):
         return PagedKVCache(model.config, num_blocks=options.num_blocks, memory=options.memory,
@@ -56,7 +59,7 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     prompt = options.prompt
     rows_tokens, pads = _prompt_rows(prompt, max_batch_size, expand)
     dtype, device = options.kv_cache_dtype or model.dtype, model_layer_devices(model) or model.device
-    _, kv_heads, head_dim = families.kv_dims(model.config)
+    _, _, head_dim = families.kv_dims(model.config)
     groups = [LayerGroupSpec(n, layers, w)
               for n, layers, w in families.group_layers(families.layer_windows(model.config))]
     per_block = bytes_per_block(groups, options.block_size, kv_heads, head_dim, dtype)

@@ -26,6 +26,7 @@ from kvmem.integrations.hf.cache import PagedKVCache
 from kvmem.integrations.hf.generate import capturing_generate, install_generate_hook, instance_generate_hook
 from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, center_keys_arg
 from kvmem.integrations.hf.options import KvmemOptions, check_args, check_kv_args
+from kvmem.integrations.hf.tp import rank_kv_heads
 from kvmem.ops.kernel_ops import KernelOps
 
 __all__ = ["patch", "unpatch", "is_patched", "register", "is_registered"]
@@ -156,6 +157,7 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
             f"{families.supported_list()}.")
     families.resolve(model.config, model)
     num_layers, kv_heads, _ = families.kv_dims(model.config)
+    rank_kv_heads(model)  # an already sharded model (tensor parallelism) must keep whole KV heads per rank
     kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers, kv_heads)
     center_keys_arg(kv_center_keys, "kvmem.patch")
     bank = None
