@@ -34,7 +34,7 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
 
 CASES = ["greedy_llama", "greedy_qwen2_sliding", "ragged_llama", "ragged_qwen2_sliding", "beam_llama",
          "prefix_cache_qwen2_sliding", "cache_full_llama", "kv_bytes_qwen2_sliding", "memory_bank_llama",
-         "patch_before_sharding_llama", "kv_heads_lt_ranks"]
+         "fp8_scales_llama", "sink_logits_dtensor", "patch_before_sharding_llama", "kv_heads_lt_ranks"]
 
 
 def _save_models(root: str) -> None:
@@ -124,6 +124,12 @@ def test_tensor_parallel_case(case):
         assert res["tp_held"] * RANKS == res["full_held"] > 0
         assert res["tp_reserved"] * RANKS == res["full_reserved"]
         assert res["budget_reserved"] <= 64 * 1024  # memory= is each rank's budget
+    elif kind == "fp8":  # the rank's slice of the unsharded model's per-head scales: the same tokens
+        assert res["scales_match"] and all(s == [4 // RANKS] for s in res["scale_heads"])
+        assert res["tp_kvmem"] == res["full_kvmem"]
+    elif kind == "sink":
+        assert res["shard"] and res["replicate"] and res["local"]
+        assert "8 heads for 4 query heads" in res["wrong_size_error"]
     elif kind == "memory":
         assert res["tp_kvmem"] == res["full_kvmem"]
         assert res["tp_selected"] and all(s == [1, 4 // RANKS, 2] for s in res["tp_selected"].values())

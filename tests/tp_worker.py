@@ -182,6 +182,38 @@ def memory_bank(tp_m, full_m):
     return {"tp_kvmem": tp_tokens, "full_kvmem": full_tokens, "tp_selected": tp_sel, "full_selected": full_sel}
 
 
+def fp8_scales(tp_m, full_m):
+    """Per-head float8 scales calibrated on the unsharded model: each rank takes its heads' scales."""
+    ids = torch.tensor(prompts(11, [24]))
+    scales = kvmem.calibrate_kv_scales(full_m, ids)
+    kw = dict(kv_cache_dtype="fp8", kv_scales=scales)
+    tp_tokens, cache = patched(tp_m, lambda: gen_cache(tp_m, ids), **kw)
+    full_tokens, _ = patched(full_m, lambda: gen_cache(full_m, ids), **kw)
+    return {"tp_kvmem": tp_tokens, "full_kvmem": full_tokens, "full_hf": gen(full_m, ids).tolist(),
+            "scale_heads": [list(t.shape) for t in cache.kv_scales.k],
+            "scales_match": all(torch.equal(a, b[2 * dist.get_rank():2 * dist.get_rank() + 2])
+                                for a, b in zip(cache.kv_scales.k, scales.k))}
+
+
+def sink_logits_dtensor():
+    """Sink logits as HF may hand them: a sharded or a replicated DTensor, or the local shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = torch.arange(8.0)
+    mine = full.chunk(dist.get_world_size())[dist.get_rank()]
+    out = {"shard": torch.equal(tp.rank_sink_logits(distribute_tensor(full, mesh, [Shard(0)]), 4), mine),
+           "replicate": torch.equal(tp.rank_sink_logits(distribute_tensor(full, mesh, [Replicate()]), 4), mine),
+           "local": torch.equal(tp.rank_sink_logits(mine, 4), mine)}
+    try:
+        tp.rank_sink_logits(full, 4)
+        out["wrong_size_error"] = None
+    except ValueError as e:
+        out["wrong_size_error"] = str(e)
+    return out
+
+
 def patch_before(path, full_m):
     """``attn_implementation="kvmem"`` chosen before the model is sharded (at load)."""
     kvmem.integrations.hf.register()
@@ -223,6 +255,8 @@ def main(models: str, out_dir: str) -> None:
         "cache_full_llama": lambda: cache_full(tp_llama, full_llama),
         "kv_bytes_qwen2_sliding": lambda: kv_bytes(tp_qwen, full_qwen),
         "memory_bank_llama": lambda: memory_bank(tp_llama, full_llama),
+        "fp8_scales_llama": lambda: fp8_scales(tp_llama, full_llama),
+        "sink_logits_dtensor": sink_logits_dtensor,
         "patch_before_sharding_llama": lambda: patch_before(llama, full_llama),
         "kv_heads_lt_ranks": lambda: kv_heads_lt_ranks(os.path.join(models, "llama_kv1")),
     }

@@ -38,7 +38,7 @@ import torch
 
 from kvmem.integrations import families
 
-__all__ = ["local_tensor", "tp_size", "rank_kv_heads", "rank_sink_logits"]
+__all__ = ["local_tensor", "tp_size", "rank_kv_heads", "rank_head_offset", "rank_kv_scales", "rank_sink_logits"]
 
 
 def _dtensor_class():
@@ -67,10 +67,14 @@ def _attention_modules(model):
             yield m
 
 
-def _local_rows(module, name: str) -> Optional[int]:
-    """Rows of ``module.<name>``'s weight this rank holds, or None when it has no such projection."""
+def _local_rows(module, name: str, sharded: bool) -> Optional[int]:
+    """Rows of ``module.<name>``'s weight this rank holds, or None when it has no such projection
+    (or the model is not sharded: neither ``tp_size > 1`` nor a ``DTensor`` weight)."""
     weight = getattr(getattr(module, name, None), "weight", None)
-    return int(local_tensor(weight).shape[0]) if isinstance(weight, torch.Tensor) else None
+    if not isinstance(weight, torch.Tensor):
+        return None
+    local = local_tensor(weight)
+    return int(local.shape[0]) if sharded or local is not weight else None
 
 
 def rank_kv_heads(model) -> int:
@@ -88,10 +92,11 @@ def rank_kv_heads(model) -> int:
     _, kv_heads, head_dim = families.kv_dims(model.config)
     q_heads = int(families.text_config(model.config).num_attention_heads)
     module = next(_attention_modules(model), None)
-    rows = None if module is None else _local_rows(module, "k_proj")
+    size = tp_size(model)
+    rows = None if module is None else _local_rows(module, "k_proj", size > 1)
     if rows is None or rows == kv_heads * head_dim:  # not sharded (or no separate k_proj)
         return kv_heads
-    size = tp_size(model)
+    size = max(size, -(-kv_heads * head_dim // max(rows, 1)))  # a DTensor without model.tp_size
     if rows % head_dim or kv_heads % size:
         raise ValueError(
             f"kvmem: tensor parallelism over tp_size={size} ranks gives this rank {rows} of k_proj's "
@@ -99,7 +104,7 @@ def rank_kv_heads(model) -> int:
             f"num_key_value_heads={kv_heads} must be a multiple of tp_size={size} (kvmem keeps whole KV heads "
             f"and their query heads on one rank). Run on a number of ranks that divides {kv_heads}.")
     local_kv = rows // head_dim
-    q_rows = _local_rows(module, "q_proj")
+    q_rows = _local_rows(module, "q_proj", True)
     if q_rows is not None and q_rows // head_dim * kv_heads != local_kv * q_heads:
         raise ValueError(
             f"kvmem: this rank holds {q_rows // head_dim} query heads and {local_kv} KV heads; a GQA group of "
@@ -126,3 +131,38 @@ def rank_sink_logits(s_aux: torch.Tensor, num_heads: int) -> torch.Tensor:
         raise ValueError(f"kvmem: sink logits (s_aux) of {s_aux.numel()} heads for {num_heads} query heads "
                          f"on this rank")
     return s_aux
+
+
+def rank_head_offset(model, num_kv_heads: int) -> int:
+    """The model-wide index of this rank's first KV head (its ``num_kv_heads`` heads are contiguous):
+    the rank's place on the mesh of ``k_proj``'s ``DTensor`` weight, else its global rank modulo
+    ``tp_size``; 0 when the model is not sharded."""
+    _, heads, _ = families.kv_dims(model.config)
+    if num_kv_heads == heads:
+        return 0
+    module = next(_attention_modules(model), None)
+    weight = getattr(getattr(module, "k_proj", None), "weight", None)
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is not None:
+        return mesh.get_local_rank() * num_kv_heads
+    import torch.distributed as dist
+
+    return (dist.get_rank() % tp_size(model)) * num_kv_heads
+
+
+def rank_kv_scales(scales, model, num_kv_heads: int):
+    """A float8 cache's ``KVScales`` for this rank: per-head scales of the whole model
+    (``[num_key_value_heads]``, e.g. calibrated on the unsharded model) sliced to the rank's heads;
+    0-d scales, scales already of ``num_kv_heads`` and None unchanged."""
+    _, heads, _ = families.kv_dims(model.config)
+    if scales is None or num_kv_heads == heads:
+        return scales
+    from kvmem.cache.scales import KVScales
+
+    start = rank_head_offset(model, num_kv_heads)
+
+    def part(t: torch.Tensor) -> torch.Tensor:
+        return t[start:start + num_kv_heads] if t.dim() == 1 and t.shape[0] == heads else t
+
+    return KVScales([part(t) for t in scales.k], [part(t) for t in scales.v], headroom=scales.headroom,
+                    dtype=scales.dtype)
