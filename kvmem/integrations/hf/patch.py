@@ -95,7 +95,9 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
     block_size: tokens per KV page (default 16, or the memory bank's ``block_size``)
     num_blocks: pages per layer group (int, or mapping ``"full"`` / ``"sliding_<W>"`` -> int);
         default: sized per ``generate()`` call for its batch and ``max_length``
-    memory: total bytes for the KV pools (int or e.g. ``"2GiB"``), split over the layer groups
+    memory: total bytes for the KV pools (int or e.g. ``"2GiB"``), split over the layer groups; under
+        tensor parallelism (``from_pretrained(..., tp_plan="auto")``) each rank's pools hold only its
+        KV heads and ``memory`` is each rank's budget (``kvmem.integrations.hf.tp``)
     prefix_cache: keep the KV pools across ``generate()`` calls and start each call from the cached
         blocks of its prompts' longest cached prefix (full blocks of earlier prompts; rows of a
         batch start from the same column, left padding allowed): only the rest of the prompt is
