@@ -126,7 +126,8 @@ def test_tensor_parallel_case(case):
         assert res["budget_reserved"] <= 64 * 1024  # memory= is each rank's budget
     elif kind == "fp8":  # the rank's slice of the unsharded model's per-head scales: the same tokens
         assert res["scales_match"] and all(s == [4 // RANKS] for s in res["scale_heads"])
-        assert res["tp_kvmem"] == res["full_kvmem"]
+        assert res["tp_kvmem"] == res["full_kvmem"] == res["tp_calibrated"]
+        assert res["calibrated_close"] and all(s == [4 // RANKS] for s in res["calibrated_heads"])
     elif kind == "sink":
         assert res["shard"] and res["replicate"] and res["local"]
         assert "8 heads for 4 query heads" in res["wrong_size_error"]

@@ -189,7 +189,12 @@ def fp8_scales(tp_m, full_m):
     kw = dict(kv_cache_dtype="fp8", kv_scales=scales)
     tp_tokens, cache = patched(tp_m, lambda: gen_cache(tp_m, ids), **kw)
     full_tokens, _ = patched(full_m, lambda: gen_cache(full_m, ids), **kw)
+    mine = kvmem.calibrate_kv_scales(tp_m, ids)  # on the sharded model: the rank's heads
+    rank_tokens, _ = patched(tp_m, lambda: gen_cache(tp_m, ids), kv_cache_dtype="fp8", kv_scales=mine)
+    r = dist.get_rank()
     return {"tp_kvmem": tp_tokens, "full_kvmem": full_tokens, "full_hf": gen(full_m, ids).tolist(),
+            "tp_calibrated": rank_tokens, "calibrated_heads": [list(t.shape) for t in mine.k],
+            "calibrated_close": all(torch.allclose(a, b[2 * r:2 * r + 2], rtol=1e-5) for a, b in zip(mine.k, scales.k)),
             "scale_heads": [list(t.shape) for t in cache.kv_scales.k],
             "scales_match": all(torch.equal(a, b[2 * dist.get_rank():2 * dist.get_rank() + 2])
                                 for a, b in zip(cache.kv_scales.k, scales.k))}

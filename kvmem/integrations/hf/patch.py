@@ -124,7 +124,8 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
         auto-sizing, ``usage()`` and ``CacheFullError`` count bytes of this dtype (1 per element for fp8).
     kv_scales: float8 caches only: static per-(layer, KV head) scales: a ``kvmem.KVScales`` from
         ``kvmem.calibrate_kv_scales`` (recommended), one float for every layer and head, per-layer
-        ``(k_scale, v_scale)`` pairs (floats or 0-d / ``[num_kv_heads]`` tensors) or
+        ``(k_scale, v_scale)`` pairs (floats or 0-d / ``[num_kv_heads]`` tensors; under tensor
+        parallelism the whole model's heads, each rank taking its own, or the rank's heads) or
         ``{"k": [...], "v": [...]}``. None / ``"auto"``: **each layer's first write into a pool
         (the first prompt) fixes its scales**, ``absmax * kv_scale_headroom / finfo(fp8).max`` per KV
         head of the keys/values as cached (``kvmem.cache.scales``); never changed for the life of
@@ -159,8 +160,9 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
             f"{families.supported_list()}.")
     families.resolve(model.config, model)
     num_layers, kv_heads, _ = families.kv_dims(model.config)
-    rank_kv_heads(model)  # an already sharded model (tensor parallelism) must keep whole KV heads per rank
-    kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers, kv_heads)
+    here = rank_kv_heads(model)  # an already sharded model (tensor parallelism) must keep whole KV heads per rank
+    kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers,
+                                        kv_heads if here == kv_heads else (kv_heads, here))
     center_keys_arg(kv_center_keys, "kvmem.patch")
     bank = None
     if memory_bank is not None:
