@@ -103,6 +103,8 @@ def test_tensor_parallel_case(case):
             assert res["tp_kvmem"] == res["tp_hf"]
         if "full_kvmem" in res:
             assert res["full_kvmem"] == res["full_hf"]
+        if "rank_kv_heads" in res:  # and the versions it ran under, in the JSON: transformers, k_proj_weight
+            assert res["rank_kv_heads"] == 4 // RANKS
         if kind == "patch":  # attn_implementation="kvmem" at load: the cache holds the rank's 2 heads
             assert res["cache"] == "PagedKVCache" and res["heads"] == 2
     elif kind == "prefix":

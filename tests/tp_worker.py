@@ -71,10 +71,15 @@ def left_pad(rows):
 # --------------------------------------------------------------------------------------------- cases
 def greedy(tp_m, full_m, length):
     ids = torch.tensor(prompts(1, [length]))
+    import transformers
+
+    weight = tp_m.model.layers[0].self_attn.k_proj.weight
     return {"tp_kvmem": patched(tp_m, lambda: gen(tp_m, ids).tolist()),
             "tp_hf": gen(tp_m, ids).tolist(),
             "full_hf": gen(full_m, ids).tolist(),
-            "full_kvmem": patched(full_m, lambda: gen(full_m, ids).tolist())}
+            "full_kvmem": patched(full_m, lambda: gen(full_m, ids).tolist()),
+            "transformers": transformers.__version__, "k_proj_weight": type(weight).__name__,
+            "rank_kv_heads": tp.rank_kv_heads(tp_m)}
 
 
 def ragged(tp_m, full_m, lengths):
