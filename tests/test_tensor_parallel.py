@@ -25,7 +25,7 @@ WORKER = os.path.join(ROOT, "tests", "tp_worker.py")
 RANKS = 2
 TIMEOUT_S = 150
 
-pytestmark = pytest.mark.skipif(
+needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available")
 
@@ -94,6 +94,7 @@ def case(request, tp_results):
     return name, got[0]
 
 
+@needs_gloo
 def test_tensor_parallel_case(case):
     name, res = case
     kind = name.split("_")[0]
@@ -139,3 +140,34 @@ def test_tensor_parallel_case(case):
         assert all(s == [1, 4, 2] for s in res["full_selected"].values())
     else:
         raise AssertionError(f"no assertion for case {name}")
+
+
+def _sharded_by_hand(kv_heads: int, rows: int, shard_q: bool = True):
+    """A tiny Llama whose attention modules hold ``rows`` of k_proj's rows, as a TP rank would."""
+    cfg = transformers.LlamaConfig(**dict(COMMON, num_key_value_heads=kv_heads))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model._tp_size = 2
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if shard_q:
+            attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight[: attn.q_proj.weight.shape[0] // 2])
+        attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight[:rows])
+    return model
+
+
+def test_rank_kv_heads_reads_the_local_shard():
+    """Without torchrun: the heads of a rank are read from k_proj's local rows (plain tensors, as
+    older transformers keep them); a split KV head is refused by ``kvmem.patch`` before it changes
+    the model, naming ``num_key_value_heads`` and ``tp_size``."""
+    import kvmem
+    from kvmem.integrations.hf import is_patched, tp
+
+    assert tp.rank_kv_heads(transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))) == 4
+    assert tp.rank_kv_heads(_sharded_by_hand(4, 16)) == 2  # head_dim 8: 2 of 4 KV heads
+    split = _sharded_by_hand(1, 4)
+    with pytest.raises(ValueError, match=r"num_key_value_heads=1 must be a multiple of tp_size=2"):
+        kvmem.patch(split)
+    assert not is_patched(split) and split.config._attn_implementation != "kvmem"
+    with pytest.raises(ValueError, match=r"GQA group of 2 query heads per KV head .* must stay on one rank"):
+        tp.rank_kv_heads(_sharded_by_hand(4, 16, shard_q=False))  # every query head, half the KV heads

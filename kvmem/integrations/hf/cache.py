@@ -430,7 +430,8 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
             raise ValueError(
                 f"kvmem: this PagedKVCache was built for a {self.model_type} model with {self.num_layers} layers, "
                 f"{self.num_kv_heads} KV heads and head_dim {self.head_dim} (keys [batch, {self.num_kv_heads}, "
-                f"tokens, {self.head_dim}]); got {got} for layer {layer_idx!r}. Is it a cache from another model?")
+                f"tokens, {self.head_dim}]); got {got} for layer {layer_idx!r}. Is it a cache from another model? (A "
+                f"model sharded by tensor parallelism: num_kv_heads=kvmem.integrations.hf.tp.rank_kv_heads(model))")
         pair = self._pools.get(layer_idx)
         if pair is not None and k.device != pair[0].device:
             raise ValueError(f"kvmem: layer {layer_idx} keys are on {k.device}, "
