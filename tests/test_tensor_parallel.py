@@ -33,7 +33,7 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
               num_key_value_heads=4, max_position_embeddings=256, pad_token_id=0, eos_token_id=None, bos_token_id=None)
 
 CASES = ["greedy_llama", "greedy_qwen2_sliding", "ragged_llama", "ragged_qwen2_sliding", "beam_llama",
-         "prefix_cache_qwen2_sliding", "cache_full_llama", "kv_bytes_qwen2_sliding", "memory_bank_llama",
+         "static_decode_llama", "prefix_cache_qwen2_sliding", "cache_full_llama", "kv_bytes_qwen2_sliding", "memory_bank_llama",
          "fp8_scales_llama", "sink_logits_dtensor", "patch_before_sharding_llama", "kv_heads_lt_ranks"]
 
 
@@ -98,7 +98,7 @@ def case(request, tp_results):
 def test_tensor_parallel_case(case):
     name, res = case
     kind = name.split("_")[0]
-    if kind in ("greedy", "ragged", "beam", "patch"):  # patched sharded == unpatched sharded == unsharded
+    if kind in ("greedy", "ragged", "beam", "patch", "static"):  # patched sharded == unpatched sharded == unsharded
         assert res["tp_kvmem"] == res["full_hf"]
         if "tp_hf" in res:
             assert res["tp_kvmem"] == res["tp_hf"]
@@ -106,6 +106,8 @@ def test_tensor_parallel_case(case):
             assert res["full_kvmem"] == res["full_hf"]
         if "rank_kv_heads" in res:  # and the versions it ran under, in the JSON: transformers, k_proj_weight
             assert res["rank_kv_heads"] == 4 // RANKS
+        if kind == "static":  # every decode step (5 per call) ran on the fixed-shape buffers
+            assert sum(res["stats"].values()) == 2 * 5, res["stats"]
         if kind == "patch":  # attn_implementation="kvmem" at load: the cache holds the rank's 2 heads
             assert res["cache"] == "PagedKVCache" and res["heads"] == 2
     elif kind == "prefix":

@@ -123,6 +123,17 @@ def prefix_cache(tp_m, full_m):
             "full_hf": [gen(full_m, torch.tensor([r])).tolist() for r in rows]}
 
 
+def static_decode(tp_m, full_m):
+    """Decode steps over fixed-shape metadata (``cuda_graph=True``: captured on CUDA, eager here)."""
+    ids = torch.tensor(prompts(12, [9]))
+    def run():
+        tokens = [gen(tp_m, ids).tolist() for _ in range(2)]
+        return tokens, dict(tp_m._kvmem_runner.stats)
+
+    tokens, stats = patched(tp_m, run, cuda_graph=True)
+    return {"tp_kvmem": tokens, "full_hf": [gen(full_m, ids).tolist()] * 2, "stats": stats}
+
+
 def cache_full(tp_m, full_m):
     from kvmem import PagedKVCache
     from kvmem.integrations.hf.compat import cache_kwarg
@@ -262,6 +273,7 @@ def main(models: str, out_dir: str) -> None:
         "ragged_qwen2_sliding": lambda: ragged(tp_qwen, full_qwen, [21, 7]),
         "beam_llama": lambda: beam(tp_llama, full_llama),
         "prefix_cache_qwen2_sliding": lambda: prefix_cache(tp_qwen, full_qwen),
+        "static_decode_llama": lambda: static_decode(tp_llama, full_llama),
         "cache_full_llama": lambda: cache_full(tp_llama, full_llama),
         "kv_bytes_qwen2_sliding": lambda: kv_bytes(tp_qwen, full_qwen),
         "memory_bank_llama": lambda: memory_bank(tp_llama, full_llama),
