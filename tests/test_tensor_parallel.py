@@ -33,8 +33,9 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
               num_key_value_heads=4, max_position_embeddings=256, pad_token_id=0, eos_token_id=None, bos_token_id=None)
 
 CASES = ["greedy_llama", "greedy_qwen2_sliding", "ragged_llama", "ragged_qwen2_sliding", "beam_llama",
-         "static_decode_llama", "prefix_cache_qwen2_sliding", "cache_full_llama", "kv_bytes_qwen2_sliding", "memory_bank_llama",
-         "fp8_scales_llama", "sink_logits_dtensor", "patch_before_sharding_llama", "kv_heads_lt_ranks"]
+         "static_decode_llama", "prefix_cache_qwen2_sliding", "cache_full_llama", "kv_bytes_qwen2_sliding",
+         "memory_bank_llama", "fp8_scales_llama", "sink_logits_dtensor", "patch_before_sharding_llama",
+         "kv_heads_lt_ranks"]
 
 
 def _save_models(root: str) -> None:
