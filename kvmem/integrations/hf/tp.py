@@ -7,7 +7,7 @@ each rank's ``PagedKVCache`` is sized for *its* KV heads (``rank_kv_heads``): th
 bank's summaries and every byte count (``usage()``, ``memory=``, ``CacheFullError``) are per rank,
 total / ranks. Query head ``i`` of a rank reads local KV head ``i // (Hq / Hkv)``: with contiguous
 shards of whole heads a GQA group never straddles two ranks. Per-head parameters follow the rank's
-heads (sink logits: ``rank_sink_logits``).
+heads (sink logits: ``rank_sink_logits``; per-head float8 scales: ``rank_kv_scales``).
 
 Which heads a rank holds is read from the modules, not assumed from the config: the local rows of
 ``k_proj``'s weight (``DTensor.to_local()`` or the plain local shard older transformers keep), so
@@ -17,17 +17,21 @@ taken when ``generate()`` builds its cache, so ``kvmem.patch`` may come before o
 (``kvmem.patch`` also checks an already sharded model at once, before changing it).
 
 KV heads < ranks (or any count the ranks do not divide): HF's plan then splits a head's features
-over ranks (transformers 5.24 shards ``k_proj`` rows in equal chunks, and its own attention fails to
-reshape them); kvmem raises ``ValueError`` naming ``num_key_value_heads`` and ``tp_size`` instead
+over ranks (transformers 5.17 and 5.24 shard ``k_proj`` rows in equal chunks, and their own
+attention fails to reshape them); kvmem raises ``ValueError`` naming ``num_key_value_heads`` and ``tp_size`` instead
 (HF's continuous-batching cache refuses the same).
 
 No communication: kvmem sends nothing between ranks. Everything on the host (block tables,
 allocation, prefix reuse, sliding-window frees, memory-bank bookkeeping, ``CacheFullError``) is a
 function of inputs every rank has identically (token ids, attention masks, ``generate()``'s
 arguments, the block counts, which are equal because every rank holds as many heads), so every rank
-takes the same decisions; an error one rank raises, every rank raises at the same point, before the
-step's first collective (``o_proj``'s all-reduce), so no rank waits on one that stopped. The memory
-bank selects per (row, KV head): each rank selects for its own heads.
+takes the same decisions; an error one rank raises, every rank raises at the same point of the step,
+between the same two collectives (``CacheFullError``: when the first layer's keys arrive, before
+its ``o_proj`` all-reduce), so no rank waits on one that stopped. This needs
+what HF's tensor parallelism needs anyway: the same prompts and ``generate()`` arguments on every
+rank (and, for sampling, the same seed). The one rank-local failure is the device's own (out of
+memory); torch.distributed's timeout ends the other ranks then. The memory bank selects per
+(row, KV head): each rank selects for its own heads.
 """
 
 from __future__ import annotations
