@@ -1,6 +1,7 @@
 """The examples keep working (each asserts its own result)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ def test_example_runs(script):
     (["examples/passkey.py", "--help"], "--bank {none,extend,exact,streaming}"),
     (["examples/passkey.py", "--depth", "2"], "--depth must be a fraction"),
     (["-m", "kvmem.generate_demo", "--memory-bank", "--help"], "--memory-bank"),
+    (["examples/tensor_parallel.py", "--help"], "--max-new-tokens"),
 ])
 def test_passkey_commands_parse_their_arguments(args, expected):
     """examples/passkey.py and ``generate_demo --memory-bank`` parse their arguments (no model run):
@@ -30,3 +32,29 @@ def test_passkey_commands_parse_their_arguments(args, expected):
     r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == (0 if "--help" in args else 2), r.stdout[-2000:] + r.stderr[-2000:]
     assert expected in " ".join((r.stdout + r.stderr).split())
+
+
+def torch_distributed_gloo() -> bool:
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_gloo_available()
+
+
+@pytest.mark.skipif(not torch_distributed_gloo(), reason="torch.distributed with the gloo backend is not available")
+def test_tensor_parallel_example_runs():
+    """examples/tensor_parallel.py under ``torchrun --nproc-per-node 2`` (gloo, CPU): identical outputs."""
+    pytest.importorskip("transformers")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(ROOT, "examples/tensor_parallel.py"), "--prompt-tokens", "20", "--max-new-tokens", "4"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail("examples/tensor_parallel.py did not finish in 120 s (killed):\n" + out[-3000:])
+    assert proc.returncode == 0, out[-3000:]
+    assert "outputs identical on every rank: YES" in out

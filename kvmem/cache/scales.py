@@ -162,8 +162,9 @@ def _scale_tensor(s, what: str) -> torch.Tensor:
     return t.clone()
 
 
-def as_kv_scales(value, num_layers: int, num_kv_heads: int, where: str = "kvmem.patch") -> Optional[KVScales]:
+def as_kv_scales(value, num_layers: int, num_kv_heads, where: str = "kvmem.patch") -> Optional[KVScales]:
     """``kv_scales=`` normalised to a ``KVScales`` (None / ``"auto"``: the default rule, returns None).
+    ``num_kv_heads``: the heads a per-head scale may have (an int, or a tuple of the counts allowed).
 
     Accepted: a positive float (one scale for every layer and head, K and V), a ``KVScales``
     (``kvmem.calibrate_kv_scales``), a sequence of one ``(k_scale, v_scale)`` pair per layer, or a
@@ -196,9 +197,10 @@ def as_kv_scales(value, num_layers: int, num_kv_heads: int, where: str = "kvmem.
         raise ValueError(f"{where}: kv_scales has {scales.num_layers} layers, the model {num_layers}")
     for i, (k, v) in enumerate(zip(scales.k, scales.v)):
         for name, s in (("k", k), ("v", v)):
-            if s.dim() == 1 and s.shape[0] != num_kv_heads:
+            allowed = (num_kv_heads,) if isinstance(num_kv_heads, int) else tuple(num_kv_heads)
+            if s.dim() == 1 and s.shape[0] not in allowed:
                 raise ValueError(f"{where}: kv_scales {name}[{i}] has {s.shape[0]} entries, the model "
-                                 f"{num_kv_heads} KV heads")
+                                 f"{' or '.join(map(str, allowed))} KV heads")
     return scales
 
 

@@ -23,6 +23,7 @@ import torch
 from kvmem.cache.metadata import StepMetadata
 from kvmem.integrations import families
 from kvmem.integrations.hf import compat, context
+from kvmem.integrations.hf.tp import rank_sink_logits
 from kvmem.layer import LayerAttention, run_layer, tokens
 from kvmem.ops.kernel_ops import KernelOps
 
@@ -54,7 +55,7 @@ def kvmem_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     scaling: softmax scale (default ``head_dim ** -0.5``)
     sliding_window: key j visible to the query at p iff ``j > p - sliding_window``
     softcap: attention-logit softcap (Gemma 2)
-    s_aux: [num_heads] sink logits (gpt-oss)
+    s_aux: [num_heads] sink logits (gpt-oss); under tensor parallelism this rank's heads' (``tp.rank_sink_logits``)
 
     Returns
     -------
@@ -80,7 +81,7 @@ def kvmem_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     softcap = _as_float(softcap)
     sinks = None
     if s_aux is not None:
-        sinks = s_aux.detach().to(torch.float32).reshape(-1).contiguous()
+        sinks = rank_sink_logits(s_aux, query.shape[1]).detach().to(torch.float32).reshape(-1).contiguous()
     layer_idx = getattr(module, "layer_idx", None)
     attention = LayerAttention(scale, window, softcap, sinks)
     step = context.current()

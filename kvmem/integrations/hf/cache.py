@@ -116,6 +116,8 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
     kv_scale_headroom: the headroom of that default rule (default ``kvmem.cache.scales.DEFAULT_HEADROOM``)
     kv_center_keys: float8 only: pages store ``k - mu``, ``mu`` fixed by each layer's first write ("Key
         centring" in ``kvmem.cache.scales``; not in softcap / sink / memory layers); a KVPool brings its own
+    num_kv_heads: the KV heads this cache holds (default the config's): under tensor parallelism this
+        rank's, ``kvmem.integrations.hf.tp.rank_kv_heads(model)`` (``generate()`` passes it)
 
     Notes
     -----
@@ -134,13 +136,15 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
                  max_cache_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                  device: Union[None, str, torch.device] = None, backend: str = "auto",
                  pool: Optional["KVPool"] = None, memory_bank=None, kv_cache_dtype=None, kv_scales=None,
-                 kv_scale_headroom: float = DEFAULT_HEADROOM, kv_center_keys: bool = DEFAULT_CENTER_KEYS):
+                 kv_scale_headroom: float = DEFAULT_HEADROOM, kv_center_keys: bool = DEFAULT_CENTER_KEYS,
+                 num_kv_heads: Optional[int] = None):
         families.resolve(config)
         tc = families.text_config(config)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"PagedKVCache: block_size must be an int >= 1, got {block_size!r}")
         self.model_type = getattr(tc, "model_type", "?")
-        self.num_layers, self.num_kv_heads, self.head_dim = families.kv_dims(config)
+        self.num_layers, heads, self.head_dim = families.kv_dims(config)
+        self.num_kv_heads = heads if num_kv_heads is None else int(num_kv_heads)
         self.windows: List[Optional[int]] = families.layer_windows(config)
         self.groups: Tuple[LayerGroupSpec, ...] = tuple(
             LayerGroupSpec(name, layers, w) for name, layers, w in families.group_layers(self.windows))
@@ -258,8 +262,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
     def get_max_length(self, layer_idx: Optional[int] = None) -> int:
         return -1
 
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # transformers < 5.16
-        return -1
+    get_max_cache_shape = get_max_length  # transformers < 5.16
 
     @property
     def batch_size(self) -> int:
@@ -288,8 +291,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
     def offload(self, *args, **kwargs) -> None:
         pass
 
-    def prefetch(self, *args, **kwargs) -> None:
-        pass
+    prefetch = offload
 
     def activate_past_recording(self) -> None:
         pass  # crop() can always roll back (blocks left of a sliding window are freed only past every query)
@@ -428,7 +430,8 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
             raise ValueError(
                 f"kvmem: this PagedKVCache was built for a {self.model_type} model with {self.num_layers} layers, "
                 f"{self.num_kv_heads} KV heads and head_dim {self.head_dim} (keys [batch, {self.num_kv_heads}, "
-                f"tokens, {self.head_dim}]); got {got} for layer {layer_idx!r}. Is it a cache from another model?")
+                f"tokens, {self.head_dim}]); got {got} for layer {layer_idx!r}. Is it a cache from another model? (A "
+                f"model sharded by tensor parallelism: num_kv_heads=kvmem.integrations.hf.tp.rank_kv_heads(model))")
         pair = self._pools.get(layer_idx)
         if pair is not None and k.device != pair[0].device:
             raise ValueError(f"kvmem: layer {layer_idx} keys are on {k.device}, "

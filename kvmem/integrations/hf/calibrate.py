@@ -23,6 +23,7 @@ import torch
 from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, scales_from_absmax
 from kvmem.integrations import families
 from kvmem.integrations.hf.compat import cache_kwarg
+from kvmem.integrations.hf.tp import rank_kv_heads
 from kvmem.ops._common import is_fp8
 
 __all__ = ["calibrate_kv_scales"]
@@ -107,7 +108,8 @@ def calibrate_kv_scales(model, input_ids: torch.Tensor, *, attention_mask: Optio
     Returns
     -------
     ``KVScales``: per layer ``[num_kv_heads]`` fp32 ``k`` and ``v`` scales, for
-    ``kvmem.patch(model, kv_cache_dtype=dtype, kv_scales=...)``
+    ``kvmem.patch(model, kv_cache_dtype=dtype, kv_scales=...)``; on a model sharded with tensor
+    parallelism, those of this rank's KV heads (no communication)
     """
     where = "kvmem.calibrate_kv_scales"
     if not is_fp8(dtype):
@@ -122,7 +124,8 @@ def calibrate_kv_scales(model, input_ids: torch.Tensor, *, attention_mask: Optio
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-    num_layers, kv_heads, _ = families.kv_dims(model.config)
+    num_layers, _, _ = families.kv_dims(model.config)
+    kv_heads = rank_kv_heads(model)  # under tensor parallelism: this rank's heads' scales
     rec = _Recorder(model, keys, attention_mask)
     cache = _recording_cache_class()(config=model.config)
     cache._kvmem_record = rec.record
@@ -144,5 +147,5 @@ def calibrate_kv_scales(model, input_ids: torch.Tensor, *, attention_mask: Optio
     vs = [scales_from_absmax(rec.v[i], headroom, dtype) for i in range(num_layers)]
     for s in ks:
         if s.shape[0] != kv_heads:
-            raise RuntimeError(f"{where}: recorded {s.shape[0]} KV heads, the config says {kv_heads}")
+            raise RuntimeError(f"{where}: recorded {s.shape[0]} KV heads, the model holds {kv_heads}")
     return KVScales(ks, vs, headroom=float(headroom), dtype=dtype)

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from kvmem.integrations.hf.tp import local_tensor
+
 __all__ = ["model_fingerprint", "VOLATILE_CONFIG_KEYS"]
 
 #: config keys that do not change the KV a model writes
@@ -61,7 +63,7 @@ def _tensors(model):
             if t is None or id(t) in seen:
                 continue
             seen.add(id(t))
-            yield prefix + name, t
+            yield prefix + name, local_tensor(t)  # a DTensor: this rank's shard (no collective)
 
 
 def _weights_digest(model) -> str:

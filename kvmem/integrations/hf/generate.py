@@ -24,6 +24,7 @@ from kvmem.integrations.hf.cache import PagedKVCache
 from kvmem.integrations.hf.compat import cache_kwarg, generation_mixin, kwargs_cache
 from kvmem.integrations.hf.fingerprint import model_fingerprint
 from kvmem.integrations.hf.options import KvmemOptions, options_of
+from kvmem.integrations.hf.tp import rank_kv_heads, rank_kv_scales
 
 __all__ = ["make_cache", "make_generate_cache", "model_layer_devices", "install_generate_hook",
            "instance_generate_hook", "capturing_generate"]
@@ -44,19 +45,22 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     The pools are in ``options.kv_cache_dtype`` (default the model's dtype); a float8 pool's scales
     are fixed for its life (``kvmem.cache.scales``) and, with ``prefix_cache``, part of its
     fingerprint (blocks are reused only under the same dtype and scales).
+    Under tensor parallelism the cache holds this rank's KV heads (``kvmem.integrations.hf.tp``).
     """
-    kw = dict(block_size=options.block_size, backend=options.backend)
+    kv_heads = rank_kv_heads(model)  # this rank's KV heads under tensor parallelism (kvmem.integrations.hf.tp)
+    kw = dict(block_size=options.block_size, backend=options.backend, num_kv_heads=kv_heads)
+    kv_scales = rank_kv_scales(options.kv_scales, model, kv_heads)
     rows = (max_batch_size or 1) * expand
     if not (options.prefix_cache or options.cuda_graph):
         return PagedKVCache(model.config, num_blocks=options.num_blocks, memory=options.memory,
                             max_batch_size=rows, max_cache_len=max_cache_len, memory_bank=options.memory_bank,
-                            kv_cache_dtype=options.kv_cache_dtype, kv_scales=options.kv_scales,
+                            kv_cache_dtype=options.kv_cache_dtype, kv_scales=kv_scales,
                             kv_scale_headroom=options.kv_scale_headroom, kv_center_keys=options.kv_center_keys,
                             **kw)
     prompt = options.prompt
     rows_tokens, pads = _prompt_rows(prompt, max_batch_size, expand)
     dtype, device = options.kv_cache_dtype or model.dtype, model_layer_devices(model) or model.device
-    _, kv_heads, head_dim = families.kv_dims(model.config)
+    _, _, head_dim = families.kv_dims(model.config)
     groups = [LayerGroupSpec(n, layers, w)
               for n, layers, w in families.group_layers(families.layer_windows(model.config))]
     per_block = bytes_per_block(groups, options.block_size, kv_heads, head_dim, dtype)
@@ -83,7 +87,7 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
         # auto-sized: room for this call (and with prefix_cache as much again of cached prompt blocks)
         blocks = {k: 2 * v for k, v in want.items()} if auto and options.prefix_cache else want
         pool = options.pool = KVPool(groups, kv_heads, head_dim, options.block_size, blocks, dtype, device,
-                                     fingerprint=fingerprint, kv_scales=options.kv_scales,
+                                     fingerprint=fingerprint, kv_scales=kv_scales,
                                      kv_scale_headroom=options.kv_scale_headroom,
                                      kv_center_keys=options.kv_center_keys)
     cache = PagedKVCache(model.config, pool=pool, max_cache_len=max_cache_len, **kw)

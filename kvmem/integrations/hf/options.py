@@ -82,9 +82,10 @@ def check_args(backend, block_size, num_blocks, memory, prefix_cache, cuda_graph
     return backend, block_size
 
 
-def check_kv_args(kv_dtype, kv_scales, kv_scale_headroom, num_layers: int, num_kv_heads: int):
+def check_kv_args(kv_dtype, kv_scales, kv_scale_headroom, num_layers: int, num_kv_heads):
     """Validate ``kvmem.patch``'s ``kv_cache_dtype`` / ``kv_scales`` / ``kv_scale_headroom`` for a model of
-    ``num_layers`` layers and ``num_kv_heads`` KV heads; returns ``(dtype or None, KVScales or None)``."""
+    ``num_layers`` layers and ``num_kv_heads`` KV heads (or a tuple of the counts allowed: under tensor
+    parallelism the model's and the rank's); returns ``(dtype or None, KVScales or None)``."""
     dtype = kv_cache_dtype(kv_dtype, "kvmem.patch")
     scales = as_kv_scales(kv_scales, num_layers, num_kv_heads, "kvmem.patch")
     fp8 = dtype is not None and is_fp8(dtype)

@@ -26,6 +26,7 @@ from kvmem.integrations.hf.cache import PagedKVCache
 from kvmem.integrations.hf.generate import capturing_generate, install_generate_hook, instance_generate_hook
 from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, center_keys_arg
 from kvmem.integrations.hf.options import KvmemOptions, check_args, check_kv_args
+from kvmem.integrations.hf.tp import rank_kv_heads
 from kvmem.ops.kernel_ops import KernelOps
 
 __all__ = ["patch", "unpatch", "is_patched", "register", "is_registered"]
@@ -94,7 +95,9 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
     block_size: tokens per KV page (default 16, or the memory bank's ``block_size``)
     num_blocks: pages per layer group (int, or mapping ``"full"`` / ``"sliding_<W>"`` -> int);
         default: sized per ``generate()`` call for its batch and ``max_length``
-    memory: total bytes for the KV pools (int or e.g. ``"2GiB"``), split over the layer groups
+    memory: total bytes for the KV pools (int or e.g. ``"2GiB"``), split over the layer groups; under
+        tensor parallelism (``from_pretrained(..., tp_plan="auto")``) each rank's pools hold only its
+        KV heads and ``memory`` is each rank's budget (``kvmem.integrations.hf.tp``)
     prefix_cache: keep the KV pools across ``generate()`` calls and start each call from the cached
         blocks of its prompts' longest cached prefix (full blocks of earlier prompts; rows of a
         batch start from the same column, left padding allowed): only the rest of the prompt is
@@ -121,7 +124,8 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
         auto-sizing, ``usage()`` and ``CacheFullError`` count bytes of this dtype (1 per element for fp8).
     kv_scales: float8 caches only: static per-(layer, KV head) scales: a ``kvmem.KVScales`` from
         ``kvmem.calibrate_kv_scales`` (recommended), one float for every layer and head, per-layer
-        ``(k_scale, v_scale)`` pairs (floats or 0-d / ``[num_kv_heads]`` tensors) or
+        ``(k_scale, v_scale)`` pairs (floats or 0-d / ``[num_kv_heads]`` tensors; under tensor
+        parallelism the whole model's heads, each rank taking its own, or the rank's heads) or
         ``{"k": [...], "v": [...]}``. None / ``"auto"``: **each layer's first write into a pool
         (the first prompt) fixes its scales**, ``absmax * kv_scale_headroom / finfo(fp8).max`` per KV
         head of the keys/values as cached (``kvmem.cache.scales``); never changed for the life of
@@ -156,7 +160,9 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
             f"{families.supported_list()}.")
     families.resolve(model.config, model)
     num_layers, kv_heads, _ = families.kv_dims(model.config)
-    kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers, kv_heads)
+    here = rank_kv_heads(model)  # an already sharded model (tensor parallelism) must keep whole KV heads per rank
+    kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers,
+                                        kv_heads if here == kv_heads else (kv_heads, here))
     center_keys_arg(kv_center_keys, "kvmem.patch")
     bank = None
     if memory_bank is not None:
