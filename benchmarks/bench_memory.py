@@ -9,8 +9,8 @@ history, and with the torch reference ``memory_select`` in place of the C++ one.
     python benchmarks/bench_memory.py [--histories 8192 32768 131072] [--batches 1] [--reps 12]
                                       [--warmup 3] [--quick]
 
-Data: random fp32 K/V (never zeros) in 16-token pages, shuffled block tables, summaries (minmax)
-of every bank page written beforehand (at eviction, between steps: not timed). Memory config per
+Data: random fp32 K/V (never zeros) in 16-token pages, shuffled block tables, summaries (``--summary``,
+default the ``kvmem.MemoryConfig`` default) of every bank page written beforehand (at eviction, between steps: not timed). Memory config per
 history L: 64 sink tokens (4 blocks), a window of ~2.5 % of L (whole blocks), top_k blocks so that
 top_k * 16 + window ~ 5 % of L. Each round times every implementation once, in an order rotated
 per round; the table gives medians over ``--reps`` timed rounds after ``--warmup`` rounds. Issue
@@ -35,6 +35,7 @@ import kvmem  # noqa: E402
 from kvmem import dispatch  # noqa: E402
 from kvmem.bench import report  # noqa: E402
 from kvmem.bench.inputs import paged_batch  # noqa: E402
+from kvmem.memory.config import SUMMARIES  # noqa: E402
 from kvmem.ops.memory_attention import memory_attention  # noqa: E402
 from kvmem.ops.memory_select import memory_select, reference as select_reference, write_summaries  # noqa: E402
 
@@ -54,8 +55,9 @@ def memory_config(history: int) -> dict:
 class Case:
     """One (shape, batch, history) case: the paged batch, its bank and summaries, the callables."""
 
-    def __init__(self, shape, batch: int, history: int, seed: int = 0):
+    def __init__(self, shape, batch: int, history: int, seed: int = 0, summary: str = "minmax"):
         self.name, hq, hkv, d = shape
+        self.summary = summary
         self.batch, self.history = batch, history
         self.cfg = memory_config(history)
         pb = paged_batch(batch, history, 1, hq, hkv, d, block_size=BLOCK, seed=seed)
@@ -66,17 +68,17 @@ class Case:
         self.bank_table = pb.block_table[:, sink:w0].contiguous()
         self.bank_lens = torch.full((batch,), w0 - sink, dtype=torch.int32)
         self.summaries = torch.full((pb.k_cache.shape[0], hkv, 2, d), float("nan"))
-        write_summaries(self.summaries, pb.k_cache, self.bank_table.flatten(), check=False)
+        write_summaries(self.summaries, pb.k_cache, self.bank_table.flatten(), summary=summary, check=False)
         self.top_k = self.cfg["top_k"]
         self.selected = self.select_cpp()
 
     def select_cpp(self):
         return memory_select(self.pb.q, self.summaries, self.bank_table, self.bank_lens, self.pb.cu_seqlens_q,
-                             self.top_k, check=False)
+                             self.top_k, summary=self.summary, check=False)
 
     def select_torch(self):
         return select_reference.memory_select(self.pb.q, self.summaries, self.bank_table, self.bank_lens,
-                                              self.pb.cu_seqlens_q, self.top_k)
+                                              self.pb.cu_seqlens_q, self.top_k, summary=self.summary)
 
     def attend(self, selected):
         pb = self.pb
@@ -119,10 +121,10 @@ def run(args) -> dict:
             for batch in args.batches:
                 if batch > 1 and history > args.max_batched_history:
                     continue
-                case = Case(shape, batch, history)
+                case = Case(shape, batch, history, summary=args.summary)
                 times = measure(case.impls(), args.warmup, args.reps)
                 med = {name: statistics.median(ts) for name, ts in times.items()}
-                row = dict(shape=case.name, batch=batch, history=history, **case.cfg,
+                row = dict(shape=case.name, batch=batch, history=history, summary=args.summary, **case.cfg,
                            bank_blocks=int(case.bank_lens[0]), attended_tokens=(case.cfg["sink_blocks"] + case.top_k
                                                                                 + case.cfg["window_blocks"]) * BLOCK,
                            median_s=med, min_s={n: min(t) for n, t in times.items()},
@@ -158,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="8k only, few repeats (a smoke run)")
+    ap.add_argument("--summary", default=kvmem.MemoryConfig().summary, choices=SUMMARIES,
+                    help="block summaries (default: MemoryConfig's)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/memory_cpu_float32_<UTC>.json)")
     args = ap.parse_args(argv)
     if args.quick:

@@ -15,7 +15,7 @@ def test_defaults_for_smollm2():
     cfg = MemoryConfig(mode="extend").resolve(_smollm2_like(), page_size=16)
     assert cfg.is_resolved
     assert (cfg.sink_tokens, cfg.window, cfg.block_size, cfg.chunk_size, cfg.top_k) == (64, 1024, 16, 512, 155)
-    assert cfg.sink_blocks == 4 and cfg.summary == "minmax" and cfg.dense_layers == 0
+    assert cfg.sink_blocks == 4 and cfg.summary == "mean" and cfg.dense_layers == 0
     assert cfg.max_distance == 64 + 155 * 16 + 1024 + 16 + 512 <= 8192 // 2
 
 
@@ -39,7 +39,7 @@ def test_given_values_are_kept_and_exact_mode_needs_no_rope():
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(mode="fast"), ValueError, "'mode'"),
-    (dict(summary="mean"), ValueError, "'summary'"),
+    (dict(summary="median"), ValueError, "'summary'"),
     (dict(top_k=-1), ValueError, "'top_k'.*>= 0"),
     (dict(top_k=2.5), TypeError, "'top_k'"),
     (dict(top_k=True), TypeError, "'top_k'"),

@@ -100,7 +100,7 @@ class MemoryConfig:
     window: Optional[int] = None
     block_size: Optional[int] = None
     top_k: Optional[int] = None
-    summary: str = "minmax"
+    summary: str = "mean"
     chunk_size: Optional[int] = None
     dense_layers: int = 0
 

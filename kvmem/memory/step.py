@@ -8,11 +8,14 @@ row ``b`` (which held ``L0 = seq_lens_before[b]``); its queries are cut into *ch
   window (``RowBanks.evict``: sinks never) join the row's bank, and its window starts at
   ``w0 = max(sink_blocks, (L_start - window) // block_size)``;
 * every sub-block is one *segment* of the memory ops (its own entry of ``cu_seqlens_q``; the step's
-  last query of each row is a sub-block of its own, so the query that produces the next token
-  selects with itself -- the first generated token's selection is the prompt's last query's): it shares
+  last ``block_size`` queries of each row are sub-blocks of their own, so the query that produces
+  the next token selects with itself -- the first generated token's selection is the prompt's last
+  query's): it shares
   its row's block table, bank (the first ``bank_len`` entries: a bank only grows) and its chunk's
   ``w0``, selects with its first query (``selection_query_index``: never when the chunk starts
   among the sinks) and attends causally up to its own last key (``seq_lens`` of the segment).
+  The step's last ``block_size`` queries of each row are sub-blocks of one query each, so the end
+  of a prompt (typically the question) selects token by token.
 
 Segments are in token order (row after row, position ascending), so the step's ``q`` needs no
 permutation; they are packed into *groups* of at most ``chunk_size`` tokens (at least one
@@ -125,9 +128,11 @@ def plan_memory_step(banks: RowBanks, page_tables: Sequence[Sequence[int]], seq_
             bank_len = len(banks.pages[b])
             in_window = w0 * bs <= start
             end = min(n, c0 + chunk_size)
-            # the step's last query is a sub-block of its own: the query that produces the next
-            # token selects with itself (every sub-block still selects with its first query)
-            cuts = list(range(c0, end - 1 if end == n else end, bs)) + ([end - 1] if end == n else [])
+            # the step's last block_size queries are sub-blocks of one query each: the prompt's tail
+            # (the question) selects token by token, and the query that produces the next token
+            # with itself (every sub-block still selects with its first query: causal)
+            tail = max(c0, n - bs) if end == n else end
+            cuts = list(range(c0, tail, bs)) + (list(range(tail, end)) if end == n else [])
             for s0, s1 in zip(cuts, cuts[1:] + [end]):
                 segs.append((b, t + s0, t + s1, L0 + s1, w0, bank_len, in_window))
         t += n
