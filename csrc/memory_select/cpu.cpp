@@ -47,6 +47,7 @@ namespace {
 
 template <typename Ts>
 using TileFn = void (*)(const MemorySelectCpuArgs&, int, int64_t, int64_t, float*);
+using GroupRuleFn = void (*)(const float*, int64_t, int, int64_t, float*);
 
 // The token row b selects with, or -1 (no query: nothing selected).
 int64_t query_token(const MemorySelectParams& p, int b) {
@@ -69,27 +70,6 @@ void gather_queries(const MemorySelectParams& p, const std::vector<int64_t>& tok
     for (int h = 0; h < p.num_heads; ++h) {
       load_row(q + token[b] * p.q_stride_t + h * p.q_stride_h, qf + b * row + int64_t(h) * p.head_dim,
                p.head_dim);
-    }
-  }
-}
-
-// The group rule: agg[j] = max_g (s_g[j] - lse_g) over the G rows s_g = scores + g * stride
-// (NaN counts as -inf; a head with nothing finite adds nothing).
-void group_rule(const float* scores, int64_t stride, int G, int64_t n, float* agg) {
-  for (int64_t j = 0; j < n; ++j) agg[j] = kNegInf;
-  for (int g = 0; g < G; ++g) {
-    const float* s = scores + int64_t(g) * stride;
-    float m = kNegInf;
-    for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;  // NaN never wins
-    if (!(m > kNegInf)) continue;
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      if (s[j] > kNegInf) sum += std::exp(double(s[j]) - double(m));
-    }
-    const float lse = std::isinf(m) ? 0.0f : static_cast<float>(double(m) + std::log(sum));  // +inf: as the reference
-    for (int64_t j = 0; j < n; ++j) {
-      const float v = s[j] - lse;
-      if (v > agg[j]) agg[j] = v;  // NaN never wins
     }
   }
 }
@@ -150,6 +130,7 @@ void run_memory_select(MemorySelectCpuArgs& a) {
 
   // Pass 2: per (row, KV head) the group rule, then the top-k.
   const int G = Hq / Hkv;
+  const GroupRuleFn rule = KVMEM_PICK_ISA(ms, group_rule);
   const int64_t select_grain = total * Hq < kSerialSelect ? int64_t(B) * Hkv : 1;
   at::parallel_for(0, int64_t(B) * Hkv, select_grain, [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> idx;
@@ -157,7 +138,7 @@ void run_memory_select(MemorySelectCpuArgs& a) {
     std::unique_ptr<float[]> agg(new float[std::max<int64_t>(1, stride)]);
     for (int64_t r = r0; r < r1; ++r) {
       const int b = static_cast<int>(r / Hkv), h = static_cast<int>(r % Hkv);
-      group_rule(ca.scores + r * G * stride, stride, G, ca.live[b], agg.get());
+      rule(ca.scores + r * G * stride, stride, G, ca.live[b], agg.get());
       top_k_row(agg.get(), ca.live[b], K, ca.selected + b * ca.sel_stride_b + h * ca.sel_stride_h, idx);
     }
   });
