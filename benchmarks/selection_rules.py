@@ -108,7 +108,9 @@ def rank(args):
             where = {j + sb: i for i, j in enumerate(order)}
             return min(where[x] for x in blocks)
 
-        trial = {"capture": os.path.basename(path), "length": d.get("length"), "seed": d.get("seed"),
+        name = os.path.basename(path)
+        parts = name[len("cap_"):-len(".pt")].split("_") if name.startswith("cap_") else [None, None]
+        trial = {"capture": name, "length": d.get("length", int(parts[0])), "seed": d.get("seed", int(parts[1])),
                  "answer": d.get("answer"), "key": d.get("key"), "bank_blocks": w0 - sb, "digit_blocks": blocks,
                  "heads": []}
         for layer in sorted(d["q"]):
