@@ -13,7 +13,7 @@ from kvmem import nn  # noqa: E402  (torch only; never imports transformers)
 
 __all__ = ["ops", "backends", "build_info", "BlockAllocator", "KVCacheManager", "LayerGroupSpec",
            "CacheFullError", "MemoryConfig", "cache_write", "paged_attention", "merge_states", "nn", "patch", "unpatch",
-           "PagedKVCache", "model_fingerprint", "calibrate_kv_scales", "KVScales", "__version__"]
+           "PagedKVCache", "model_fingerprint", "calibrate_kv_scales", "KVScales", "MemoryBank", "set_banks", "__version__"]
 
 # The Hugging Face integration, imported on first use so that `import kvmem` never imports
 # transformers.
@@ -25,6 +25,8 @@ _LAZY = {
     "model_fingerprint": ("kvmem.integrations.hf.fingerprint", "model_fingerprint"),
     "calibrate_kv_scales": ("kvmem.integrations.hf.calibrate", "calibrate_kv_scales"),
     "KVScales": ("kvmem.cache.scales", "KVScales"),
+    "MemoryBank": ("kvmem.integrations.hf.banks", "MemoryBank"),
+    "set_banks": ("kvmem.integrations.hf.banks", "set_banks"),
 }
 
 

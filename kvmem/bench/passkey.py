@@ -125,6 +125,33 @@ def build_trial(tokenizer, haystack_ids: Sequence[int], length: int, seed: int, 
     return Trial(ids, key, depth, span, tokenizer.decode(question))
 
 
+DOC_PROMPT = ("You have been given a long document. There is an important piece of information hidden inside "
+              "a lot of irrelevant text in it: a pass key, a number of five digits, said twice in one short "
+              "passage of the document. The rest of the document is licence texts and does not matter. Read "
+              "the document back from your memory, find the passage with the pass key and answer with the "
+              "pass key only.")
+
+
+@dataclass
+class DocumentTrial:
+    document: List[int]  # the haystack with the needle (no question): what goes into a bank
+    input_ids: List[int]  # the prompt: DOC_PROMPT + the question, without the document
+    key: str
+    depth: float
+    needle_span: Tuple[int, int]  # token positions [start, end) of the needle in ``document``
+
+
+def build_document_trial(tokenizer, haystack_ids: Sequence[int], length: int, seed: int,
+                         depth: Optional[float] = None) -> DocumentTrial:
+    """A document of about ``length`` tokens with the key at ``depth`` (``build_trial``'s haystack and
+    needle) and a short prompt that asks for the key without containing the document."""
+    t = build_trial(tokenizer, haystack_ids, length, seed, depth)
+    question = tokenizer.encode(QUESTION, add_special_tokens=False)
+    document = t.input_ids[:len(t.input_ids) - len(question)]
+    prompt = tokenizer.encode(DOC_PROMPT, add_special_tokens=False) + question
+    return DocumentTrial(document, prompt, t.key, t.depth, t.needle_span)
+
+
 def is_correct(completion: str, key: str) -> bool:
     return key in completion.replace(",", "").replace(" ", "")
 

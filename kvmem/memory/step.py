@@ -12,8 +12,9 @@ row ``b`` (which held ``L0 = seq_lens_before[b]``); its queries are cut into *ch
   the next token selects with itself -- the first generated token's selection is the prompt's last
   query's): it shares
   its row's block table, bank (the first ``bank_len`` entries: a bank only grows) and its chunk's
-  ``w0``, selects with its first query (``selection_query_index``: never when the chunk starts
-  among the sinks) and attends causally up to its own last key (``seq_lens`` of the segment).
+  ``w0``, selects with its first query (never when the sub-block starts among the sinks: in a
+  row's first chunk that leaves the sub-blocks past the sinks, which can select blocks of attached
+  banks, ``kvmem.MemoryBank``) and attends causally up to its own last key (``seq_lens`` of the segment).
   The step's last ``block_size`` queries of each row are sub-blocks of one query each, so the end
   of a prompt (typically the question) selects token by token.
 
@@ -126,7 +127,6 @@ def plan_memory_step(banks: RowBanks, page_tables: Sequence[Sequence[int]], seq_
             evicted += banks.evict(b, page_tables[b], start)
             w0 = banks.window_start(b, start)
             bank_len = len(banks.pages[b])
-            in_window = w0 * bs <= start
             end = min(n, c0 + chunk_size)
             # the step's last block_size queries are sub-blocks of one query each: the prompt's tail
             # (the question) selects token by token, and the query that produces the next token
@@ -134,7 +134,10 @@ def plan_memory_step(banks: RowBanks, page_tables: Sequence[Sequence[int]], seq_
             tail = max(c0, n - bs) if end == n else end
             cuts = list(range(c0, tail, bs)) + (list(range(tail, end)) if end == n else [])
             for s0, s1 in zip(cuts, cuts[1:] + [end]):
-                segs.append((b, t + s0, t + s1, L0 + s1, w0, bank_len, in_window))
+                # a sub-block selects when it starts past the sinks (its keys: sinks, selected, window
+                # from w0): always once the row holds more than the sinks; in the row's first chunk only
+                # attached banks' blocks can be selected (nothing has been evicted yet)
+                segs.append((b, t + s0, t + s1, L0 + s1, w0, bank_len, w0 * bs <= L0 + s0))
         t += n
     num_tokens = t
     groups, last, last_w0 = [], [None] * len(q_lens), [0] * len(q_lens)

@@ -443,7 +443,12 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         blocks = size_groups(self.groups, self.block_size, per_block, rows=rows, step_len=step_len,
                              num_blocks=self._num_blocks_arg, memory=self._memory,
                              max_batch_size=self._max_batch_size, max_cache_len=self._max_cache_len)
+        if self._bank is not None and self._bank.attached_blocks:  # attached banks' pages, on top
+            blocks = dict(blocks)
+            blocks[self._bank_group] += self._bank.attached_blocks
         self._manager = KVCacheManager(blocks, self.block_size, self.groups, device, bytes_per_block=per_block)
+        if self._bank is not None:
+            self._bank.take_pages(self._manager.allocator(self._bank_group))
         self._pool_dtype = dtype
         if is_fp8(dtype):
             self._scales = PoolScales(dtype, self.num_layers, self._given_scales, self._headroom, self._center_keys)

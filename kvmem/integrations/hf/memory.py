@@ -86,6 +86,8 @@ class BankSpec:
     layers: FrozenSet[int]
     rope_table: Optional[torch.Tensor] = None
     half_table: bool = False
+    #: the attached ``kvmem.MemoryBank`` s (``kvmem.patch(..., banks=)`` / ``kvmem.set_banks``), in bank order
+    attached: tuple = ()
     report: MemoryReport = field(default_factory=MemoryReport)
     _tables: Dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -137,6 +139,41 @@ class CacheBank:
         self.summaries: Dict[int, torch.Tensor] = {}
         self._saved = None  # the RowBanks state before the step in flight (rollback)
         self._report: Dict[int, torch.Tensor] = {}
+        #: the attached banks of this cache (fixed for its life) and the pool pages holding them
+        self.attached = tuple(spec.attached)
+        self.attached_pages: List[int] = []
+        self._filled: Dict[int, torch.Tensor] = {}  # layer -> the summary pool its attached pages were written for
+        for b in self.attached:
+            if b.identity.get("num_kv_heads") != num_kv_heads:
+                raise ValueError(f"kvmem: attached memory banks hold {b.identity.get('num_kv_heads')} KV heads, this "
+                                 f"cache {num_kv_heads} (tensor parallelism with attached banks is not supported yet)")
+
+    # ----------------------------------------------------------------- attached banks
+    @property
+    def attached_blocks(self) -> int:
+        """Pages the attached banks take in the full-attention pool (on top of its sizing)."""
+        return sum(b.num_blocks for b in self.attached)
+
+    def take_pages(self, allocator) -> None:
+        """Reserve the attached banks' pages from the full-attention group's ``allocator`` (once, when
+        the cache's pools are sized); they stay allocated, read-only, for the cache's life."""
+        self.attached_pages = allocator.allocate(self.attached_blocks) if self.attached_blocks else []
+        self._filled = {}
+
+    def _fill(self, layer_idx: int, k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: torch.Tensor) -> None:
+        """Write the attached banks' blocks of ``layer_idx`` into their pages and summaries (once per pool)."""
+        if not self.attached_pages or self._filled.get(layer_idx) is summaries:
+            return
+        pages = torch.tensor(self.attached_pages, dtype=torch.long, device=k_cache.device)
+        k = torch.cat([b.keys[layer_idx] for b in self.attached]).to(k_cache.device)
+        v = torch.cat([b.values[layer_idx] for b in self.attached]).to(v_cache.device)
+        if k.dtype != k_cache.dtype:
+            raise ValueError(f"kvmem: the attached memory banks hold {k.dtype} keys, the KV pool is {k_cache.dtype}")
+        k_cache.index_copy_(0, pages, k)
+        v_cache.index_copy_(0, pages, v)
+        s = torch.cat([b.summaries_of(layer_idx, self.config.summary) for b in self.attached])
+        summaries.index_copy_(0, pages, s.to(summaries.device, torch.float32))
+        self._filled[layer_idx] = summaries
 
     # ----------------------------------------------------------------- memory
     def bytes_per_page(self) -> int:
@@ -154,8 +191,9 @@ class CacheBank:
         """Evict and build the step's ``MemoryStep`` (host, once per step)."""
         cfg = self.config
         if self.banks is None:
-            self.banks = RowBanks(sink_blocks=cfg.sink_blocks, window=cfg.window, block_size=cfg.block_size,
-                                  batch=len(prev))
+            self.banks = RowBanks(sink_blocks=cfg.sink_blocks, window=cfg.window, block_size=cfg.block_size)
+            for _ in prev:
+                self.banks.add_row(attached=self.attached_pages)
         b = self.banks
         self._saved = ([list(p) for p in b.pages], list(b.banked_until))
         self._report = {}
@@ -203,6 +241,7 @@ class CacheBank:
             summaries = torch.full((k_cache.shape[0] + 1, self.num_kv_heads, 2, self.head_dim), float("nan"),
                                    dtype=torch.float32, device=k_cache.device)
             self.summaries[layer_idx] = summaries
+        self._fill(layer_idx, k_cache, v_cache, summaries)
         ctx = step.layer_context(layer_idx)
         ctx.memory = LayerMemory(self.config, step.memory, summaries, self.spec.rope_on(k_cache.device))
         out = run_layer(ops, q, k, v, k_cache, v_cache, md, attention, ctx, stages=MEMORY_STAGES, k_scale=ks,

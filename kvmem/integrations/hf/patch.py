@@ -84,7 +84,7 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
           num_blocks: Union[None, int, Mapping] = None, memory: Union[None, int, str] = None,
           prefix_cache: bool = False, cuda_graph: bool = False, compile_decode: Union[None, bool, dict] = None,
           memory_bank=None, kv_cache_dtype=None, kv_scales=None, kv_scale_headroom: float = DEFAULT_HEADROOM,
-          kv_center_keys: bool = DEFAULT_CENTER_KEYS):
+          kv_center_keys: bool = DEFAULT_CENTER_KEYS, banks=None):
     """Run ``model``'s attention on kvmem's paged kernels and make ``generate()`` use a ``PagedKVCache``.
 
     Parameters
@@ -130,6 +130,11 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
         (the first prompt) fixes its scales**, ``absmax * kv_scale_headroom / finfo(fp8).max`` per KV
         head of the keys/values as cached (``kvmem.cache.scales``); never changed for the life of
         the pool (``cache.kv_scales`` reads them). Part of the prefix cache's key.
+    banks: a list of ``kvmem.MemoryBank`` (with ``memory_bank``): attached to every row's bank in
+        every ``generate()`` call, in order, before the row's own evicted blocks, competing in the
+        same top-k (``kvmem.integrations.hf.banks``; swap them later with ``kvmem.set_banks``). A bank
+        of another model, dtype, RoPE, mode or layout raises a ``ValueError`` naming it, before the
+        model changes.
     kv_scale_headroom: the headroom of that default rule (default ``DEFAULT_HEADROOM`` = 2)
     kv_center_keys: float8 caches only: each layer's first write also fixes its keys' mean ``mu`` per
         (KV head, channel) and the pages store ``k - mu`` (softmax ignores the per-query shift
@@ -169,6 +174,12 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
         from kvmem.integrations.hf.memory import bank_spec
 
         bank = bank_spec(model, memory_bank, block_size)  # every error before the model changes
+    if banks is not None:
+        from kvmem.integrations.hf.banks import check_banks
+
+        attached = check_banks(model, bank, banks, kv_dtype)
+        if bank is not None:
+            bank.attached = attached
     register()
     saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal", _MISSING)) for cfg in _all_configs(model)]
     try:
