@@ -133,6 +133,25 @@ class RowBanks:
         self.banked_until[row] = w0
         return moved
 
+    def retain(self, keep: Sequence[Sequence[int]]) -> List[List[int]]:
+        """An eviction policy's verdict: row ``b`` keeps only the bank positions ``keep[b]``; returns
+        each row's dropped page ids. A dropped block leaves the bank for good (``banked_until`` does
+        not move back); its page stays in the row's block table (it is not freed)."""
+        if len(keep) != len(self.pages):
+            raise ValueError(f"RowBanks.retain: argument 'keep' must have one entry per row ({len(self.pages)}), "
+                             f"got {len(keep)}")
+        dropped = []
+        for b, positions in enumerate(keep):
+            pages = self.pages[b]
+            wanted = sorted(set(int(j) for j in positions))
+            if wanted and (wanted[0] < 0 or wanted[-1] >= len(pages)):
+                raise ValueError(f"RowBanks.retain: argument 'keep' of row {b} must hold positions in "
+                                 f"[0, {len(pages)}), got {wanted}")
+            kept = set(wanted)
+            dropped.append([p for j, p in enumerate(pages) if j not in kept])
+            self.pages[b] = [pages[j] for j in wanted]
+        return dropped
+
     def bank_lens(self, device=None) -> torch.Tensor:
         """``[batch]`` int32."""
         return torch.tensor([len(p) for p in self.pages], dtype=torch.int32, device=device)
