@@ -186,6 +186,32 @@ def test_validate_selected_names_the_policy_and_the_problem():
         policies.validate_keep(type("Bad", (EvictionPolicy,), {})(), torch.ones(3, 4), torch.zeros(3, 4))
 
 
+@pytest.mark.parametrize("rot", [None, 32])
+@pytest.mark.parametrize("q_lens,kv_lens", [([1, 1, 1], [100, 37, 70]), ([16, 9, 1], [120, 60, 90])])
+def test_block_mass_on_the_paged_kernels_equals_the_reference(rot, q_lens, kv_lens):
+    """The seam's attend with block_mass (paged kernels + paged.selected_block_mass from their lse)
+    equals memory_attention's reference out and block_mass: random pruning selection, GQA 3,
+    softcap, sink logits, RoPE on load or per-head k/v scales."""
+    from memory_cases import make_memory_case
+
+    from kvmem.memory import kernels
+    from kvmem.ops.memory_attention import reference
+
+    case = make_memory_case(q_lens, kv_lens, num_heads=6, num_kv_heads=2, top_k=2, rope_rot_dim=rot, softcap=8.0,
+                            sink_logits=True, kv_scale=rot is None, seed=4)
+    kw = case.kwargs
+    want_mass = torch.full((len(q_lens), 2, case.bank_table.shape[1]), math.nan)
+    want, _ = reference.memory_attention(*case.args(), **case.memory_kwargs(), block_mass=want_mass)
+    mass = torch.full_like(want_mass, math.nan)
+    got = kernels.attend(*case.args(), sink_blocks=case.sink_blocks, window_start=case.window_start,
+                         bank_table=case.bank_table, selected=case.selected, scale=1 / math.sqrt(64),
+                         softcap=kw["softcap"], sink_logits=kw["sink_logits"], rope_cos_sin=kw.get("rope_cos_sin"),
+                         k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"), block_mass=mass)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(mass, want_mass, atol=2e-5, rtol=2e-5)
+    assert (mass > 0).sum() == (case.selected >= 0).sum()  # every selected block got mass, nothing else
+
+
 def test_nn_memory_attention_takes_the_policies_of_its_config():
     """kvmem.nn.MemoryAttention runs the config's selection policy (a user policy equals the
     built-in) and wants a page_mass pool exactly when a policy reads attention mass."""

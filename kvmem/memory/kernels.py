@@ -59,30 +59,29 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
            scale: float, softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
            rope_cos_sin: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
            k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-           block_mass: Optional[torch.Tensor] = None) -> torch.Tensor:
+           block_mass: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Memory attention (``kvmem.ops.memory_attention``'s semantics), ``out: [T, Hq, D]``;
-    ``k_scale``/``v_scale``: the pages' dequantisation scales (float8 caches) or None.
+    ``k_scale``/``v_scale``: the pages' dequantisation scales (float8 caches) or None;
+    ``lse: [T, Hq]`` fp32 written when given.
 
     ``block_mass: [batch, Hkv, max_bank]`` fp32 (a policy that reads attention mass): overwritten
-    with each bank block's mass. The paged kernels do not compute it yet, so such a call runs the
-    op's reference (host syncs, fp32 Python loops over rows and KV heads): correct, not fast."""
+    with each bank block's mass, from the paged kernels' ``lse`` (``paged.selected_block_mass``:
+    torch ops, no host sync)."""
     if block_mass is not None:
-        from kvmem.ops.memory_attention import memory_attention
-
-        res = memory_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-                               sink_blocks=sink_blocks, window_start=window_start, bank_table=bank_table,
-                               selected=selected, scale=scale, softcap=softcap, sink_logits=sink_logits,
-                               k_scale=k_scale, v_scale=v_scale, rope_cos_sin=rope_cos_sin, rope_neox=True,
-                               block_mass=block_mass, check=False)
-        if out is None:
-            return res
-        out.copy_(res)
+        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+        out = attend(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                     sink_blocks=sink_blocks, window_start=window_start, bank_table=bank_table, selected=selected,
+                     scale=scale, softcap=softcap, sink_logits=sink_logits, rope_cos_sin=rope_cos_sin, out=out,
+                     k_scale=k_scale, v_scale=v_scale, lse=lse)
+        _paged_attention.selected_block_mass(q, k_cache, bank_table, selected, cu_seqlens_q, max_seqlen_q, lse,
+                                             sink_blocks=sink_blocks, scale=scale, softcap=softcap, k_scale=k_scale,
+                                             rope_cos_sin=rope_cos_sin, block_mass=block_mass)
         return out
     return _paged_attention.memory_attention(
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
         sink_blocks=sink_blocks, window_start=window_start, bank_table=bank_table, selected=selected, scale=scale,
         softcap=softcap, sink_logits=sink_logits, k_scale=k_scale, v_scale=v_scale, rope_cos_sin=rope_cos_sin,
-        rope_neox=True, out=out)
+        rope_neox=True, out=out, lse=lse)
 
 
 def rotate(x: torch.Tensor, rope_cos_sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
