@@ -160,6 +160,20 @@ def test_cache_bank_applies_the_eviction_policy_between_steps_and_rolls_it_back(
     assert bank.banks.pages == before
 
 
+def test_row_banks_retain_drops_for_good_and_checks_every_row_first():
+    from kvmem.memory import RowBanks
+
+    banks = RowBanks(sink_blocks=1, window=8, block_size=4, batch=2)
+    banks.evict(0, list(range(10, 20)), 24)  # blocks 1..3 leave the window
+    assert banks.pages == [[11, 12, 13], []]
+    assert banks.retain([[2, 0], []]) == [[12], []] and banks.pages == [[11, 13], []]
+    with pytest.raises(ValueError, match="'keep' of row 1 must hold positions in \\[0, 0\\)"):
+        banks.retain([[0], [3]])
+    assert banks.pages == [[11, 13], []]
+    assert banks.evict(0, list(range(10, 20)), 28) == [14]  # the dropped block 2 never returns
+    assert banks.pages == [[11, 13, 14], []]
+
+
 def test_validate_selected_names_the_policy_and_the_problem():
     class Mine(SelectionPolicy):
         summary = "mean"

@@ -140,16 +140,16 @@ class RowBanks:
         if len(keep) != len(self.pages):
             raise ValueError(f"RowBanks.retain: argument 'keep' must have one entry per row ({len(self.pages)}), "
                              f"got {len(keep)}")
-        dropped = []
-        for b, positions in enumerate(keep):
-            pages = self.pages[b]
-            wanted = sorted(set(int(j) for j in positions))
-            if wanted and (wanted[0] < 0 or wanted[-1] >= len(pages)):
+        wanted = [sorted(set(int(j) for j in positions)) for positions in keep]
+        for b, w in enumerate(wanted):  # every row checked before any changes
+            if w and (w[0] < 0 or w[-1] >= len(self.pages[b])):
                 raise ValueError(f"RowBanks.retain: argument 'keep' of row {b} must hold positions in "
-                                 f"[0, {len(pages)}), got {wanted}")
-            kept = set(wanted)
+                                 f"[0, {len(self.pages[b])}), got {w}")
+        dropped = []
+        for b, w in enumerate(wanted):
+            pages, kept = self.pages[b], set(w)
             dropped.append([p for j, p in enumerate(pages) if j not in kept])
-            self.pages[b] = [pages[j] for j in wanted]
+            self.pages[b] = [pages[j] for j in w]
         return dropped
 
     def bank_lens(self, device=None) -> torch.Tensor:
