@@ -161,6 +161,11 @@ class MemoryAttention(torch.nn.Module):
     Extend mode (``config.mode == "extend"``): pass ``q``/``k`` *before* RoPE and ``rope_cos_sin``
     ``[P, rot_dim]`` (cos half, sin half; ``P >= config.max_distance``): queries rotate at their
     compacted positions, keys on load at theirs. Exact mode: ``q``/``k`` as the model rotated them.
+    Policies (``kvmem.memory.policies``) come with the config: ``config.selection`` runs in the
+    select stage; ``config.eviction`` is the caller's, between steps
+    (``policies.apply_eviction(policy, bank_table, bank_lens, page_mass)`` -> ``RowBanks.retain``).
+    A policy that reads attention mass needs ``page_mass`` (``MemoryAttention.mass_pool``, shared by
+    the layers), which the layer adds its ``block_mass`` to.
     For a ``torch.compile(fullgraph=True)`` decode step give fixed shapes: one segment per row,
     ``bank_width=`` and ``pad_summarise_to=`` of ``plan_memory_step``, and constant host bounds
     (``static_memory_step``).
@@ -188,6 +193,10 @@ class MemoryAttention(torch.nn.Module):
         return torch.full((num_blocks + 1, self.num_kv_heads, 2, self.head_dim), float("nan"), dtype=torch.float32,
                           device=device)
 
+    def mass_pool(self, num_blocks: int, device=None) -> torch.Tensor:
+        """Attention mass per page for a pool of ``num_blocks`` pages: ``[num_blocks + 1]`` fp32, zeros."""
+        return torch.zeros(num_blocks + 1, dtype=torch.float32, device=device)
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
@@ -195,7 +204,8 @@ class MemoryAttention(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, metadata: StepMetadata, memory, summaries: torch.Tensor,
-                rope_cos_sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rope_cos_sin: Optional[torch.Tensor] = None,
+                page_mass: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Write, summarise, select, attend.
 
         Parameters
@@ -206,6 +216,8 @@ class MemoryAttention(torch.nn.Module):
         memory: the step's ``kvmem.memory.step.MemoryStep``
         summaries: this layer's summary pool
         rope_cos_sin: the RoPE table (extend mode), else None
+        page_mass: ``[num_blocks + 1]`` fp32 (``mass_pool``), accumulated in place, when a policy of
+            the config reads attention mass (``config.needs_mass``); else None
 
         Returns
         -------
@@ -219,8 +231,13 @@ class MemoryAttention(torch.nn.Module):
         if k_cache.shape[1] != self.config.block_size:
             raise ValueError(f"MemoryAttention: pages of {k_cache.shape[1]} tokens, the bank's blocks are "
                              f"{self.config.block_size}")
+        if (page_mass is None) == self.config.needs_mass:
+            raise ValueError(f"MemoryAttention: argument 'page_mass' must be "
+                             f"{'a [num_blocks + 1] fp32 tensor (mass_pool)' if self.config.needs_mass else 'None'}"
+                             f" with this config's policies (needs_mass={self.config.needs_mass})")
         attention = LayerAttention(self.scale, None, self.softcap, None)
-        ctx = LayerContext(self.layer_idx, memory=LayerMemory(self.config, memory, summaries, rope_cos_sin))
+        ctx = LayerContext(self.layer_idx, memory=LayerMemory(self.config, memory, summaries, rope_cos_sin,
+                                                              page_mass))
         return run_layer(self._ops, q, k, v, k_cache, v_cache, metadata, attention, ctx, stages=MEMORY_STAGES)
 
 

@@ -18,6 +18,15 @@ def test_example_runs(script):
     assert "matches dense attention at every step" in r.stdout
 
 
+def test_custom_policy_example_runs():
+    """examples/custom_policy.py: a user selection policy (+ HeavyHitters eviction) through generate()."""
+    pytest.importorskip("transformers")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples/custom_policy.py")], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "selected by every KV head of every memory layer: YES" in r.stdout
+
 
 @pytest.mark.parametrize("args, expected", [
     (["examples/passkey.py", "--help"], "--bank {none,extend,exact,streaming}"),

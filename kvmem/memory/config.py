@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = ["MemoryConfig", "MODES", "SUMMARIES", "SUPPORTED_ROPE_TYPES", "trained_context"]
 
@@ -91,6 +91,13 @@ class MemoryConfig:
         channel-wise bound), ``"box"`` (ArkVale) or ``"reps"`` (two representative keys)
     chunk_size: prefill chunk (queries per step); selection runs once per chunk
     dense_layers: the first N full-attention layers keep full attention
+    selection: the selection policy (``kvmem.memory.policies``): a ``SelectionPolicy`` or a name
+        (``"mean"``, ``"minmax"``/``"quest"``, ``"reps"``/``"infllm"``, ``"box"``, ``"streaming"``);
+        default the built-in of ``summary``. ``summary`` then becomes the policy's summary kind
+        (a ``summary`` other than the default that disagrees is an error); ``"streaming"``
+        (``StreamingLLM()``) needs ``top_k`` 0 or None (resolved to 0)
+    eviction: an ``EvictionPolicy`` (e.g. ``HeavyHitters(budget_blocks)``) applied to every row's
+        bank once per step, or None (banks only grow)
 
     ``None`` sizes are derived from the model by ``resolve(model_config, page_size)``.
     """
@@ -103,12 +110,15 @@ class MemoryConfig:
     summary: str = "mean"
     chunk_size: Optional[int] = None
     dense_layers: int = 0
+    selection: Any = None
+    eviction: Any = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             _fail("mode", f"one of {MODES}", self.mode)
         if self.summary not in SUMMARIES:
             _fail("summary", f"one of {SUMMARIES}", self.summary)
+        self._set_policies()
         _count("sink_tokens", self.sink_tokens)
         _count("window", self.window, minimum=1)
         _count("block_size", self.block_size, minimum=1)
@@ -119,6 +129,37 @@ class MemoryConfig:
             _fail("dense_layers", "an int >= 0", None, TypeError)
         if self.block_size is not None:
             self._check_whole_blocks(self.block_size)
+
+    def _set_policies(self):
+        from kvmem.memory import policies
+
+        selection = policies.selection_policy(self.summary if self.selection is None else self.selection)
+        kind = selection.summary
+        if kind is not None:
+            if kind not in SUMMARIES:
+                _fail("selection", f"a policy whose summary is one of {SUMMARIES} or None",
+                      f"{selection.name} with summary={kind!r}")
+            if self.selection is not None and self.summary not in (kind, "mean"):
+                _fail("summary", f"the selection policy's summary {kind!r} ({selection.name}), or left unset",
+                      self.summary)
+            object.__setattr__(self, "summary", kind)
+        if not selection.selects_blocks and self.top_k not in (None, 0):
+            _fail("top_k", f"0 or None with selection={selection.name} (it selects no bank block)", self.top_k)
+        if self.eviction is not None and not isinstance(self.eviction, policies.EvictionPolicy):
+            _fail("eviction", "None or a kvmem.memory.EvictionPolicy (e.g. HeavyHitters(budget_blocks))",
+                  self.eviction, TypeError)
+        for arg, policy in (("selection", selection), ("eviction", self.eviction)):
+            try:
+                hash(policy)
+            except TypeError:
+                _fail(arg, "hashable (MemoryConfig is hashed): a plain class or a frozen dataclass",
+                      type(policy).__name__, TypeError)
+        object.__setattr__(self, "selection", selection)
+
+    @property
+    def needs_mass(self) -> bool:
+        """Some policy reads attention mass: the memory attention collects ``block_mass``."""
+        return bool(self.selection.needs_mass or (self.eviction is not None and self.eviction.needs_mass))
 
     def _check_whole_blocks(self, block_size: int):
         for arg in ("sink_tokens", "window"):
@@ -191,6 +232,8 @@ class MemoryConfig:
         window = self.window if self.window is not None else blocks_down(context // 8)
         chunk = self.chunk_size if self.chunk_size is not None else max(1, min(DEFAULT_MAX_CHUNK, context // 16))
         top_k = self.top_k
+        if top_k is None and not self.selection.selects_blocks:
+            top_k = 0
         if top_k is None:
             top_k = max(0, (context // 2 - sinks - window - block_size - chunk) // block_size)
         resolved = dataclasses.replace(self, sink_tokens=sinks, window=window, block_size=block_size,

@@ -133,6 +133,25 @@ class RowBanks:
         self.banked_until[row] = w0
         return moved
 
+    def retain(self, keep: Sequence[Sequence[int]]) -> List[List[int]]:
+        """An eviction policy's verdict: row ``b`` keeps only the bank positions ``keep[b]``; returns
+        each row's dropped page ids. A dropped block leaves the bank for good (``banked_until`` does
+        not move back); its page stays in the row's block table (it is not freed)."""
+        if len(keep) != len(self.pages):
+            raise ValueError(f"RowBanks.retain: argument 'keep' must have one entry per row ({len(self.pages)}), "
+                             f"got {len(keep)}")
+        wanted = [sorted(set(int(j) for j in positions)) for positions in keep]
+        for b, w in enumerate(wanted):  # every row checked before any changes
+            if w and (w[0] < 0 or w[-1] >= len(self.pages[b])):
+                raise ValueError(f"RowBanks.retain: argument 'keep' of row {b} must hold positions in "
+                                 f"[0, {len(self.pages[b])}), got {w}")
+        dropped = []
+        for b, w in enumerate(wanted):
+            pages, kept = self.pages[b], set(w)
+            dropped.append([p for j, p in enumerate(pages) if j not in kept])
+            self.pages[b] = [pages[j] for j in w]
+        return dropped
+
     def bank_lens(self, device=None) -> torch.Tensor:
         """``[batch]`` int32."""
         return torch.tensor([len(p) for p in self.pages], dtype=torch.int32, device=device)

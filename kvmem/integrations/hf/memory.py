@@ -10,7 +10,10 @@
   (``kvmem.memory.step.plan_memory_step``, built on the host once per step when the step is
   planned) and the layer step (``run``): extend mode un-rotates ``q``/``k`` with the
   ``(cos, sin)`` the module applied (recorded by ``kvmem.patch``'s pre-hook), then
-  ``run_layer(..., stages=kvmem.memory.stages.MEMORY_STAGES)``.
+  ``run_layer(..., stages=kvmem.memory.stages.MEMORY_STAGES)``. The config's eviction policy
+  (``kvmem.memory.policies``) runs on the row banks when a step is planned (``_apply_eviction``:
+  rolled back with the step), and a policy that reads attention mass gets ``page_mass``, one
+  ``[num_pages + 1]`` fp32 tensor the memory layers add their ``block_mass`` to.
 * ``MemoryReport`` (``model._kvmem_memory_report``): the selections of the latest prefill.
 """
 
@@ -23,7 +26,7 @@ import torch
 
 from kvmem.integrations import families
 from kvmem.layer import run_layer, tokens
-from kvmem.memory import MemoryConfig, RowBanks
+from kvmem.memory import MemoryConfig, RowBanks, policies
 from kvmem.memory.stages import MEMORY_STAGES, LayerMemory
 from kvmem.memory.step import plan_memory_step
 
@@ -139,6 +142,7 @@ class CacheBank:
         self.summaries: Dict[int, torch.Tensor] = {}
         self._saved = None  # the RowBanks state before the step in flight (rollback)
         self._report: Dict[int, torch.Tensor] = {}
+        self.page_mass: Optional[torch.Tensor] = None  # [num_pages + 1] fp32 (a policy reads attention mass)
         #: the attached banks of this cache (fixed for its life) and the pool pages holding them
         self.attached = tuple(spec.attached)
         self.attached_pages: List[int] = []
@@ -186,6 +190,7 @@ class CacheBank:
     # ----------------------------------------------------------------- steps
     def reset(self) -> None:
         self.banks, self._saved = None, None
+        self.page_mass = None
 
     def plan(self, page_tables: List[List[int]], prev: List[int], q_lens: List[int], device):
         """Evict and build the step's ``MemoryStep`` (host, once per step)."""
@@ -197,8 +202,33 @@ class CacheBank:
         b = self.banks
         self._saved = ([list(p) for p in b.pages], list(b.banked_until))
         self._report = {}
-        return plan_memory_step(b, page_tables, prev, q_lens, top_k=cfg.top_k, chunk_size=cfg.chunk_size,
-                                device=device)
+        self._apply_eviction(device)
+        ms = plan_memory_step(b, page_tables, prev, q_lens, top_k=cfg.top_k, chunk_size=cfg.chunk_size,
+                              device=device)
+        if self.page_mass is not None and ms.summarise.numel():  # pages new to the bank start at 0
+            self.page_mass[ms.summarise.to(self.page_mass.device)] = 0.0
+        return ms
+
+    def _apply_eviction(self, device) -> None:
+        """The eviction policy on every row's bank, before the step's own evictions (host; one
+        device->host transfer of its mask; skipped while no bank exceeds its ``budget_blocks``).
+        A bad ``keep`` raises ``PolicyError`` with the banks unchanged."""
+        policy, b = self.config.eviction, self.banks
+        if policy is None or b is None or not len(b):
+            return
+        lens = [len(p) for p in b.pages]
+        if policy.budget_blocks is not None and max(lens) <= policy.budget_blocks:
+            return
+        keep = policies.apply_eviction(policy, b.bank_table(device=device), b.bank_lens(device=device),
+                                       self.page_mass)
+        b.retain(keep)
+
+    def _mass_for(self, k_cache: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.config.needs_mass:
+            return None
+        if self.page_mass is None or self.page_mass.device != k_cache.device:
+            self.page_mass = torch.zeros(k_cache.shape[0] + 1, dtype=torch.float32, device=k_cache.device)
+        return self.page_mass
 
     def rollback(self) -> None:
         """Undo the evictions of a step that did not complete."""
@@ -243,7 +273,8 @@ class CacheBank:
             self.summaries[layer_idx] = summaries
         self._fill(layer_idx, k_cache, v_cache, summaries)
         ctx = step.layer_context(layer_idx)
-        ctx.memory = LayerMemory(self.config, step.memory, summaries, self.spec.rope_on(k_cache.device))
+        ctx.memory = LayerMemory(self.config, step.memory, summaries, self.spec.rope_on(k_cache.device),
+                                 self._mass_for(k_cache))
         out = run_layer(ops, q, k, v, k_cache, v_cache, md, attention, ctx, stages=MEMORY_STAGES, k_scale=ks,
                         v_scale=vs)
         if step.q_len > 1:

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["compacted_tables", "memory_attention"]
+__all__ = ["compacted_tables", "memory_attention", "selected_block_mass"]
 
 
 def compacted_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, window_start: torch.Tensor,
@@ -119,3 +119,54 @@ def memory_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, m
         if lse is not None:
             lse[:, heads] = res[1]
     return out
+
+
+def selected_block_mass(q, k_cache, bank_table, selected, cu_seqlens_q, max_seqlen_q: int, lse, *, sink_blocks: int,
+                        scale: float, softcap: Optional[float] = None, k_scale=None, rope_cos_sin=None,
+                        rope_neox: bool = True, block_mass):
+    """``block_mass: [batch, Hkv, max_bank]`` fp32 overwritten with each bank position's attention
+    mass (the reference's definition: ``exp(score - lse)`` summed over the selected block's keys,
+    the row's queries and the KV head's query heads; 0 where not selected), from the ``lse`` of the
+    joint softmax (``memory_attention(..., lse=)``). Torch ops, no host sync; workspace
+    ``batch * max_seqlen_q * group * top_k * block_size`` fp32 per KV head.
+
+    q: [T, Hq, D] (as attended: rotated at compacted positions with ``rope_cos_sin``); lse: [T, Hq]
+    fp32; the other arguments as ``memory_attention``.
+    """
+    from kvmem.ops.paged_attention.reference import apply_rotary
+
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    batch, _, top_k = selected.shape
+    block_mass.zero_()
+    if top_k == 0 or bank_table.shape[1] == 0 or num_tokens == 0 or max_seqlen_q == 0:
+        return block_mass
+    dev = q.device
+    cu = cu_seqlens_q.long()
+    index = cu[:-1, None] + torch.arange(max_seqlen_q, device=dev)  # [B, Q] token of each (row, query)
+    real = index < cu[1:, None]
+    index = index.clamp(max=num_tokens - 1)
+    qs, ls = q[index].float(), lse[index].float()  # [B, Q, Hq, D], [B, Q, Hq]
+    sel = selected.long()
+    pages = torch.gather(bank_table.long(), 1, sel.clamp(min=0).reshape(batch, -1)).reshape(batch, num_kv_heads, top_k)
+    pages = pages.clamp(min=0)
+    first = sink_blocks * block_size  # selected slot i, token o sits at first + i * block_size + o
+    positions = torch.arange(first, first + top_k * block_size, device=dev)
+    for h in range(num_kv_heads):
+        k = k_cache[pages[:, h], :, h].float()  # [B, K, bs, D]
+        if k_scale is not None:
+            k = k * (k_scale if k_scale.dim() == 0 else k_scale[h]).float()
+        if rope_cos_sin is not None:
+            k = apply_rotary(k.reshape(batch, -1, head_dim).transpose(0, 1), rope_cos_sin, positions, rope_neox)
+            k = k.transpose(0, 1).reshape(batch, top_k, block_size, head_dim)
+        heads = slice(h * group, (h + 1) * group)
+        s = torch.einsum("bqgd,bknd->bqgkn", qs[:, :, heads], k) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        p = torch.exp(s - ls[:, :, heads, None, None])
+        p = torch.where(real[:, :, None, None, None], p, torch.zeros_like(p))
+        mass = p.sum(dim=(1, 2, 4))  # [B, K]
+        mass = torch.where(sel[:, h] >= 0, mass, torch.zeros_like(mass))
+        block_mass[:, h].scatter_add_(1, sel[:, h].clamp(min=0), mass)
+    return block_mass
