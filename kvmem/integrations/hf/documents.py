@@ -49,6 +49,11 @@ def _pad_id(pad_token_id, tokenizer, model) -> Optional[int]:
     return None
 
 
+def _plain(value):
+    """A config value as JSON (a policy object by its repr)."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+
 def encode_documents(cls, model, documents, config: Optional[MemoryConfig], *, tokenizer=None, prefix=None,
                      pad_token_id: Optional[int] = None, progress: bool = True):
     """The body of ``MemoryBank.from_documents`` (``cls``: the bank class)."""
@@ -138,5 +143,5 @@ def encode_documents(cls, model, documents, config: Optional[MemoryConfig], *, t
     meta = {"identity": model_identity(model, kv_dtype=opts.kv_cache_dtype, keys="pre"), "mode": cfg.mode,
             "block_size": bs, "summary": cfg.summary, "layers": sorted(spec.layers), "num_blocks": n,
             "documents": documents_meta, "kvmem_version": _version(), "prefix_tokens": len(pre),
-            "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}}
+            "config": {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}}
     return cls(k, v, summ, meta)
