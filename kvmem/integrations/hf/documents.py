@@ -16,6 +16,7 @@ from typing import List, Optional
 import torch
 
 from kvmem.integrations.hf.compat import cache_kwarg
+from kvmem.integrations.hf.identity import kvmem_version, model_identity
 from kvmem.integrations.hf.options import options_of
 from kvmem.memory import MemoryConfig
 from kvmem.ops.memory_select.reference import compute_summaries
@@ -57,7 +58,6 @@ def _plain(value):
 def encode_documents(cls, model, documents, config: Optional[MemoryConfig], *, tokenizer=None, prefix=None,
                      pad_token_id: Optional[int] = None, progress: bool = True):
     """The body of ``MemoryBank.from_documents`` (``cls``: the bank class)."""
-    from kvmem.integrations.hf.banks import model_identity
     from kvmem.integrations.hf.generate import make_cache
 
     opts = options_of(model)
@@ -138,10 +138,8 @@ def encode_documents(cls, model, documents, config: Optional[MemoryConfig], *, t
     v = {layer: torch.cat(x) for layer, x in values.items()}
     n = next(iter(k.values())).shape[0]
     summ = {layer: compute_summaries(k[layer], torch.arange(n), summary=cfg.summary) for layer in k}
-    from kvmem.integrations.hf.banks import _version
-
     meta = {"identity": model_identity(model, kv_dtype=opts.kv_cache_dtype, keys="pre"), "mode": cfg.mode,
             "block_size": bs, "summary": cfg.summary, "layers": sorted(spec.layers), "num_blocks": n,
-            "documents": documents_meta, "kvmem_version": _version(), "prefix_tokens": len(pre),
+            "documents": documents_meta, "kvmem_version": kvmem_version(), "prefix_tokens": len(pre),
             "config": {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}}
     return cls(k, v, summ, meta)
