@@ -7,7 +7,10 @@
 Methods: ``hf`` (unpatched model, HF full attention), ``paged`` (kvmem.patch, no bank),
 ``extend`` (kvmem memory bank, extend mode, defaults), ``streaming`` (the bank with top_k=0:
 block-granular StreamingLLM), ``exact`` (memory bank with original positions). ``--multi`` asks for
-one of three different keys. Seeds 0-9 are for tuning; report seeds >= 100 only.
+one of three different keys. Documents as memory: ``document`` (the haystack with the key is a
+document encoded into a ``kvmem.MemoryBank``, extend defaults; a short prompt without it asks for
+the key; build time and bank bytes recorded) and ``hf-document`` (the same document in the prompt
+before the same question, HF full attention); ``--lengths`` is then the document's length. Seeds 0-9 are for tuning; report seeds >= 100 only.
 
 Each trial writes ``<out>/<method>[-multi]_<length>_<seed>.json`` (the answer, the key, the depth,
 the needle recall when the bank reports it, the time); a trial whose file exists is skipped, so an
@@ -80,16 +83,16 @@ def configure(model, method, overrides=None):
     import kvmem
 
     kvmem.unpatch(model)
-    if method in ("hf", "paged") and overrides:
+    if method in ("hf", "hf-document", "paged") and overrides:
         raise SystemExit(f"passkey: --set applies to the memory-bank methods, not {method!r}")
-    if method == "hf":
+    if method in ("hf", "hf-document"):
         return model
     if method == "paged":
         return kvmem.patch(model)
     cfg_cls = getattr(kvmem, "MemoryConfig", None)
     if cfg_cls is None:
         raise SystemExit(f"passkey: method {method!r} needs kvmem.MemoryConfig (the memory bank)")
-    if method == "extend":
+    if method in ("extend", "document"):
         cfg = cfg_cls(**{"mode": "extend", **overrides})
     elif method == "streaming":
         cfg = cfg_cls(**{"mode": "extend", "top_k": 0, **overrides})
@@ -112,7 +115,50 @@ def needle_recall(model, trial):
         return None
 
 
+def run_document_trial(model, tok, haystack_ids, method, length, seed, max_new_tokens=8, overrides=None):
+    """``document``: the document (``length`` tokens) into a ``kvmem.MemoryBank``, asked by a short
+    prompt without it; ``hf-document``: the same document in the prompt, before the same question,
+    HF full attention."""
+    import kvmem
+
+    trial = passkey.build_document_trial(tok, haystack_ids, length, seed)
+    build, bank_bytes, recall = None, None, None
+    if method == "document":
+        t0 = time.perf_counter()
+        bank = kvmem.MemoryBank.from_documents(model, [trial.document], progress=False)
+        build = time.perf_counter() - t0
+        bank_bytes = bank.nbytes()
+        kvmem.set_banks(model, [bank])
+        ids = torch.tensor([trial.input_ids])
+    else:
+        ids = torch.tensor([trial.document + trial.input_ids])
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.eos_token_id)
+    finally:
+        if method == "document":
+            kvmem.set_banks(model, [])
+    seconds = time.perf_counter() - t0
+    if method == "document":
+        bs = bank.block_size
+        recall = model._kvmem_memory_report.attached_recall(
+            range(trial.needle_span[0] // bs, (trial.needle_span[1] - 1) // bs + 1))
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return {"method": method, "length": len(trial.document), "target_length": length, "seed": seed,
+            "multi": False, "depth": trial.depth, "key": trial.key, "answer": answer,
+            "correct": passkey.is_correct(answer, trial.key), "needle_span": list(trial.needle_span),
+            "needle_recall": recall, "seconds": seconds + (build or 0.0), "answer_seconds": seconds,
+            "build_seconds": build, "bank_bytes": bank_bytes, "prompt_tokens": int(ids.shape[1]),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "overrides": dict(overrides or {})}
+
+
 def run_trial(model, tok, haystack_ids, method, length, seed, multi, max_new_tokens=8, overrides=None):
+    if method in ("document", "hf-document"):
+        if multi:
+            raise SystemExit("passkey: --multi is not available with the document methods")
+        return run_document_trial(model, tok, haystack_ids, method, length, seed, max_new_tokens, overrides)
     trial = passkey.build_trial(tok, haystack_ids, length, seed, multi=multi)
     ids = torch.tensor([trial.input_ids])
     t0 = time.perf_counter()
@@ -148,12 +194,20 @@ def summary(out_dir, tuning=False):
         secs = sum(r["seconds"] for r in rs) / len(rs)
         lines.append(f"| {method} | {length} | {len(rs)} | {ok}/{len(rs)} = {100 * ok / len(rs):.0f} % | "
                      f"{100 * lo:.0f}-{100 * hi:.0f} % | {rec_s} | {secs:.1f} |")
+    for (method, length), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        built = [r for r in rs if r.get("build_seconds")]
+        if built:
+            per = sum(r["build_seconds"] / r["length"] for r in built) / len(built) * 1000
+            mib = sum(r["bank_bytes"] / r["length"] for r in built) / len(built) * 1000 / 2**20
+            lines.append(f"\n{method} {length}: bank build {per:.2f} s and {mib:.1f} MiB (in memory) per 1k document "
+                         f"tokens, answer {sum(r['answer_seconds'] for r in built) / len(built):.1f} s")
     return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="hf", choices=["hf", "paged", "extend", "streaming", "exact"])
+    ap.add_argument("--method", default="hf", choices=["hf", "paged", "extend", "streaming", "exact", "document",
+                                                           "hf-document"])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096])
     ap.add_argument("--seeds", nargs="+", default=["100-119"], help="e.g. 100-129 or 0 1 2")
     ap.add_argument("--multi", action="store_true", help="three keys in the haystack, ask for one")

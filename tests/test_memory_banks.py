@@ -376,3 +376,15 @@ def test_smollm2_document_passkey_asked_without_the_document(smol):
             unpatch(m)
         answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert passkey.is_correct(answer, trial.key), (seed, answer, trial.key)
+
+
+def test_a_prompt_inside_the_sinks_logs_that_it_cannot_retrieve(caplog):
+    m = tiny_llama(seed=3)
+    bank = build_bank(m, [doc(60, 5)])
+    with caplog.at_level("WARNING", logger="kvmem"):
+        attached_generate(m, [bank], input_ids=prompt(S, seed=9), max_new_tokens=2)
+    assert sum("cannot retrieve from the attached memory banks" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvmem"):
+        attached_generate(m, [bank], input_ids=prompt(S + 1, seed=9), max_new_tokens=2)
+    assert not caplog.records

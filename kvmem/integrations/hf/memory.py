@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Sequence
 
@@ -29,6 +30,8 @@ from kvmem.layer import run_layer, tokens
 from kvmem.memory import MemoryConfig, RowBanks, policies
 from kvmem.memory.stages import MEMORY_STAGES, LayerMemory
 from kvmem.memory.step import plan_memory_step
+
+_log = logging.getLogger("kvmem")
 
 __all__ = ["BankSpec", "MemoryReport", "CacheBank", "bank_spec"]
 
@@ -52,9 +55,19 @@ class MemoryReport:
         self.window_start: List[int] = []
         self.block_size = 0
         self.sink_blocks = 0
+        self.attached_pages: List[int] = []  # the pages the attached banks' blocks were written to
 
     def __repr__(self) -> str:
         return f"MemoryReport({len(self.selected)} layers, {len(self.page_tables)} rows)"
+
+    def attached_recall(self, blocks: Sequence[int], row: int = 0) -> float:
+        """Fraction of memory layers in which some KV head selected one of the attached banks' blocks
+        ``blocks`` (indices into the attached banks' blocks, in attach order) for row ``row``."""
+        if not self.selected:
+            raise ValueError("MemoryReport.attached_recall: no prefill with the memory bank was recorded")
+        pages = {self.attached_pages[b] for b in blocks}
+        hits = sum(any(pages & set(head) for head in self.selected_pages(layer, row)) for layer in self.selected)
+        return hits / len(self.selected)
 
     def selected_pages(self, layer: int, row: int = 0) -> List[List[int]]:
         """Per KV head, the page ids layer ``layer`` selected for row ``row``."""
@@ -199,6 +212,10 @@ class CacheBank:
             self.banks = RowBanks(sink_blocks=cfg.sink_blocks, window=cfg.window, block_size=cfg.block_size)
             for _ in prev:
                 self.banks.add_row(attached=self.attached_pages)
+        if self.attached_pages and any(q > 1 and p + q <= cfg.sink_tokens for p, q in zip(prev, q_lens)):
+            _log.warning("kvmem: a prompt of at most sink_tokens=%d tokens cannot retrieve from the attached memory "
+                         "banks (only queries past the sinks select); use a longer prompt or fewer sink_tokens",
+                         cfg.sink_tokens)
         b = self.banks
         self._saved = ([list(p) for p in b.pages], list(b.banked_until))
         self._report = {}
@@ -245,6 +262,7 @@ class CacheBank:
             rep.selected = dict(self._report)
             rep.page_tables = ms.page_tables
             rep.window_start = list(ms.last_window_start)
+            rep.attached_pages = list(self.attached_pages)
         self._report = {}
 
     def run(self, ops, step, layer_idx: int, query, key, value, index, k_cache, v_cache, md, attention,
