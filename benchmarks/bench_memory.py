@@ -82,8 +82,11 @@ class Case:
 
     def attend(self, selected):
         pb = self.pb
+        # max_seqlen_k as the HF integration passes it (kvmem.memory.step): the longest *compacted* key
+        # count, sinks + selected + window keys, which bounds the compacted tables' width
+        compacted = self.history - (int(self.window_start[0]) - self.cfg["sink_blocks"] - self.top_k) * BLOCK
         return memory_attention(pb.q, pb.k_cache, pb.v_cache, pb.block_table, pb.seq_lens, pb.cu_seqlens_q, 1,
-                                self.history, sink_blocks=self.cfg["sink_blocks"], window_start=self.window_start,
+                                compacted, sink_blocks=self.cfg["sink_blocks"], window_start=self.window_start,
                                 bank_table=self.bank_table, selected=selected, check=False)
 
     def full(self):

@@ -104,6 +104,10 @@ def memory_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, m
     max_k = min(max_seqlen_k, tables.shape[2] * block_size)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if _one_call(q, num_kv_heads, sink_logits, k_scale):
+        return _heads_as_rows(paged_attention, q, k_cache, v_cache, tables, lens, cu_seqlens_q, max_seqlen_q, max_k,
+                              scale=scale, softcap=softcap, k_scale=k_scale, v_scale=v_scale,
+                              rope_cos_sin=rope_cos_sin, rope_neox=rope_neox, out=out, lse=lse)
     for h in range(num_kv_heads):
         heads = slice(h * group, (h + 1) * group)
         per_head = {}
@@ -118,6 +122,49 @@ def memory_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, m
             **per_head)
         if lse is not None:
             lse[:, heads] = res[1]
+    return out
+
+
+def _one_call(q, num_kv_heads: int, sink_logits, k_scale) -> bool:
+    """Whether the KV heads can run as the rows of one ``paged_attention`` call (``_heads_as_rows``):
+    on the CPU (int64 page offsets in the C++ kernels), with no per-query-head sink logits and no
+    per-KV-head scale (one call has one of each for all its rows)."""
+    return (num_kv_heads > 1 and q.device.type == "cpu" and sink_logits is None
+            and (k_scale is None or k_scale.dim() == 0))
+
+
+def _heads_as_rows(paged_attention, q, k_cache, v_cache, tables, lens, cu_seqlens_q, max_seqlen_q, max_k, *,
+                   scale, softcap, k_scale, v_scale, rope_cos_sin, rope_neox, out, lse):
+    """All KV heads in one ``paged_attention`` call: (KV head ``h``, row ``b``) is row ``h * B + b``.
+
+    The pools are viewed (no copy) as one-KV-head pools of *virtual pages*: virtual page
+    ``p * (Hkv * block_size) + h`` starts at head ``h`` of page ``p`` (a page stride of ``D``
+    elements, the token stride unchanged), so each row's compacted table becomes virtual page ids.
+    The queries of a KV head's group are gathered head-major (``[Hkv * T, G, D]``, a small copy)
+    and the output scattered back.
+    """
+    T, Hq, D = q.shape
+    num_pages, block_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    group = Hq // num_kv_heads
+    batch = tables.shape[1]
+
+    def virtual(cache):
+        n = (num_pages - 1) * num_kv_heads * block_size + num_kv_heads
+        return cache.as_strided((n, block_size, 1, D), (D, cache.stride(1), D, 1), cache.storage_offset())
+
+    head = torch.arange(num_kv_heads, device=tables.device, dtype=torch.int64)[:, None, None]
+    vtables = (tables.to(torch.int64) * (num_kv_heads * block_size) + head).reshape(num_kv_heads * batch, -1)
+    qh = q.reshape(T, num_kv_heads, group, D).transpose(0, 1).reshape(num_kv_heads * T, group, D)
+    cu = cu_seqlens_q.to(torch.int64)
+    vcu = torch.cat([(cu[:-1][None, :] + T * head[:, :, 0]).reshape(-1), cu[-1:] + T * (num_kv_heads - 1)])
+    res = paged_attention(qh, virtual(k_cache), virtual(v_cache), vtables.to(torch.int32), lens.reshape(-1),
+                          vcu.to(torch.int32), max_seqlen_q, max_k, scale=scale, causal=True, softcap=softcap,
+                          k_scale=k_scale, v_scale=v_scale, rope_cos_sin=rope_cos_sin, rope_neox=rope_neox,
+                          out=torch.empty_like(qh), return_lse=lse is not None)
+    o = res[0] if isinstance(res, tuple) else res
+    out.copy_(o.reshape(num_kv_heads, T, group, D).transpose(0, 1).reshape(T, Hq, D))
+    if lse is not None:
+        lse.copy_(res[1].reshape(num_kv_heads, T, group).transpose(0, 1).reshape(T, Hq))
     return out
 
 
