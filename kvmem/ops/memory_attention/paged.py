@@ -104,7 +104,7 @@ def memory_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, m
     max_k = min(max_seqlen_k, tables.shape[2] * block_size)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if _one_call(q, num_kv_heads, sink_logits, k_scale):
+    if _one_call(q, k_cache, v_cache, sink_logits, k_scale):
         return _heads_as_rows(paged_attention, q, k_cache, v_cache, tables, lens, cu_seqlens_q, max_seqlen_q, max_k,
                               scale=scale, softcap=softcap, k_scale=k_scale, v_scale=v_scale,
                               rope_cos_sin=rope_cos_sin, rope_neox=rope_neox, out=out, lse=lse)
@@ -125,11 +125,15 @@ def memory_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, m
     return out
 
 
-def _one_call(q, num_kv_heads: int, sink_logits, k_scale) -> bool:
+def _one_call(q, k_cache, v_cache, sink_logits, k_scale) -> bool:
     """Whether the KV heads can run as the rows of one ``paged_attention`` call (``_heads_as_rows``):
-    on the CPU (int64 page offsets in the C++ kernels), with no per-query-head sink logits and no
-    per-KV-head scale (one call has one of each for all its rows)."""
-    return (num_kv_heads > 1 and q.device.type == "cpu" and sink_logits is None
+    on the CPU (int64 page offsets in the C++ kernels), pools laid out densely
+    (``[N, block_size, Hkv, D]`` contiguous: the virtual pages' addresses rely on it), with no
+    per-query-head sink logits and no per-KV-head scale (one call has one of each for all its rows)."""
+    _, bs, hkv, d = k_cache.shape
+    dense = all(c.stride(3) == 1 and c.stride(2) == d and c.stride(1) == hkv * d and c.stride(0) == bs * hkv * d
+                for c in (k_cache, v_cache))
+    return (hkv > 1 and dense and q.device.type == "cpu" and sink_logits is None
             and (k_scale is None or k_scale.dim() == 0))
 
 
@@ -150,7 +154,7 @@ def _heads_as_rows(paged_attention, q, k_cache, v_cache, tables, lens, cu_seqlen
 
     def virtual(cache):
         n = (num_pages - 1) * num_kv_heads * block_size + num_kv_heads
-        return cache.as_strided((n, block_size, 1, D), (D, cache.stride(1), D, 1), cache.storage_offset())
+        return cache.as_strided((n, block_size, 1, D), (D, cache.stride(1), D, 1))  # keeps its storage offset
 
     head = torch.arange(num_kv_heads, device=tables.device, dtype=torch.int64)[:, None, None]
     vtables = (tables.to(torch.int64) * (num_kv_heads * block_size) + head).reshape(num_kv_heads * batch, -1)
