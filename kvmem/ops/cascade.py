@@ -10,10 +10,17 @@ two disjoint key sets, merged with ``merge_states`` (the same identity split-K u
     (b) suffix: the plain paged decode of each row over its own pages       -> out_b, lse_b
     (c) merge_states(out_a, lse_a, out_b, lse_b)
 
-No new kernel: (a) and (b) are ``paged_attention`` calls, dispatched (and falling back) like any
-other, and (a) reads each shared page once for the batch: on the C++ CPU backend the B * G query
-rows of a KV head take the kernel's wide path (a small GEMM per key tile) instead of B separate
-streams over the same pages.
+No new kernel: (a) and (b) are ``paged_attention`` work, dispatched (and falling back) like any
+other call, and (a) reads each shared page once for the batch: on the C++ CPU backend the B * G
+query rows of a KV head take the kernel's wide path (a small GEMM per key tile) instead of B
+separate streams over the same pages. On CPU tensors without sinks or RoPE, (a) and (b) are one
+``paged_attention`` call over ``[q; q]`` (``causal=False`` is exact for (b) too: a row's one decode
+query is its last position); elsewhere two calls (on a GPU the suffixes then get the decode
+kernel). Cost over the prefix (L tokens): plain decode reads ``2 * B * L * Hkv * D`` cache elements
+(bandwidth-bound), (a) does ``4 * B * Hq * L * D`` flops once the pages are read (compute-bound),
+so the step speeds up by about ``F * elem_bytes * Hkv / (2 * Hq * BW)`` (F: the kernel's flop rate
+on the wide path, BW: read bandwidth in bytes/s); for fp32 and 32/8 heads ``F / (2 * BW)``
+(measured: ``benchmarks/bench_cascade.py``, ``benchmarks/RESULTS.md``).
 
 How the features compose (the spec, ``kvmem.ops.spec``, is the judge):
 
@@ -27,7 +34,7 @@ How the features compose (the spec, ``kvmem.ops.spec``, is the judge):
   plain decode for sliding-window layers.
 
 This is a composite of public ops, not a ``torch.library`` op of its own: each part is a custom
-op, so ``torch.compile`` traces it as two attention calls and a merge.
+op, so ``torch.compile`` traces it as its attention call(s) and a merge.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from kvmem.ops._validate import fail, host_int, tensor
 from kvmem.ops.merge_states import merge_states as _merge_states
 from kvmem.ops.paged_attention import paged_attention as _paged_attention
 
-__all__ = ["CascadePlan", "cascade_decode", "plan_cascade", "split_tables", "shared_prefix_blocks", "run"]
+__all__ = ["CascadePlan", "cascade_decode", "plan_cascade", "split_tables", "shared_prefix_blocks", "fused", "run"]
 
 OP = "cascade_decode"
 
@@ -51,61 +58,86 @@ class CascadePlan:
     """One decode step's keys split into a shared prefix and each row's own suffix (build it with
     :func:`plan_cascade` or :func:`split_tables`; once per step, reused by every layer).
 
+    Row 0 of the tables is the shared prefix (one query segment of all ``rows`` decode queries),
+    rows ``1 ..`` are the rows' suffixes (one decode query each), so that the two parts can run as
+    one ``paged_attention`` call over ``[q; q]`` (:func:`run`'s fused form) or as two (views).
+
     Attributes
     ----------
-    shared_table: [1, P] int32, the shared page ids (a one-row block table)
-    shared_lens: [1] int32, ``P * block_size``
-    shared_cu: [2] int32, ``[0, rows]``: all decode queries as one segment
-    suffix_table: [rows, max_blocks] int32, each row's pages after the shared ones
-    suffix_lens: [rows] int32, each row's keys after the shared ones (0 allowed)
-    suffix_cu: [rows + 1] int32, ``0, 1, .., rows`` (one decode query per row)
-    rows, shared_len: host ints (``shared_len = P * block_size``)
-    max_suffix_len: host int, >= every ``suffix_lens`` entry
+    block_table: [rows + 1, max_blocks] int32: row 0 the shared page ids, row ``1 + b`` row ``b``'s
+        pages after the shared ones
+    seq_lens: [rows + 1] int32: ``shared_len``, then each row's suffix length (0 allowed)
+    cu_seqlens_q: [rows + 2] int32: ``0, rows, rows + 1, .., 2 * rows`` (over ``[q; q]``)
+    suffix_cu: [rows + 1] int32: ``0, 1, .., rows`` (the suffix part alone, over ``q``)
+    rows, shared_len, num_shared_blocks: host ints (``shared_len = num_shared_blocks * block_size``)
+    max_suffix_len: host int, >= every suffix length
     """
 
-    shared_table: torch.Tensor
-    shared_lens: torch.Tensor
-    shared_cu: torch.Tensor
-    suffix_table: torch.Tensor
-    suffix_lens: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
     suffix_cu: torch.Tensor
     rows: int
     shared_len: int
+    num_shared_blocks: int
     max_suffix_len: int
 
+    # the two parts as views (two-call form)
     @property
-    def num_shared_blocks(self) -> int:
-        return self.shared_table.shape[1]
+    def shared_table(self) -> torch.Tensor:
+        return self.block_table[:1, : self.num_shared_blocks]
+
+    @property
+    def shared_lens(self) -> torch.Tensor:
+        return self.seq_lens[:1]
+
+    @property
+    def shared_cu(self) -> torch.Tensor:
+        return self.cu_seqlens_q[:2]
+
+    @property
+    def suffix_table(self) -> torch.Tensor:
+        return self.block_table[1:]
+
+    @property
+    def suffix_lens(self) -> torch.Tensor:
+        return self.seq_lens[1:]
 
     def to(self, device) -> "CascadePlan":
         """The same plan on ``device`` (self when already there; copies are non-blocking)."""
         device = torch.device(device)
-        if self.suffix_table.device == device:
+        if self.block_table.device == device:
             return self
-        mv = [t.to(device, non_blocking=True) for t in (self.shared_table, self.shared_lens, self.shared_cu,
-                                                         self.suffix_table, self.suffix_lens, self.suffix_cu)]
-        return CascadePlan(*mv, self.rows, self.shared_len, self.max_suffix_len)
+        mv = [t.to(device, non_blocking=True) for t in (self.block_table, self.seq_lens, self.cu_seqlens_q,
+                                                         self.suffix_cu)]
+        return CascadePlan(*mv, self.rows, self.shared_len, self.num_shared_blocks, self.max_suffix_len)
 
 
-def _small(values, device) -> torch.Tensor:
+def _host_ints(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
 
 def plan_cascade(shared_blocks: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  max_seqlen_k: int, block_size: int) -> CascadePlan:
-    """A plan from the shared page ids and the rows' suffix tables (see :func:`cascade_decode`)."""
+    """A plan from the shared page ids ``[P]`` and the rows' suffix tables ``[rows, W]`` / lengths
+    ``[rows]`` (see :func:`cascade_decode`): device copies, no host sync."""
     rows, device = block_table.shape[0], block_table.device
-    P = shared_blocks.shape[0]
-    return CascadePlan(shared_blocks.reshape(1, P), _small([P * block_size], device), _small([0, rows], device),
-                       block_table, seq_lens, _small(list(range(rows + 1)), device), rows, P * block_size,
+    P, W = shared_blocks.shape[0], block_table.shape[1]
+    table = torch.full((rows + 1, max(P, W)), -1, dtype=torch.int32, device=device)
+    table[0, :P] = shared_blocks
+    table[1:, :W] = block_table
+    shared_len = P * block_size
+    lens = torch.cat([_host_ints([shared_len], device), seq_lens.to(torch.int32)])
+    cu = _host_ints([0] + list(range(rows, 2 * rows + 1)), device)
+    return CascadePlan(table, lens, cu, _host_ints(list(range(rows + 1)), device), rows, shared_len, P,
                        int(max_seqlen_k))
 
 
 def split_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, num_shared_blocks: int, block_size: int,
                  max_seqlen_k: int) -> CascadePlan:
     """A plan from full block tables whose first ``num_shared_blocks`` columns hold the same page
-    ids in every row (the caller knows it: ``shared_prefix_blocks`` of the host tables). Views and
-    one device subtraction, no host sync.
+    ids in every row (the caller knows it: ``shared_prefix_blocks`` of the host tables). Device
+    copies, no host sync.
 
     Parameters
     ----------
@@ -134,20 +166,44 @@ def shared_prefix_blocks(tables: Sequence[Sequence[int]], full_blocks: int) -> i
     return n
 
 
+def fused(q: torch.Tensor, sink_logits, rope_cos_sin) -> bool:
+    """Whether :func:`run` takes the one-call form: on CPU tensors (one pass of the C++ kernel over
+    both parts' work items: one thread wake-up instead of two, better balance), without sink logits
+    (one call would count them in both parts) and without RoPE on load (the suffix's positions are
+    shifted). Elsewhere two calls: on a GPU the suffixes then get the decode kernel."""
+    return q.device.type == "cpu" and sink_logits is None and rope_cos_sin is None
+
+
 def run(paged_attention: Callable, merge_states: Callable, q: torch.Tensor, k_cache: torch.Tensor,
         v_cache: torch.Tensor, plan: CascadePlan, *, scale: float, softcap: Optional[float] = None,
         sink_logits: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
         v_scale: Optional[torch.Tensor] = None, rope_cos_sin: Optional[torch.Tensor] = None,
-        rope_neox: bool = True):
-    """The three steps with the caller's ``paged_attention`` / ``merge_states`` (the public ops, or
-    a ``KernelOps``' own); arguments already validated. Returns ``(out, lse)``."""
+        rope_neox: bool = True, fuse: Optional[bool] = None):
+    """The parts with the caller's ``paged_attention`` / ``merge_states`` (the public ops, or a
+    ``KernelOps``' own), then the merge; arguments already validated. Returns ``(out, lse)``.
+
+    One call (:func:`fused`): ``paged_attention`` over ``[q; q]`` with ``causal=False`` and the
+    plan's tables (row 0: the shared segment of all queries; rows 1..: one decode query per suffix,
+    which as the last position of its row sees every key of it anyway). Two calls otherwise.
+    ``fuse``: None = :func:`fused`'s rule; False forces two calls (True is refused with sinks or RoPE)."""
     kw = dict(scale=scale, softcap=softcap, k_scale=k_scale, v_scale=v_scale, return_lse=True)
+    B = plan.rows
+    if fuse is None:
+        fuse = fused(q, sink_logits, rope_cos_sin)
+    elif fuse and (sink_logits is not None or rope_cos_sin is not None):
+        fail(OP, "fuse", "False or None with sink_logits or rope_cos_sin (one call would count the sinks twice "
+             "and rotate the suffix at the wrong positions)", fuse)
+    if fuse:
+        out, lse = paged_attention(torch.cat([q, q]), k_cache, v_cache, plan.block_table, plan.seq_lens,
+                                   plan.cu_seqlens_q, B, max(plan.shared_len, plan.max_suffix_len), causal=False,
+                                   **kw)
+        return merge_states(out[:B], lse[:B], out[B:], lse[B:])
     rope_a = rope_b = {}
     if rope_cos_sin is not None:  # the suffix's key j sits at position shared_len + j
         rope_a = dict(rope_cos_sin=rope_cos_sin, rope_neox=rope_neox)
         rope_b = dict(rope_cos_sin=rope_cos_sin[plan.shared_len:], rope_neox=rope_neox)
     out_a, lse_a = paged_attention(q, k_cache, v_cache, plan.shared_table, plan.shared_lens, plan.shared_cu,
-                                   plan.rows, plan.shared_len, causal=False, sink_logits=sink_logits, **kw, **rope_a)
+                                   B, plan.shared_len, causal=False, sink_logits=sink_logits, **kw, **rope_a)
     out_b, lse_b = paged_attention(q, k_cache, v_cache, plan.suffix_table, plan.suffix_lens, plan.suffix_cu,
                                    1, plan.max_suffix_len, causal=True, **kw, **rope_b)
     return merge_states(out_a, lse_a, out_b, lse_b)

@@ -165,8 +165,16 @@ def test_cascade_split_tables(backend):
     full, full_lens = plain_args[3], plain_args[4]
     plan = cascade.split_tables(full, full_lens, 3, kc.shape[1], int(full_lens.max()))
     assert plan.shared_table.tolist() == [shared.tolist()] and plan.max_suffix_len == 21
-    got, lse = cascade.run(lambda *a, **k: kvmem.paged_attention(*a, check=False, **k), kvmem.merge_states,
-                           q, kc, vc, plan, **kw)
     ref, ref_lse = reference.paged_attention(*plain_args, **kw)
+    pa = lambda *a, **k: kvmem.paged_attention(*a, check=False, **k)  # noqa: E731
+    got, lse = cascade.run(pa, kvmem.merge_states, q, kc, vc, plan, **kw)  # sinks: two calls
     assert_close(got, ref)
     assert_close(lse, ref_lse, what="lse")
+    with pytest.raises(ValueError, match="'fuse' must be False or None with sink_logits"):
+        cascade.run(pa, kvmem.merge_states, q, kc, vc, plan, **kw, fuse=True)
+    kw.pop("sink_logits")
+    ref, ref_lse = reference.paged_attention(*plain_args, **kw)
+    for fuse in (True, False):  # one call over [q; q], or two
+        got, lse = cascade.run(pa, kvmem.merge_states, q, kc, vc, plan, **kw, fuse=fuse)
+        assert_close(got, ref)
+        assert_close(lse, ref_lse, what="lse")
