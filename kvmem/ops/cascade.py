@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from kvmem.ops._validate import fail, host_int, tensor
@@ -154,16 +155,15 @@ def split_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, num_shared_b
 def shared_prefix_blocks(tables: Sequence[Sequence[int]], full_blocks: int) -> int:
     """How many leading pages every row's (host) block table shares, counting only pages that are
     full in every row (``full_blocks``: e.g. ``min(seq_lens) // block_size`` before the step's
-    write) and live (>= 0)."""
+    write) and live (>= 0). One vectorised pass (host lists in, no device work)."""
     if not tables:
         return 0
-    first = tables[0]
-    n = min([full_blocks] + [len(t) for t in tables])
-    for i in range(n):
-        page = first[i]
-        if page < 0 or any(t[i] != page for t in tables):
-            return i
-    return n
+    n = min([int(full_blocks)] + [len(t) for t in tables])
+    if n <= 0:
+        return 0
+    a = np.asarray([t[:n] for t in tables], dtype=np.int64)  # [rows, n]
+    ok = (a == a[0]).all(axis=0) & (a[0] >= 0)
+    return n if ok.all() else int(np.argmin(ok))
 
 
 def fused(q: torch.Tensor, sink_logits, rope_cos_sin) -> bool:
