@@ -1,7 +1,7 @@
 """Shared-prefix (cascade) decode vs plain paged decode, op level, one decode step (not a test).
 
     python benchmarks/bench_cascade.py [--device cpu] [--batch 32] [--prefix 8192] [--suffix 64]
-                                       [--rounds 7] [--reps 3] [--quick]
+                                       [--rounds 7] [--reps 3] [--threads N] [--quick]
 
 A batch of ``--batch`` rows decoding over one shared ``--prefix``-token prefix (the same pages in
 every row, as ``prefix_cache=True`` reuses them) plus a ``--suffix``-token suffix of each row's
@@ -71,10 +71,13 @@ def main(argv=None) -> int:
     ap.add_argument("--suffix", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="B=8, 1k prefix, 3 rounds (a smoke run)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     prefix = args.prefix or (8192 if dev.type == "cpu" else 32768)
     batch, rounds = args.batch, args.rounds
