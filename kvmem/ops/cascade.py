@@ -13,11 +13,10 @@ two disjoint key sets, merged with ``merge_states`` (the same identity split-K u
 No new kernel: (a) and (b) are ``paged_attention`` work, dispatched (and falling back) like any
 other call, and (a) reads each shared page once for the batch: on the C++ CPU backend the B * G
 query rows of a KV head take the kernel's wide path (a small GEMM per key tile) instead of B
-separate streams over the same pages. On CPU tensors without sinks or RoPE, (a) and (b) are one
-``paged_attention`` call over ``[q; q]`` (``causal=False`` is exact for (b) too: a row's one decode
-query is its last position); elsewhere two calls (on a GPU the suffixes then get the decode
-kernel). Cost over the prefix (L tokens): plain decode reads ``2 * B * L * Hkv * D`` cache elements
-(bandwidth-bound), (a) does ``4 * B * Hq * L * D`` flops once the pages are read (compute-bound),
+separate streams over the same pages. (b) is a second call (on a GPU: the decode kernel).
+The plan also lays both parts out for one call over ``[q; q]`` (``run(..., fuse=True)``; it
+measured no faster on CPU). Cost over the prefix (L tokens): plain decode reads
+``2 * B * L * Hkv * D`` cache elements (bandwidth-bound), (a) does ``4 * B * Hq * L * D`` flops once the pages are read (compute-bound),
 so the step speeds up by about ``F * elem_bytes * Hkv / (2 * Hq * BW)`` (F: the kernel's flop rate
 on the wide path, BW: read bandwidth in bytes/s); for fp32 and 32/8 heads ``F / (2 * BW)``
 (measured: ``benchmarks/bench_cascade.py``, ``benchmarks/RESULTS.md``).
@@ -49,7 +48,7 @@ from kvmem.ops._validate import fail, host_int, tensor
 from kvmem.ops.merge_states import merge_states as _merge_states
 from kvmem.ops.paged_attention import paged_attention as _paged_attention
 
-__all__ = ["CascadePlan", "cascade_decode", "plan_cascade", "split_tables", "shared_prefix_blocks", "fused", "run"]
+__all__ = ["CascadePlan", "cascade_decode", "plan_cascade", "split_tables", "shared_prefix_blocks", "run"]
 
 OP = "cascade_decode"
 
@@ -166,32 +165,25 @@ def shared_prefix_blocks(tables: Sequence[Sequence[int]], full_blocks: int) -> i
     return n if ok.all() else int(np.argmin(ok))
 
 
-def fused(q: torch.Tensor, sink_logits, rope_cos_sin) -> bool:
-    """Whether :func:`run` takes the one-call form: on CPU tensors (one pass of the C++ kernel over
-    both parts' work items: one thread wake-up instead of two, better balance), without sink logits
-    (one call would count them in both parts) and without RoPE on load (the suffix's positions are
-    shifted). Elsewhere two calls: on a GPU the suffixes then get the decode kernel."""
-    return q.device.type == "cpu" and sink_logits is None and rope_cos_sin is None
-
-
 def run(paged_attention: Callable, merge_states: Callable, q: torch.Tensor, k_cache: torch.Tensor,
         v_cache: torch.Tensor, plan: CascadePlan, *, scale: float, softcap: Optional[float] = None,
         sink_logits: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
         v_scale: Optional[torch.Tensor] = None, rope_cos_sin: Optional[torch.Tensor] = None,
-        rope_neox: bool = True, fuse: Optional[bool] = None):
+        rope_neox: bool = True, fuse: bool = False):
     """The parts with the caller's ``paged_attention`` / ``merge_states`` (the public ops, or a
     ``KernelOps``' own), then the merge; arguments already validated. Returns ``(out, lse)``.
 
-    One call (:func:`fused`): ``paged_attention`` over ``[q; q]`` with ``causal=False`` and the
-    plan's tables (row 0: the shared segment of all queries; rows 1..: one decode query per suffix,
-    which as the last position of its row sees every key of it anyway). Two calls otherwise.
-    ``fuse``: None = :func:`fused`'s rule; False forces two calls (True is refused with sinks or RoPE)."""
+    Two ``paged_attention`` calls: the shared segment (with the sinks) and the suffixes. ``fuse=True``
+    makes them one call over ``[q; q]`` with ``causal=False`` and the plan's tables (row 0: the
+    shared segment of all queries; rows 1..: one decode query per suffix, which as the last position
+    of its row sees every key of it anyway); refused with sinks (one call would count them in both
+    parts) or RoPE on load (the suffix positions are shifted). Not the default: on the C++ CPU
+    backend it measured no faster (1 thread) or ~10 % slower (2 threads) than two calls.
+    """
     kw = dict(scale=scale, softcap=softcap, k_scale=k_scale, v_scale=v_scale, return_lse=True)
     B = plan.rows
-    if fuse is None:
-        fuse = fused(q, sink_logits, rope_cos_sin)
-    elif fuse and (sink_logits is not None or rope_cos_sin is not None):
-        fail(OP, "fuse", "False or None with sink_logits or rope_cos_sin (one call would count the sinks twice "
+    if fuse and (sink_logits is not None or rope_cos_sin is not None):
+        fail(OP, "fuse", "False with sink_logits or rope_cos_sin (one call would count the sinks twice "
              "and rotate the suffix at the wrong positions)", fuse)
     if fuse:
         out, lse = paged_attention(torch.cat([q, q]), k_cache, v_cache, plan.block_table, plan.seq_lens,

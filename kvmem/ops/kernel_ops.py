@@ -113,11 +113,9 @@ class KernelOps:
         from kvmem.ops.paged_attention.params import describe_call
 
         if self.backend != "auto":
-            fuse = cascade.fused(q, sink_logits, None)
-            calls = [describe_call(q, k_cache, v_cache, plan.rows, softcap=softcap,
-                                   sink_logits=None if fuse else sink_logits, k_scale=k_scale, v_scale=v_scale)]
-            if not fuse:
-                calls.append(describe_call(q, k_cache, v_cache, 1, softcap=softcap, k_scale=k_scale, v_scale=v_scale))
+            calls = (describe_call(q, k_cache, v_cache, plan.rows, softcap=softcap, sink_logits=sink_logits,
+                                   k_scale=k_scale, v_scale=v_scale),
+                     describe_call(q, k_cache, v_cache, 1, softcap=softcap, k_scale=k_scale, v_scale=v_scale))
             for call in calls:
                 why = dispatch.BY_NAME[self.backend].rejects(call)
                 if why is not None:

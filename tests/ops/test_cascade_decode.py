@@ -167,10 +167,10 @@ def test_cascade_split_tables(backend):
     assert plan.shared_table.tolist() == [shared.tolist()] and plan.max_suffix_len == 21
     ref, ref_lse = reference.paged_attention(*plain_args, **kw)
     pa = lambda *a, **k: kvmem.paged_attention(*a, check=False, **k)  # noqa: E731
-    got, lse = cascade.run(pa, kvmem.merge_states, q, kc, vc, plan, **kw)  # sinks: two calls
+    got, lse = cascade.run(pa, kvmem.merge_states, q, kc, vc, plan, **kw)
     assert_close(got, ref)
     assert_close(lse, ref_lse, what="lse")
-    with pytest.raises(ValueError, match="'fuse' must be False or None with sink_logits"):
+    with pytest.raises(ValueError, match="'fuse' must be False with sink_logits"):
         cascade.run(pa, kvmem.merge_states, q, kc, vc, plan, **kw, fuse=True)
     kw.pop("sink_logits")
     ref, ref_lse = reference.paged_attention(*plain_args, **kw)
@@ -178,3 +178,21 @@ def test_cascade_split_tables(backend):
         got, lse = cascade.run(pa, kvmem.merge_states, q, kc, vc, plan, **kw, fuse=fuse)
         assert_close(got, ref)
         assert_close(lse, ref_lse, what="lse")
+
+
+def test_kernel_ops_named_backend_that_cannot_returns_none(caplog):
+    """A model patched with a backend that cannot run a part (here cuda, on CPU tensors): None (the
+    layer then runs plain decode, which names the problem), one log line."""
+    import logging
+
+    from kvmem.ops.kernel_ops import KernelOps
+
+    q, kc, vc, shared, table, lens, kw, _ = make([3, 5], shared_blocks=2)
+    plan = cascade.plan_cascade(shared, table, lens, 5, kc.shape[1])
+    with caplog.at_level(logging.WARNING, logger="kvmem"):
+        assert KernelOps("cuda").cascade_decode(q, kc, vc, plan, scale=kw["scale"]) is None
+        assert KernelOps("cuda").cascade_decode(q, kc, vc, plan, scale=kw["scale"]) is None
+    assert len([r for r in caplog.records if "cascade_decode falls back" in r.getMessage()]) <= 1
+    got = KernelOps("reference").cascade_decode(q, kc, vc, plan, scale=kw["scale"])
+    ref, _ = reference.paged_attention(*make([3, 5], shared_blocks=2)[7], **kw)
+    assert_close(got, ref)
