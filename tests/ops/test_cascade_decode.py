@@ -196,3 +196,21 @@ def test_kernel_ops_named_backend_that_cannot_returns_none(caplog):
     got = KernelOps("reference").cascade_decode(q, kc, vc, plan, scale=kw["scale"])
     ref, _ = reference.paged_attention(*make([3, 5], shared_blocks=2)[7], **kw)
     assert_close(got, ref)
+
+
+@on("cpu")
+def test_cascade_compiles_fullgraph(backend):
+    """The HF layer step's call (``KernelOps.cascade_decode``, auto backend) under
+    ``torch.compile(fullgraph=True)``: the parts go through the public custom ops."""
+    from kvmem.ops.kernel_ops import KernelOps
+
+    q, kc, vc, shared, table, lens, kw, plain_args = make([3, 0, 9, 17], shared_blocks=2, heads=(4, 2), sink=True)
+    plan = cascade.plan_cascade(shared, table, lens, 17, kc.shape[1])
+    ops = KernelOps("auto")
+    f = torch.compile(lambda q: ops.cascade_decode(q, kc, vc, plan, scale=kw["scale"], sink_logits=kw["sink_logits"]),
+                      fullgraph=True)
+    ref, _ = reference.paged_attention(*plain_args, **kw)
+    try:
+        assert_close(f(q), ref)
+    finally:
+        torch._dynamo.reset()
