@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from kvmem.integrations import patch, unpatch  # noqa: E402
 from kvmem.integrations.hf import cascade as hf_cascade  # noqa: E402
 from kvmem.ops import cascade  # noqa: E402
-from test_hf import assert_same_generation, gen, left_pad, tiny_llama, tiny_qwen2_sliding  # noqa: E402
+from test_hf import PROMPTS, assert_same_generation, gen, left_pad, smol, tiny_llama, tiny_qwen2_sliding  # noqa: E402,F401
 
 transformers.logging.set_verbosity_error()
 
@@ -116,3 +116,22 @@ def test_generate_beam_search(monkeypatch, runs):
     ref = gen(m, **kw)
     assert runs and {r for r, _ in runs} == {3}
     assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_smollm2_batch_over_cached_system_prompt(monkeypatch, runs, smol):
+    """SmolLM2-135M (real weights, fp32): a long system prompt cached by a first call, then 4
+    questions over it in one batch: cascade decode, identical tokens and logits within 1e-4 vs
+    plain decode and unpatched HF."""
+    system = (PROMPTS[0][:-6] + PROMPTS[2][24:-6]) * 4  # ~150 tokens of chat text, the shared part
+    questions = [p[24:] for p in PROMPTS]
+    prompts = [system + q for q in questions]
+    monkeypatch.setenv("KVMEM_CASCADE", "auto")
+    out = chain_calls(smol, prompts, block_size=16, new_tokens=10)
+    assert runs and {r for r, _ in runs} == {4}
+    runs.clear()
+    monkeypatch.setenv("KVMEM_CASCADE", "0")
+    plain = chain_calls(smol, prompts, block_size=16, new_tokens=10)
+    assert not runs
+    assert_same_generation(out, plain)
+    ids, mask = left_pad(prompts)
+    assert_same_generation(out, gen(smol, input_ids=ids, attention_mask=mask, max_new_tokens=10))
