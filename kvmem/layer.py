@@ -14,7 +14,8 @@ its fields:
 2. ``evict``: evict or summarise what the layer holds (no-op today);
 3. ``select``: choose what the attention reads beyond the pages (no-op today; the memory bank's
    selections go to ``context.selections``);
-4. ``attend``: ``paged_attention`` over the pages, sets ``step.out``.
+4. ``attend``: ``paged_attention`` over the pages (or shared-prefix decode, ``kvmem.ops.cascade``,
+   when the step's metadata plans it), sets ``step.out``.
 
 A later capability (the memory bank) adds or replaces stages (``run_layer(..., stages=...)``)
 instead of a fifth copy of the path. The ``LayerContext`` carries what a stage needs beyond the
@@ -125,8 +126,17 @@ def select(step: LayerStep) -> None:
 
 
 def attend(step: LayerStep) -> None:
-    """Stage 4: paged attention over the pages; sets ``step.out``."""
+    """Stage 4: paged attention over the pages; sets ``step.out``. A step planned as shared-prefix
+    (cascade) decode (``metadata.cascade``, full-attention layers only) runs
+    ``kvmem.ops.cascade_decode`` instead (None from it: this backend cannot, plain decode)."""
     md, a = step.metadata, step.attention
+    cascade = getattr(md, "cascade", None)
+    if cascade is not None and a.window is None and step.q.shape[0] == cascade.rows:
+        step.out = step.ops.cascade_decode(step.q, step.k_cache, step.v_cache, cascade, scale=a.scale,
+                                           softcap=a.softcap, sink_logits=a.sink_logits, k_scale=step.k_scale,
+                                           v_scale=step.v_scale)
+        if step.out is not None:
+            return
     step.out = step.ops.paged_attention(step.q, step.k_cache, step.v_cache, md.block_table, md.seq_lens,
                                         md.cu_seqlens_q, md.max_seqlen_q, md.max_seqlen_k, scale=a.scale,
                                         window=a.window, softcap=a.softcap, sink_logits=a.sink_logits,

@@ -360,3 +360,24 @@ def test_generate_option_needs_patch_support(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--quick", "--device", "cpu", "--compile"])
     assert e.value.code == 2 and "no compile_decode option" in capsys.readouterr().err
+
+
+def test_bench_cascade_script(tmp_path, capsys):
+    """benchmarks/bench_cascade.py: plain vs cascade decode interleaved, per-round ratios in the JSON
+    (one small case)."""
+    import importlib.util as iu
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "bench_cascade.py")
+    spec = iu.spec_from_file_location("_kvmem_bench_cascade", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--batch", "4", "--prefix", "256", "--suffix", "20", "--rounds", "2", "--reps", "1",
+                     "--out", str(tmp_path)]) == 0
+    files = glob.glob(os.path.join(str(tmp_path), "cascade_cpu_float32_*.json"))
+    assert len(files) == 1
+    with open(files[0]) as f:
+        data = json.load(f)
+    assert data["batch"] == 4 and data["prefix"] == 256 and len(data["ratios"]) == 2
+    assert len(data["plain_s"]) == len(data["cascade_s"]) == 2 and data["max_abs_diff"] <= 1e-5
+    assert {"gpu", "torch", "load_avg_1m"} <= set(data["machine"])

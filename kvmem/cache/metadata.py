@@ -62,6 +62,8 @@ class StepMetadata:
     max_seqlen_q: host int, longest query segment of the step
     max_seqlen_k: host int, longest ``seq_lens`` entry
     window: the group's sliding window (pass it to ``paged_attention``), None for full attention
+    cascade: a ``kvmem.ops.cascade.CascadePlan`` when the step's rows share leading pages and the
+        step runs shared-prefix (cascade) decode (decided on the host at plan time), else None
     """
 
     block_table: torch.Tensor
@@ -71,6 +73,7 @@ class StepMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     window: Optional[int] = None
+    cascade: Optional[object] = None
 
     @property
     def device(self) -> torch.device:
@@ -83,7 +86,8 @@ class StepMetadata:
             return self
         mv = [t.to(device, non_blocking=True) for t in (self.block_table, self.seq_lens, self.cu_seqlens_q,
                                                          self.slot_mapping)]
-        return StepMetadata(*mv, self.max_seqlen_q, self.max_seqlen_k, self.window)
+        cascade = None if self.cascade is None else self.cascade.to(device)
+        return StepMetadata(*mv, self.max_seqlen_q, self.max_seqlen_k, self.window, cascade)
 
 
 @dataclass

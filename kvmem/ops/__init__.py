@@ -31,5 +31,6 @@ for _name in OP_NAMES:  # the public function of each op folder, as kvmem.ops.<o
 del _name
 
 from kvmem.ops import reference  # noqa: E402
+from kvmem.ops.cascade import cascade_decode  # noqa: E402  (a composite of paged_attention + merge_states)
 
-__all__ = list(OP_NAMES) + ["reference", "OP_NAMES"]
+__all__ = list(OP_NAMES) + ["reference", "OP_NAMES", "cascade_decode"]

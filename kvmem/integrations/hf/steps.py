@@ -16,7 +16,9 @@ attention function of the same layer takes them back from the context and calls
    are applied to every layer's pools;
 2. runs the layer step ``kvmem.layer.run_layer`` on the layer's real tokens (padding tokens get no
    slot and are never seen): ``cache_write``, then ``paged_attention`` for the layer's group (its
-   sliding window, the module's softcap and sink logits).
+   sliding window, the module's softcap and sink logits). Decode steps whose rows share leading
+   pages of a full-attention group run shared-prefix (cascade) decode there, decided at plan time
+   on the host (``kvmem.integrations.hf.cascade``).
 
 A new step starts when a layer that was already updated is updated again. The logical length
 grows when the step's last layer has attended; a step that stopped half-way (an exception inside
@@ -38,7 +40,7 @@ from typing import List, Optional
 import torch
 
 from kvmem.cache.static import StaticDecodeBuffers, check_decode_mask
-from kvmem.integrations.hf import context
+from kvmem.integrations.hf import cascade, context
 from kvmem.integrations.hf.context import StepContext
 from kvmem.layer import LayerAttention, run_layer, tokens
 
@@ -327,6 +329,8 @@ class _StepMachine:
             m.apply_copies(self._pools)
         step.plan, step.index, step.prev_lens = plan, index, prev
         bank = self._bank
+        if index is None and bank is None:  # decode rows sharing leading pages: shared-prefix decode
+            cascade.plan_step(m, self.groups, self._seq_ids, plan, prev, nums)
         if bank is not None:  # the step's memory tables: host, once per step, shared by every memory layer
             full = self._bank_group
             tables = [m.block_table(s, full) for s in self._seq_ids]
