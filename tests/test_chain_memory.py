@@ -255,3 +255,33 @@ def test_smollm2_chat_reuses_answers_and_matches_no_reuse(smol):
     finally:
         kvmem.unpatch(m)
     assert into_answer >= 1
+
+
+def test_manager_dedup_register_tokens_and_grow():
+    groups = [LayerGroupSpec("full", (0,))]
+    m = KVCacheManager(16, 4, groups)
+    prompt = list(range(1, 11))  # 2 full blocks + 2 tokens
+    for s in "abc":
+        m.add_sequence(s, prompt)
+    plan = m.plan(list("abc"), [10, 10, 10])
+    slots = plan.groups["full"].slot_mapping.tolist()
+    assert m.allocator("full").num_used == 2 + 3  # the 2 full blocks once, each row's partial block
+    assert slots[10:18] == [-1] * 8 and slots[20:28] == [-1] * 8 and min(slots[:10]) >= 0
+    assert m.block_table("a", "full")[:2] == m.block_table("b", "full")[:2] == m.block_table("c", "full")[:2]
+    assert m.shared_blocks(list("abc"), "full") == 2
+    m.plan(["a"], [3])  # decode: no token ids; then the answer's ids register its third block
+    before = m.debug_state()
+    with pytest.raises(ValueError, match="differ"):
+        m.register_tokens("a", [0] * 13)
+    with pytest.raises(ValueError, match="expected >= 13"):
+        m.register_tokens("a", prompt)
+    assert m.debug_state() == before
+    assert m.register_tokens("a", prompt + [11, 12, 13]) == 1
+    assert m.add_sequence("d", prompt + [11, 12, 13, 14]) == 12
+    a = m.allocator("full")
+    cached = a.debug_state()["hashes"]
+    m.grow(24)
+    assert a.num_blocks == 24 and a.debug_state()["hashes"] == cached and a.num_free == 24 - a.num_used
+    a.check_invariants()
+    with pytest.raises(ValueError, match="must be >= 24"):
+        m.grow(20)

@@ -26,7 +26,9 @@ Design
 * **Prefix reuse.** With token ids known, full blocks are registered under chain hashes when a step
   fills them (at plan time, i.e. before that step's forward writes them: add a sequence that reuses
   them only after the step that fills them has run). ``add_sequence(seq_id, token_ids)`` takes the
-  longest cached prefix back instead of allocating it.
+  longest cached prefix back instead of allocating it. Answers (``register_tokens``), per-sequence
+  hash namespaces, the dedup of a batch's shared full blocks at plan time and growth are
+  ``kvmem.cache.prefix``.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
                                      kv_scales=scales_key(dtype, options.kv_scales, options.kv_scale_headroom,
                                                           options.kv_center_keys))
                    if options.prefix_cache else None)
-    if rows_tokens and not auto:  # the user's budget: a call too large for it fails before anything changes
+    if rows_tokens and not auto and options.prefix_cache:  # a call too large for the user's budget: before any change
         check_budget(groups, options.block_size, rows_tokens, pads, max_cache_len, want)
     pool = options.pool
     if pool is not None and pool.live is not None:
