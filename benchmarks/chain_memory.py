@@ -53,7 +53,7 @@ def interleaved(plain, reuse, prompts):
 def show(name, r):
     mp, mr, lp, hp, lr, hr, fr = r
     print(f"{name:<44} recompute {mp * 1e3:8.0f} ms ({lp * 1e3:.0f}-{hp * 1e3:.0f})   reuse {mr * 1e3:7.0f} ms "
-          f"({lr * 1e3:.0f}-{hr * 1e3:.0f})   {mp / mr:6.1f}x   reused {100 * fr:.1f}% of the prompt")
+          f"({lr * 1e3:.0f}-{hr * 1e3:.0f})   {mp / mr:6.1f}x   reused {100 * fr:.1f}% of the prompt", flush=True)
 
 
 def main(argv=None):
@@ -64,9 +64,12 @@ def main(argv=None):
     p.add_argument("--prefix", type=int, default=4096)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
     a = p.parse_args(argv)
     if a.quick:
         a.prompt, a.answer, a.prefix, a.reps = 200, 40, 600, 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM
 
     from kvmem.generate_demo import _find_model
@@ -80,7 +83,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(100, vocab, (1, n), generator=g)  # noqa: E731
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
 
     turn1 = rand(a.prompt)
     t = time.perf_counter()
@@ -88,7 +91,8 @@ def main(argv=None):
         first = reuse.generate(input_ids=turn1, attention_mask=torch.ones_like(turn1), max_new_tokens=a.answer,
                                min_new_tokens=a.answer, do_sample=False)
     print(f"turn 1: {a.prompt}-token prompt + {first.shape[1] - a.prompt}-token answer in "
-          f"{time.perf_counter() - t:.1f} s (registered {reuse._kvmem_prefix_report.registered_tokens} tokens)")
+          f"{time.perf_counter() - t:.1f} s (registered {reuse._kvmem_prefix_report.registered_tokens} tokens)",
+          flush=True)
     turns = [torch.cat([first, rand(a.message)], 1) for _ in range(a.reps)]
     show(f"chat turn 2 ({turns[0].shape[1]} tokens)", interleaved(plain, reuse, turns))
 

@@ -99,9 +99,12 @@ def main(argv=None):
     p.add_argument("--doc-tokens", type=int, default=2000, help="tokens of the shared document")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--small", action="store_true", help="CI: a 120-token document, 4 new tokens")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's; 1 on a shared box)")
     a = p.parse_args(argv)
     if a.small:
         a.doc_tokens, a.max_new_tokens = 120, 4
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model, tok = load()
     text, _ = passkey.haystack_text()

