@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 BUDGET_S = {"test_paged_attention_triton.py": 600, "test_paged_attention.py": 360, "test_hf.py": 300,
             "test_hf_families.py": 240,
             "test_hf_memory.py": 300, "test_memory_policies.py": 60, "test_memory_banks.py": 240,
-            "test_examples.py": 300}
+            "test_examples.py": 300, "test_chain_memory.py": 150}
 DEFAULT_BUDGET_S = 180
 _spent = defaultdict(float)
 

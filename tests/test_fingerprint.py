@@ -83,8 +83,8 @@ def test_prefix_blocks_are_not_reused_across_models(monkeypatch):
     reused = []
     orig = PagedKVCache.reuse_prefix
 
-    def spy(self, rows, pads=None):
-        n = orig(self, rows, pads)
+    def spy(self, rows, pads=None, **kw):
+        n = orig(self, rows, pads, **kw)
         reused.append(n)
         return n
 

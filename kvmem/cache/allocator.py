@@ -281,6 +281,24 @@ class BlockAllocator:
             del self._cached_free[block]
             self._free.append(block)
 
+    def grow(self, num_blocks: int) -> None:
+        """Add blocks ``self.num_blocks .. num_blocks - 1`` (plain free); every existing block keeps
+        its id, refcount and hash, so block tables and the prefix cache stay valid (the caller grows
+        the pools to match, ``KVPool.grow``).
+
+        Raises
+        ------
+        ValueError
+            if ``num_blocks`` is smaller than the current number of blocks.
+        """
+        num_blocks = _as_int(num_blocks, "BlockAllocator.grow: num_blocks")
+        if num_blocks < self._num_blocks:
+            raise ValueError(f"BlockAllocator.grow: num_blocks must be >= the current {self._num_blocks}, "
+                             f"got {num_blocks}")
+        self._refcounts.extend([0] * (num_blocks - self._num_blocks))
+        self._free[:0] = range(num_blocks - 1, self._num_blocks - 1, -1)  # old free blocks are taken first
+        self._num_blocks = num_blocks
+
     def reset_prefix_cache(self) -> None:
         """Forget every hash; cached free blocks become plain free."""
         for b in list(self._cached_free):

@@ -74,6 +74,24 @@ class KVPool:
     def num_blocks(self) -> Dict[str, int]:
         return {g.name: self.manager.allocator(g.name).num_blocks for g in self.groups}
 
+    def grow(self, num_blocks: Dict[str, int]) -> None:
+        """Grow the groups of ``num_blocks`` (group -> blocks, never fewer than now) keeping every
+        page, block id and hash: the prefix cache survives (``KVCacheManager.grow``). The pages are
+        copied into larger tensors; static decode buffers (and graphs captured on the old pools) are
+        dropped."""
+        self.manager.grow(num_blocks)
+        l2g = self.manager.layer_to_group
+        for layer, (k, v) in list(self.pools.items()):
+            n = self.manager.allocator(l2g[layer]).num_blocks
+            if k.shape[0] < n:
+                pair = []
+                for t in (k, v):
+                    bigger = t.new_empty((n,) + tuple(t.shape[1:]))
+                    bigger[: t.shape[0]].copy_(t)
+                    pair.append(bigger)
+                self.pools[layer] = tuple(pair)
+        self.static.clear()
+
     def fits(self, need: Dict[str, int]) -> bool:
         nb = self.num_blocks
         return all(nb.get(k, 0) >= v for k, v in need.items())

@@ -26,7 +26,9 @@ Design
 * **Prefix reuse.** With token ids known, full blocks are registered under chain hashes when a step
   fills them (at plan time, i.e. before that step's forward writes them: add a sequence that reuses
   them only after the step that fills them has run). ``add_sequence(seq_id, token_ids)`` takes the
-  longest cached prefix back instead of allocating it.
+  longest cached prefix back instead of allocating it. Answers (``register_tokens``), per-sequence
+  hash namespaces, the dedup of a batch's shared full blocks at plan time and growth are
+  ``kvmem.cache.prefix``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 
 from kvmem.cache.allocator import BlockAllocator, block_hashes
 from kvmem.cache.metadata import GroupUsage, LayerGroupSpec, StepMetadata, StepPlan
+from kvmem.cache.prefix import _PrefixOps, _seed_arg
 from kvmem.cache.reserve import _Reservation
 from kvmem.cache.sequence import _BlockRow, _cdiv, _int_arg, _Seq, _upload
 from kvmem.cache.tensors import _PoolTensors
@@ -46,7 +49,7 @@ from kvmem.cache.tensors import _PoolTensors
 __all__ = ["KVCacheManager"]
 
 
-class KVCacheManager(_Reservation, _PoolTensors):
+class KVCacheManager(_Reservation, _PrefixOps, _PoolTensors):
     """Block tables of every sequence in every layer group, and the step planner.
 
     Parameters
@@ -104,11 +107,7 @@ class KVCacheManager(_Reservation, _PoolTensors):
             self._bytes_per_block = dict(bytes_per_block or {})
         else:
             self._bytes_per_block = {g: _int_arg(bytes_per_block, "__init__", "bytes_per_block", 0) for g in names}
-        if isinstance(hash_seed, str):
-            hash_seed = hash_seed.encode()
-        if hash_seed is not None and not isinstance(hash_seed, bytes):
-            raise TypeError(f"KVCacheManager: hash_seed must be None, bytes or a str, got {type(hash_seed).__name__}")
-        self.hash_seed: Optional[bytes] = hash_seed
+        self.hash_seed: Optional[bytes] = _seed_arg(hash_seed, "__init__", "hash_seed")
         self._seqs: Dict[Hashable, _Seq] = {}
         #: group name -> copy-on-write (src_block, dst_block) pairs not yet applied to the pools
         self.pending_copies: Dict[str, List[Tuple[int, int]]] = {g: [] for g in names}
@@ -149,7 +148,8 @@ class KVCacheManager(_Reservation, _PoolTensors):
         return self._get(seq_id, "block_table").tables[self._check_group(group)].tolist()
 
     # -------------------------------------------------------------- sequences
-    def add_sequence(self, seq_id: Hashable, token_ids: Optional[Sequence[int]] = None) -> int:
+    def add_sequence(self, seq_id: Hashable, token_ids: Optional[Sequence[int]] = None, *,
+                     namespace: Union[None, bytes, str] = None) -> int:
         """Start a sequence, reusing cached blocks of its longest known prefix.
 
         Parameters
@@ -163,6 +163,10 @@ class KVCacheManager(_Reservation, _PoolTensors):
         num_cached_tokens: the sequence starts with this KV length (a multiple of ``block_size``,
             at most ``prompt_len - 1`` so the last prompt token is always computed); plan the
             remaining ``prompt_len - num_cached_tokens`` tokens next.
+
+        The sequence's hash chain starts from ``namespace`` (bytes or str, e.g. the model's
+        ``kvmem.model_fingerprint``; default the manager's ``hash_seed``): blocks are only ever
+        shared between sequences of one namespace (``kvmem.cache.prefix``).
         """
         if seq_id in self._seqs:
             raise ValueError(f"KVCacheManager.add_sequence: sequence {seq_id!r} already exists")
@@ -170,7 +174,8 @@ class KVCacheManager(_Reservation, _PoolTensors):
         bs = self._block_size
         seq = _Seq(self._groups)
         seq.token_ids = tokens
-        seq.hashes = block_hashes(tokens, bs, self.hash_seed)
+        seq.seed = self.hash_seed if namespace is None else _seed_arg(namespace, "add_sequence")
+        seq.hashes = block_hashes(tokens, bs, seq.seed)
         k_max = max(0, (len(tokens) - 1) // bs)
         present = {g: [a.lookup(h) for h in seq.hashes[:k_max]] for g, a in self._allocators.items()}
         # Full groups need every block of the prefix; sliding groups only those a query at the
@@ -270,12 +275,17 @@ class KVCacheManager(_Reservation, _PoolTensors):
         """
         n = _int_arg(num_new_tokens, "extend", "num_new_tokens", 0)
         seq = self._get(seq_id, "extend")
-        pos = np.arange(seq.num_tokens, seq.num_tokens + n)
-        self._reserve([seq_id], [n], [token_ids], "extend")
+        L = seq.num_tokens
+        pos = np.arange(L, L + n)
+        skips = self._reserve([seq_id], [n], [token_ids], "extend")
         bs = self._block_size
-        return {
-            g: (seq.tables[g].view()[pos // bs].astype(np.int64) * bs + pos % bs).tolist() for g in self._groups
-        }
+        out = {}
+        for g in self._groups:
+            slots = seq.tables[g].view()[pos // bs].astype(np.int64) * bs + pos % bs
+            for _, i in skips[g]:  # shared with a block already cached: nothing to write
+                slots[i * bs - L : (i + 1) * bs - L] = -1
+            out[g] = slots.tolist()
+        return out
 
     # ---------------------------------------------------------------- planning
     def plan(
@@ -346,7 +356,7 @@ class KVCacheManager(_Reservation, _PoolTensors):
                 f"KVCacheManager.plan: pad_tokens_to={padded_tokens} is smaller than the step's {num_tokens} tokens"
             )
 
-        self._reserve(seq_ids, nums, tok_lists, "plan")  # validates the rest, then commits
+        skips = self._reserve(seq_ids, nums, tok_lists, "plan")  # validates the rest, then commits
 
         q_lens = np.asarray(nums, dtype=np.int64)
         lens = np.asarray(new_lens, dtype=np.int64)
@@ -372,6 +382,9 @@ class KVCacheManager(_Reservation, _PoolTensors):
                 table[filled] = np.concatenate([s.tables[g].view() for s in seqs])
             slots = np.full(padded_tokens, -1, dtype=np.int64)
             slots[:num_tokens] = table[row_of, pos // bs].astype(np.int64) * bs + pos % bs
+            for r, i in skips[g]:  # a block shared with another row / an earlier call: written once
+                t0 = int(cu[r]) + i * bs - int(lens[r] - q_lens[r])
+                slots[t0 : t0 + bs] = -1
             groups[g] = StepMetadata(
                 block_table=_upload(table, device),
                 seq_lens=seq_lens_t,

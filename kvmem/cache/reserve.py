@@ -23,8 +23,11 @@ class _Reservation:
         lo = max(0, first_query_pos - window + 1)  # visible_key_range's lower bound
         return lo // self._block_size
 
-    def _reserve(self, seq_ids, nums, tok_lists, fn: str) -> None:
-        """Check, then commit, the slot reservation of a batch (see the module docstring)."""
+    def _reserve(self, seq_ids, nums, tok_lists, fn: str) -> Dict[str, list]:
+        """Check, then commit, the slot reservation of a batch (see the module docstring).
+
+        Returns group -> sorted ``(row, block index)`` of the new blocks shared instead of written
+        (their tokens get slot -1, ``kvmem.cache.prefix``)."""
         bs = self._block_size
         seqs = [self._get(s, fn) for s in seq_ids]
         if len({id(s) for s in seqs}) != len(seqs):
@@ -49,6 +52,10 @@ class _Reservation:
                 new_known.append(tok[len(overlap) :])
             else:
                 new_known.append([] if len(overlap) == n else None)
+        # New blocks this step fills whose chain hash names a block are shared, not allocated
+        # (kvmem.cache.prefix, "Within a batch").
+        cands = [self._new_full_blocks(seq, n, extra) for seq, n, extra in zip(seqs, nums, new_known)]
+        dedup = any(cands)
         # Simulate every group: releases (sliding window) first, then copy-on-write and new blocks.
         plans = {}
         for g, a in self._allocators.items():
@@ -65,7 +72,10 @@ class _Reservation:
                     sim[b] = sim.get(b, refcounts[b]) - 1
                     avail += sim[b] == 0
                 releases.append((idxs, dead))
-            cows, need = [], 0
+            hits, taken = self._step_dedup(a, cands, sim) if dedup else ({}, 0)
+            avail -= taken
+            need = -len(hits)
+            cows = []
             for seq, n in zip(seqs, nums):
                 L, cow = seq.num_tokens, False
                 if n > 0 and L % bs:
@@ -77,9 +87,10 @@ class _Reservation:
                 need += cow + _cdiv(L + n, bs) - len(seq.tables[g])
             if need > avail:
                 raise CacheFullError(need, avail, group=g, num_blocks=a.num_blocks)
-            plans[g] = (releases, cows)
+            plans[g] = (releases, cows, hits)
         # Commit.
-        for g, (releases, cows) in plans.items():
+        skips = {}
+        for g, (releases, cows, hits) in plans.items():
             a = self._allocators[g]
             for seq, (idxs, dead) in zip(seqs, releases):
                 if idxs:
@@ -88,7 +99,9 @@ class _Reservation:
                     for i in idxs:
                         table[i] = -1
                 seq.num_dead[g] = dead
-            for seq, n, cow in zip(seqs, nums, cows):
+            a.incref([h[1] for h in hits.values() if h[0] == "old"])  # before any allocation can evict them
+            assigned = {}
+            for r, (seq, n, cow) in enumerate(zip(seqs, nums, cows)):
                 table, L = seq.tables[g], seq.num_tokens
                 if n > 0 and L % bs:
                     i = L // bs
@@ -99,9 +112,12 @@ class _Reservation:
                         table[i] = fresh
                     elif a.block_hash(table[i]) is not None:
                         a.unregister(table[i])  # written in place: its old hash no longer holds
-                grow = _cdiv(L + n, bs) - len(table)
-                if grow:
-                    table.extend(a.allocate(grow))
+                start, end = len(table), _cdiv(L + n, bs)
+                if end > start and hits:
+                    self._extend_table(a, table, r, start, end, hits, assigned)
+                elif end > start:
+                    table.extend(a.allocate(end - start))
+            skips[g] = sorted(hits)
         for seq, n, extra in zip(seqs, nums, new_known):
             seq.num_tokens += n
             if extra is None:
@@ -109,6 +125,7 @@ class _Reservation:
             else:
                 seq.token_ids.extend(extra)
             self._register_full_blocks(seq)
+        return skips
 
     def _register_full_blocks(self, seq: _Seq) -> None:
         if seq.token_ids is None:
@@ -118,7 +135,7 @@ class _Reservation:
         if full <= seq.num_registered:
             return
         if len(seq.hashes) < full:
-            parent = seq.hashes[-1] if seq.hashes else self.hash_seed
+            parent = seq.hashes[-1] if seq.hashes else seq.seed
             seq.hashes.extend(block_hashes(seq.token_ids[: full * bs], bs, parent, len(seq.hashes)))
         for g, a in self._allocators.items():
             table = seq.tables[g]

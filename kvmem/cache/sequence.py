@@ -88,7 +88,7 @@ class _BlockRow:
 class _Seq:
     """One sequence's state. ``tables[g]`` is ``[-1] * num_dead[g] + live blocks``."""
 
-    __slots__ = ("num_tokens", "tables", "num_dead", "token_ids", "hashes", "num_registered")
+    __slots__ = ("num_tokens", "tables", "num_dead", "token_ids", "hashes", "num_registered", "seed")
 
     def __init__(self, group_names):
         self.num_tokens = 0
@@ -98,6 +98,7 @@ class _Seq:
         self.token_ids: Optional[List[int]] = []
         self.hashes: List[bytes] = []  # chain hashes of known full blocks
         self.num_registered = 0  # blocks [0, num_registered) were offered to the prefix cache
+        self.seed: Optional[bytes] = None  # the parent of the first block's chain hash (the namespace)
 
     def clone(self) -> "_Seq":
         s = _Seq(())
@@ -107,6 +108,7 @@ class _Seq:
         s.token_ids = None if self.token_ids is None else list(self.token_ids)
         s.hashes = list(self.hashes)
         s.num_registered = self.num_registered
+        s.seed = self.seed
         return s
 
     def state(self) -> tuple:

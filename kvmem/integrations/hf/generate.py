@@ -4,7 +4,8 @@
 ``generate()`` on a model whose attention is ``"kvmem"`` creates a ``PagedKVCache`` (sized for the
 call, ``make_cache``) where it would have created a ``DynamicCache``; every other model is
 untouched. ``capturing_generate`` (the ``generate`` of a prefix-caching / CUDA-graph patched model)
-records the call's prompt in the model's ``KvmemOptions.prompt`` for ``make_cache``.
+records the call's prompt in the model's ``KvmemOptions.prompt`` for ``make_cache`` and, once the
+call returns, registers its answers' blocks (``kvmem.integrations.hf.chain``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kvmem.cache.sizing import bytes_per_block, parse_memory, size_groups
 from kvmem.integrations import families
 from kvmem.integrations.hf.attention import uses_kvmem
 from kvmem.integrations.hf.cache import PagedKVCache
+from kvmem.integrations.hf.chain import PrefixReport, check_budget, register_answers
 from kvmem.integrations.hf.compat import cache_kwarg, generation_mixin, kwargs_cache
 from kvmem.integrations.hf.fingerprint import model_fingerprint
 from kvmem.integrations.hf.options import KvmemOptions, options_of
@@ -38,7 +40,13 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     With ``prefix_cache`` the cache lives in a ``KVPool`` kept across calls (the previous call's
     cache is released) and starts from the cached blocks of its prompts' longest known prefix; the
     pool is keyed by ``kvmem.model_fingerprint(model)`` (a model whose weights or config changed
-    gets a new pool, and the pool's block hashes start from the fingerprint).
+    gets a new pool), and every row's block hash chain starts from the fingerprint (its namespace:
+    no block is found across models or KV formats, even in a shared pool). A call that does not fit
+    evicts least recently used cached blocks (the allocator does, as it allocates); an auto-sized
+    pool grows instead when the call itself needs more blocks than it has, keeping its cached blocks
+    (``KVPool.grow``); under a user budget a call that cannot fit at all raises ``CacheFullError``
+    first, with nothing changed (``kvmem.integrations.hf.chain.check_budget``).
+    ``options.prefix_report`` (a ``PrefixReport``) records the reuse.
     With ``cuda_graph`` it lives in a kept ``KVPool`` too, so that the pools and the static
     decode buffers (``KVPool.static``) -- the memory captured CUDA graphs point at -- outlive
     the call and the next call of the same batch size and length replays the same graphs.
@@ -77,23 +85,33 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
                                      kv_scales=scales_key(dtype, options.kv_scales, options.kv_scale_headroom,
                                                           options.kv_center_keys))
                    if options.prefix_cache else None)
+    if rows_tokens and not auto and options.prefix_cache:  # a call too large for the user's budget: before any change
+        check_budget(groups, options.block_size, rows_tokens, pads, max_cache_len, want)
     pool = options.pool
     if pool is not None and pool.live is not None:
         pool.live.release()
     same_place = pool is not None and ((pool.layer_devices == device) if isinstance(device, dict) else
                                        (pool.layer_devices is None and pool.device == torch.device(device)))
-    if (pool is None or pool.dtype != dtype or not same_place or (auto and not pool.fits(want))
+    # auto-sized: room for this call (and with prefix_cache as much again of cached blocks)
+    blocks = {k: 2 * v for k, v in want.items()} if auto and options.prefix_cache else want
+    if (pool is None or pool.dtype != dtype or not same_place
             or pool.fingerprint != fingerprint):  # other weights / config: never reuse its blocks
-        # auto-sized: room for this call (and with prefix_cache as much again of cached prompt blocks)
-        blocks = {k: 2 * v for k, v in want.items()} if auto and options.prefix_cache else want
         pool = options.pool = KVPool(groups, kv_heads, head_dim, options.block_size, blocks, dtype, device,
                                      fingerprint=fingerprint, kv_scales=kv_scales,
                                      kv_scale_headroom=options.kv_scale_headroom,
                                      kv_center_keys=options.kv_center_keys)
+    elif auto and not pool.fits(want):  # grow, keeping every cached block (a user budget never grows)
+        pool.grow({k: max(v, pool.num_blocks[k]) for k, v in blocks.items()})
     cache = PagedKVCache(model.config, pool=pool, max_cache_len=max_cache_len, **kw)
     pool.live = cache
-    if rows_tokens and options.prefix_cache:
-        cache.reuse_prefix(rows_tokens, pads)
+    cache._prompt_pads = pads if rows_tokens else None
+    if options.prefix_cache:
+        report = options.prefix_report = PrefixReport(rows=len(rows_tokens or ()),
+                                                      prompt_tokens=sum(len(t) for t in rows_tokens or ()))
+        if rows_tokens:
+            cols = cache.reuse_prefix(rows_tokens, pads, namespace=fingerprint)
+            report.reused_per_row = [max(0, cols - p) for p in pads]
+            report.reused_tokens = sum(report.reused_per_row)
     return cache
 
 
@@ -202,7 +220,16 @@ def capturing_generate(self, *args, **kwargs):
     options = options_of(self)
     prev = options.prompt
     options.prompt = (ids, kwargs.get("attention_mask"))
+    before = None if options.pool is None else options.pool.live
+    options.prefix_report = None
     try:
-        return type(self).generate(self, *args, **kwargs)
+        out = type(self).generate(self, *args, **kwargs)
     finally:
         options.prompt = prev
+    report = options.prefix_report
+    cache = None if options.pool is None else options.pool.live
+    if options.prefix_cache and report is not None and cache is not None and cache is not before:
+        # this call's cache: register its answers' blocks for the next call (kvmem.integrations.hf.chain)
+        register_answers(cache, out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None), report)
+        self._kvmem_prefix_report = report
+    return out

@@ -33,6 +33,8 @@ class KvmemOptions:
     prompt: ``(input_ids, attention_mask)`` of the ``generate()`` call in flight, set by the
         generate wrapper of a prefix-caching / CUDA-graph model for the cache hook (explicit
         state of this model's options, not a thread-local)
+    prefix_report: the ``PrefixReport`` of the latest call of a prefix-caching model (also
+        ``model._kvmem_prefix_report``)
     """
 
     backend: str = "auto"
@@ -45,6 +47,7 @@ class KvmemOptions:
     pool: Optional[KVPool] = field(default=None, repr=False)
     prompt: Optional[tuple] = field(default=None, repr=False)
     memory_bank: Optional[object] = None  # kvmem.integrations.hf.memory.BankSpec
+    prefix_report: Optional[object] = field(default=None, repr=False)  # kvmem.integrations.hf.chain.PrefixReport
     kv_cache_dtype: Optional[torch.dtype] = None
     kv_scales: Optional[KVScales] = field(default=None, repr=False)
     kv_scale_headroom: float = DEFAULT_HEADROOM

@@ -262,6 +262,7 @@ def unpatch(model):
         model.__dict__.pop("generate", None)
     model.__dict__.pop("_kvmem_state", None)
     model.__dict__.pop("_kvmem_memory_report", None)
+    model.__dict__.pop("_kvmem_prefix_report", None)
     return model
 
 

@@ -8,7 +8,7 @@ row.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -18,19 +18,24 @@ __all__ = []
 class _RowOps:
     """Mixin of ``PagedKVCache``: operations on its rows (the state is the cache's)."""
 
-    def reuse_prefix(self, rows_tokens: List[List[int]], pads: Optional[List[int]] = None) -> int:
+    def reuse_prefix(self, rows_tokens: List[List[int]], pads: Optional[List[int]] = None, *,
+                     namespace: Union[None, bytes, str] = None) -> int:
         """Start the rows from cached blocks of their prompts (before the first step).
 
         Parameters
         ----------
         rows_tokens: per row, the prompt's real token ids (padding excluded)
         pads: per row, how many padding columns precede them (left padding), default 0
+        namespace: the seed of the rows' block hash chains (``KVCacheManager.add_sequence``), e.g. the
+            model's ``kvmem.model_fingerprint``: only blocks cached under the same namespace are
+            reused, even in a pool another model shares; default the pool's own seed
 
         Returns
         -------
         the number of leading columns now cached for every row (``get_seq_length()``); generate()
         then feeds only the rest of the prompt. Each row's prompt blocks are registered for reuse
-        when the step that fills them is planned.
+        when the step that fills them is planned; rows of the batch sharing full prompt blocks
+        hold them once (``kvmem.cache.prefix``).
         """
         if self._seq_ids or self._seen or self._step is not None:
             raise RuntimeError("kvmem: reuse_prefix must be called on an empty PagedKVCache")
@@ -41,7 +46,7 @@ class _RowOps:
         cached = []
         for toks in rows_tokens:
             sid = next(self._ids)
-            cached.append(m.add_sequence(sid, [int(t) for t in toks]))
+            cached.append(m.add_sequence(sid, [int(t) for t in toks], namespace=namespace))
             self._seq_ids.append(sid)
         while True:  # every row must hold exactly (cols - its padding) tokens
             cols = min(p + c for p, c in zip(pads, cached)) if cached else 0
@@ -54,14 +59,16 @@ class _RowOps:
                     continue
                 try:
                     m.truncate(sid, keep)
+                    m.register_tokens(sid, [int(t) for t in toks])  # the prompt's ids stay known (its blocks' hashes)
                     cached[i] = keep
                 except ValueError:  # a sliding group already dropped what a query at `keep` sees
                     m.free_sequence(sid)
-                    cached[i] = m.add_sequence(sid, [int(t) for t in toks[: keep + 1]])
+                    cached[i] = m.add_sequence(sid, [int(t) for t in toks[: keep + 1]], namespace=namespace)
                     settled &= cached[i] == keep
             if settled:
                 break
         self._seen = cols
+        self._rows_permuted = False
         return cols
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -125,3 +132,4 @@ class _RowOps:
         for s in old:
             m.free_sequence(s)
         self._seq_ids = new
+        self._rows_permuted = True  # beam search: rows no longer match generate()'s output rows

@@ -1,0 +1,142 @@
+"""Memory for model chains: answers reused next turn, a call's budget checked up front, the report.
+
+A ``kvmem.patch(model, prefix_cache=True)`` model keeps its KV pool across ``generate()`` calls
+(``kvmem.integrations.hf.generate.make_cache``). On top of the prompt blocks registered as the
+prefill fills them (``kvmem.cache.manager``, "Prefix reuse"):
+
+* **Answers** (``register_answers``): decode steps carry no token ids, so once a call returns, the
+  ids it returns give each row's whole KV -- ``sequences[r, pad_r : pad_r + kv_len_r]`` (left
+  padding is never stored; a row that stopped at EOS keeps being fed pad tokens, which are in its
+  KV and in the ids alike; the last generated token was never fed). Its full blocks are hashed in
+  chain and registered (``KVCacheManager.register_tokens``), so the next turn's prompt, which
+  contains prompt + answer, starts from them. A re-templated history that tokenises differently
+  stops matching at the first differing block: reuse stops there, correctly. Beam search
+  reorders rows (``reorder_cache``): the returned sequences no longer name cache rows, so a beam
+  call registers its prompt blocks only.
+* **Budget** (``check_budget``): with a user budget (``num_blocks=`` / ``memory=``) the pool is
+  never re-created; cached free blocks are evicted least recently used first as the call
+  allocates. A call whose own need exceeds the whole budget -- every row's distinct full prompt
+  blocks counted once plus its own blocks up to ``max_length - 1`` tokens (full-attention
+  groups; sliding groups: the prefill) -- raises ``CacheFullError`` before anything changes (the
+  previous call's cache is not even released). An accepted call never runs out of blocks.
+* **Report** (``PrefixReport``, ``model._kvmem_prefix_report`` after each call).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from kvmem.cache.allocator import block_hashes
+from kvmem.errors import CacheFullError
+
+__all__ = ["PrefixReport", "register_answers", "check_budget", "call_need"]
+
+logger = logging.getLogger("kvmem")
+
+
+@dataclass
+class PrefixReport:
+    """What the prefix cache did for the latest ``generate()`` call (``model._kvmem_prefix_report``).
+
+    Attributes
+    ----------
+    rows: the call's cache rows (prompts x ``num_return_sequences`` / beams)
+    prompt_tokens: real (unpadded) prompt tokens over the rows
+    reused_tokens: of those, the tokens started from cached blocks (not computed)
+    reused_per_row: [rows] the same per row
+    registered_tokens: tokens of the blocks registered once the call returned (its answers; 0 for
+        beam search)
+    shared_blocks: blocks of the full-attention group referenced by two rows or more (a prefix the
+        batch stores once)
+    kv_bytes_held: bytes of the blocks the call's cache holds when it returns
+    blocks_cached: registered blocks in the pool (full group), in use or cached free
+    """
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    reused_per_row: List[int] = field(default_factory=list)
+    registered_tokens: int = 0
+    shared_blocks: int = 0
+    kv_bytes_held: int = 0
+    blocks_cached: int = 0
+
+    @property
+    def reused_fraction(self) -> float:
+        """``reused_tokens / prompt_tokens`` (0 without a prompt)."""
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def call_need(groups, block_size: int, rows_tokens: Sequence[Sequence[int]], pads: Sequence[int],
+              max_cache_len: Optional[int]) -> Dict[str, int]:
+    """Blocks per layer group one ``generate()`` call needs at most (see the module docstring).
+
+    Parameters
+    ----------
+    rows_tokens: per row, the prompt's real token ids; pads: per row, its left padding
+    max_cache_len: ``generate()``'s ``max_length`` (columns, padding included), or None (prefill only)
+    """
+    bs = block_size
+    distinct = set()
+    tails = grown = 0
+    for toks, pad in zip(rows_tokens, pads):
+        full = len(toks) // bs
+        distinct.update(block_hashes(list(toks), bs))
+        tails += -(-len(toks) // bs) - full
+        kv = len(toks) if max_cache_len is None else max(len(toks), int(max_cache_len) - 1 - pad)
+        grown += -(-kv // bs) - full
+    return {g.name: len(distinct) + (tails if g.window is not None else grown) for g in groups}
+
+
+def check_budget(groups, block_size: int, rows_tokens, pads, max_cache_len, budget: Dict[str, int]) -> None:
+    """Raise ``CacheFullError`` (nothing changed) if the call cannot fit in ``budget`` blocks."""
+    need = call_need(groups, block_size, rows_tokens, pads, max_cache_len)
+    for g, n in need.items():
+        if n > budget.get(g, 0):
+            raise CacheFullError(n, budget.get(g, 0), group=g, num_blocks=budget.get(g, 0))
+
+
+def register_answers(cache, sequences: torch.Tensor, report: Optional[PrefixReport] = None) -> int:
+    """Register the full blocks of every row's KV (prompt + answer) of a finished call's ``cache``.
+
+    Parameters
+    ----------
+    cache: the call's ``PagedKVCache`` (made by ``make_cache``, still holding its rows)
+    sequences: [rows, columns] the ids ``generate()`` returned
+    report: updated in place (``registered_tokens``, ``shared_blocks``, ``kv_bytes_held``, ``blocks_cached``)
+
+    Returns
+    -------
+    the number of tokens in newly registered blocks
+    """
+    m = cache.manager
+    sids, pads = list(cache._seq_ids), getattr(cache, "_prompt_pads", None)
+    new = 0
+    ok = (m is not None and not cache._released and not getattr(cache, "_rows_permuted", False)
+          and pads is not None and isinstance(sequences, torch.Tensor) and sequences.dim() == 2
+          and sequences.shape[0] == len(sids) == len(pads))
+    if ok:
+        ids = sequences.detach().cpu()
+        for r, (sid, pad) in enumerate(zip(sids, pads)):
+            L = m.seq_len(sid)
+            if pad + L > ids.shape[1]:
+                continue
+            try:
+                new += m.register_tokens(sid, ids[r, pad: pad + L].tolist())
+            except ValueError:  # not the tokens this row's blocks were hashed from: leave the row alone
+                continue
+    new *= cache.block_size
+    if report is not None and m is not None:
+        full = next((g.name for g in cache.groups if g.window is None), cache.groups[0].name)
+        report.registered_tokens = new
+        report.shared_blocks = m.shared_blocks(sids, full) if sids else 0
+        report.kv_bytes_held = cache.kv_bytes_held()
+        report.blocks_cached = m.allocator(full).num_cached
+        logger.debug("kvmem prefix cache: %d/%d prompt tokens reused (%.1f%%), %d answer tokens registered, "
+                     "%d shared blocks, %d KV bytes held", report.reused_tokens, report.prompt_tokens,
+                     100 * report.reused_fraction, new, report.shared_blocks, report.kv_bytes_held)
+    return new
