@@ -10,6 +10,10 @@ and ``kvmem.patch(m, prefix_cache=True)``. Two cases, both sides measured interl
   turn 1 only, as a real turn 2 would).
 * ``shared prefix``: a ``--prefix``-token prefix (system prompt + document) cached by one call;
   every later call = the prefix + a different 20-token question.
+* ``batch``: a first call (nothing cached: a new prefix every repetition) of ``--rows`` rows that
+  share a ``--batch-prefix``-token prefix, each with its own 20-token question; with reuse, a
+  one-row pre-pass computes the prefix once and the batch prefill only the questions (compute
+  dedup), and the rows hold the prefix's blocks once (storage dedup: KV held printed).
 
 Time to first token = the wall time of ``generate(max_new_tokens=1)``. Outputs are checked equal.
 
@@ -62,12 +66,14 @@ def main(argv=None):
     p.add_argument("--answer", type=int, default=400)
     p.add_argument("--message", type=int, default=20)
     p.add_argument("--prefix", type=int, default=4096)
+    p.add_argument("--batch-prefix", type=int, default=2048)
+    p.add_argument("--rows", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
     a = p.parse_args(argv)
     if a.quick:
-        a.prompt, a.answer, a.prefix, a.reps = 200, 40, 600, 2
+        a.prompt, a.answer, a.prefix, a.batch_prefix, a.reps = 200, 40, 600, 300, 2
     if a.threads:
         torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM
@@ -100,6 +106,12 @@ def main(argv=None):
     ttft(reuse, torch.cat([prefix, rand(20)], 1))  # caches the prefix
     calls = [torch.cat([prefix, rand(20)], 1) for _ in range(a.reps)]
     show(f"shared {a.prefix}-token prefix, 2nd call", interleaved(plain, reuse, calls))
+    batches = [torch.cat([rand(a.batch_prefix).expand(a.rows, -1),
+                          torch.cat([rand(20) for _ in range(a.rows)])], 1) for _ in range(a.reps)]
+    show(f"batch of {a.rows} sharing a {a.batch_prefix}-token prefix, 1st call", interleaved(plain, reuse, batches))
+    rep = reuse._kvmem_prefix_report
+    print(f"  pre-pass computed {rep.prepass_tokens} tokens once; {rep.shared_blocks} blocks shared; KV held "
+          f"{rep.kv_bytes_held / 2**20:.1f} MiB for {a.rows} rows", flush=True)
     print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -135,3 +135,31 @@ def test_smollm2_batch_over_cached_system_prompt(monkeypatch, runs, smol):
     assert_same_generation(out, plain)
     ids, mask = left_pad(prompts)
     assert_same_generation(out, gen(smol, input_ids=ids, attention_mask=mask, max_new_tokens=10))
+
+
+def test_patch_cascade_option_overrides_the_environment(monkeypatch, runs):
+    """``kvmem.patch(cascade=...)``: False never cascades, True always (whatever ``KVMEM_CASCADE``
+    says); a bad value is a ValueError naming ``cascade``, the model left unpatched. The batch here
+    is a first call (nothing cached): the one-row pre-pass computes its shared prefix once and
+    every row starts from the same pages, so decode cascades without a priming call."""
+    m = tiny_llama(layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32, hidden_size=128)
+    prompts = prompts_sharing(70, [5, 9, 2])
+    ids, mask = left_pad(prompts)
+    want = gen(m, input_ids=ids, attention_mask=mask, max_new_tokens=5)
+    for how, env, cascades in ((False, "1", False), (True, "0", True), ("auto", "0", True), (None, "0", False)):
+        monkeypatch.setenv("KVMEM_CASCADE", env)
+        runs.clear()
+        patch(m, block_size=8, prefix_cache=True, cascade=how)
+        try:
+            out = gen(m, input_ids=ids, attention_mask=mask, max_new_tokens=5)
+            assert m._kvmem_prefix_report.prepass_tokens == 64
+        finally:
+            unpatch(m)
+        assert bool(runs) == cascades, (how, env)
+        if cascades:
+            assert {r for r, _ in runs} == {3} and min(p for _, p in runs) >= 7
+        assert_same_generation(out, want)
+    for bad in ("sometimes", 1, ""):
+        with pytest.raises(ValueError, match="cascade must be None"):
+            patch(m, cascade=bad)
+        assert not hasattr(m, "_kvmem_options") or m._kvmem_options is None

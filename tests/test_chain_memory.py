@@ -90,11 +90,55 @@ def test_batch_of_four_stores_a_2k_prefix_once():
     finally:
         kvmem.unpatch(m)
     same(out, gen(ref, ids, mask, max_new_tokens=4))
-    assert all(t[:128] == tables[0][:128] for t in tables)  # the same pages start every block table
-    assert len({t[128] for t in tables}) == 4  # then each row's own
-    assert report.shared_blocks == 128
+    # the one-row pre-pass computed the 2048 shared tokens once; the rows (left pads 3, 2, 1, 0) start
+    # at column 2048, so row r keeps 2048 - pad_r of them: the padded rows recompute their last 1-3
+    # prefix tokens into a copy-on-write copy of block 128
+    pads = [width - len(r) for r in rows]
+    assert pads == [3, 2, 1, 0]
+    assert report.prepass_tokens == 2048 and report.reused_per_row == [2048 - p for p in pads]
+    assert all(t[:127] == tables[0][:127] for t in tables)  # the same pages start every block table
+    assert len({t[127] for t in tables}) == 4  # block 128: row 3 holds the pre-pass's, rows 0-2 their copies
+    assert report.shared_blocks == 127
     kv = [len(r) + 3 for r in rows]  # tokens each row holds (the last generated token is never fed)
-    assert used == 128 + sum(-(-k // 16) - 128 for k in kv)  # the prefix once, not 4 times
+    # the prefix once (127 shared blocks + the original block 128, row 3's), not 4 times
+    assert used == 128 + sum(-(-k // 16) - 127 for k in kv[:3]) + (-(-kv[3] // 16) - 128)
+
+
+def test_batch_sharing_a_prefix_computes_it_once():
+    """Rows with one prefix and their own suffixes (equal lengths: no padding): a one-row pre-pass
+    computes the prefix, the batch prefill only the suffixes (tokens fed to the model counted)."""
+    m, ref = pair()
+    prefix = toks(300, 7)
+    ids = torch.stack([torch.cat([prefix, toks(9, 30 + r)]) for r in range(3)])
+    fed = []
+    hook = m.model.register_forward_pre_hook(lambda mod, a, kw: fed.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    kvmem.patch(m, prefix_cache=True, block_size=16)
+    try:
+        out = gen(m, ids, max_new_tokens=5)
+        report = m._kvmem_prefix_report
+        cache = output_cache(out)
+        tables = [cache.manager.block_table(s, "full") for s in cache._seq_ids]
+        again = gen(m, ids, max_new_tokens=5)  # everything cached now: no pre-pass
+        report2 = m._kvmem_prefix_report
+    finally:
+        kvmem.unpatch(m)
+        hook.remove()
+    want = gen(ref, ids, max_new_tokens=5)
+    same(out, want)
+    same(again, want)
+    assert fed[0] == (1, 288) and fed[1] == (3, 309 - 288)  # 18 blocks once, then 21 columns per row
+    assert report.prepass_tokens == 288 and report.reused_per_row == [288] * 3
+    assert all(t[:18] == tables[0][:18] for t in tables) and report.shared_blocks == 18
+    assert report2.prepass_tokens == 0 and report2.reused_per_row == [304] * 3  # + each row's own 19th block
+    kvmem.patch(m, prefix_cache=True, block_size=16)
+    try:  # a row that shares nothing: no pre-pass (generate() feeds every row the same columns)
+        odd = ids.clone()
+        odd[2] = toks(309, 40)
+        gen(m, odd, max_new_tokens=2)
+        assert m._kvmem_prefix_report.prepass_tokens == 0
+    finally:
+        kvmem.unpatch(m)
 
 
 def test_beams_and_num_return_sequences():

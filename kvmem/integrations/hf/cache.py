@@ -192,6 +192,7 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         #: pre-hooks record them, ``record_position_embeddings``); the step contexts share this dict
         self._position_embeddings: Dict[int, tuple] = {}
         self._released = False
+        self._cascade = None  # shared-prefix decode: "auto" / "on" / "off", None = KVMEM_CASCADE (kvmem.patch(cascade=))
         self._pool = pool
         if pool is not None:
             if (pool.num_layers, pool.num_kv_heads, pool.head_dim, pool.block_size, pool.groups) != (

@@ -7,7 +7,8 @@ forked rows and rows deduplicated at plan time share pages the same way) and the
 group's ``StepMetadata.cascade`` gets a ``CascadePlan``; ``kvmem.layer.attend`` then runs
 ``cascade_decode`` for the group's layers.
 
-The rule (``KVMEM_CASCADE``, read at each step):
+The rule (``kvmem.patch(model, cascade=...)``: ``"auto"``, True = on, False = off; left at None it
+is the environment's ``KVMEM_CASCADE``, read at each step, default ``auto``):
 
 * ``auto`` (default): at least 2 rows, at least ``MIN_SHARED_BLOCKS`` = 2 shared pages, and the
   shared tokens at least ``MIN_SHARED_FRACTION`` = 25 % of the longest row. Below that the shared
@@ -26,11 +27,11 @@ bank caches (their own attention), for prefill / multi-token steps, and for stat
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from kvmem.ops.cascade import shared_prefix_blocks, split_tables
 
-__all__ = ["MIN_SHARED_BLOCKS", "MIN_SHARED_FRACTION", "mode", "plan_step"]
+__all__ = ["MIN_SHARED_BLOCKS", "MIN_SHARED_FRACTION", "mode", "option", "plan_step"]
 
 MIN_SHARED_BLOCKS = 2
 MIN_SHARED_FRACTION = 0.25
@@ -45,6 +46,18 @@ def mode() -> str:
     return _MODES[raw]
 
 
+def option(value):
+    """``kvmem.patch``'s ``cascade=`` as ``None`` (follow ``KVMEM_CASCADE``), ``"auto"``, ``"on"`` or
+    ``"off"``; anything else raises a ``ValueError`` naming the argument."""
+    if value is None:
+        return None
+    if value is True or value is False:
+        return "on" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in _MODES and value.strip():
+        return _MODES[value.strip().lower()]
+    raise ValueError(f"kvmem.patch: cascade must be None (KVMEM_CASCADE), True, False or 'auto'; got {value!r}")
+
+
 def worth_it(num_shared: int, rows: int, block_size: int, longest: int, how: str) -> bool:
     """The rule of the module docstring for ``num_shared`` shared pages."""
     if how == "off" or rows < 2 or num_shared < 1:
@@ -54,10 +67,12 @@ def worth_it(num_shared: int, rows: int, block_size: int, longest: int, how: str
     return num_shared >= MIN_SHARED_BLOCKS and num_shared * block_size >= MIN_SHARED_FRACTION * longest
 
 
-def plan_step(manager, groups, seq_ids: Sequence, plan, prev: List[int], nums: List[int]) -> None:
+def plan_step(manager, groups, seq_ids: Sequence, plan, prev: List[int], nums: List[int],
+              how: Optional[str] = None) -> None:
     """Set ``plan.groups[g].cascade`` for the full-attention groups of a one-token-per-row step
-    whose rows share enough leading pages (host work only: the tables are host lists)."""
-    how = mode()
+    whose rows share enough leading pages (host work only: the tables are host lists). ``how``:
+    ``"auto"`` / ``"on"`` / ``"off"`` (``option``), None = ``mode()``."""
+    how = mode() if how is None else how
     rows = len(seq_ids)
     if how == "off" or rows < 2 or any(n != 1 for n in nums):
         return

@@ -19,6 +19,15 @@ prefill fills them (``kvmem.cache.manager``, "Prefix reuse"):
   blocks counted once plus its own blocks up to ``max_length - 1`` tokens (full-attention
   groups; sliding groups: the prefill) -- raises ``CacheFullError`` before anything changes (the
   previous call's cache is not even released). An accepted call never runs out of blocks.
+* **A batch's shared prefix computed once** (``prepass_shared_prefix``): when every row of a call
+  starts with the same full blocks that are not cached yet (a shared system prompt, beams,
+  ``num_return_sequences``), a one-row pre-pass computes them once (the model's base, no LM head)
+  and registers them; the call's rows then start from those blocks (``reuse_prefix``) and its
+  prefill computes only what differs. The rows must share the prefix: generate() feeds one column
+  range to every row, so a batch with one unrelated row gets no compute dedup (storage dedup
+  still holds its shared blocks once, ``kvmem.cache.prefix``). Left padding: the rows start at
+  ``min(pads) + prefix`` columns, so a row with more padding recomputes up to ``pad - min(pads)``
+  of the prefix's last tokens (into a copy-on-write block).
 * **Report** (``PrefixReport``, ``model._kvmem_prefix_report`` after each call).
 """
 
@@ -33,7 +42,8 @@ import torch
 from kvmem.cache.allocator import block_hashes
 from kvmem.errors import CacheFullError
 
-__all__ = ["PrefixReport", "register_answers", "check_budget", "call_need"]
+__all__ = ["PrefixReport", "register_answers", "check_budget", "call_need", "shared_prefix_len",
+           "prepass_shared_prefix"]
 
 logger = logging.getLogger("kvmem")
 
@@ -48,6 +58,8 @@ class PrefixReport:
     prompt_tokens: real (unpadded) prompt tokens over the rows
     reused_tokens: of those, the tokens started from cached blocks (not computed)
     reused_per_row: [rows] the same per row
+    prepass_tokens: tokens of the batch's shared prefix that the one-row pre-pass computed once
+        (``prepass_shared_prefix``; they count in every row's ``reused_tokens``)
     registered_tokens: tokens of the blocks registered once the call returned (its answers; 0 for
         beam search)
     shared_blocks: blocks of the full-attention group referenced by two rows or more (a prefix the
@@ -60,6 +72,7 @@ class PrefixReport:
     prompt_tokens: int = 0
     reused_tokens: int = 0
     reused_per_row: List[int] = field(default_factory=list)
+    prepass_tokens: int = 0
     registered_tokens: int = 0
     shared_blocks: int = 0
     kv_bytes_held: int = 0
@@ -140,3 +153,57 @@ def register_answers(cache, sequences: torch.Tensor, report: Optional[PrefixRepo
                      "%d shared blocks, %d KV bytes held", report.reused_tokens, report.prompt_tokens,
                      100 * report.reused_fraction, new, report.shared_blocks, report.kv_bytes_held)
     return new
+
+
+def shared_prefix_len(rows_tokens: Sequence[Sequence[int]], pads: Sequence[int], block_size: int) -> int:
+    """Tokens (whole blocks) that every row starts with and that a one-row pre-pass may compute for the
+    batch: at most ``min(len) - 1`` (each row's last prompt token is computed by the call itself),
+    0 for fewer than two rows or when the rows' padding differs by more than the prefix."""
+    if len(rows_tokens) < 2 or not all(len(t) for t in rows_tokens):
+        return 0
+    first, n = rows_tokens[0], min(len(t) for t in rows_tokens) - 1
+    common = n
+    for t in rows_tokens[1:]:
+        i = 0
+        while i < common and t[i] == first[i]:
+            i += 1
+        common = i
+        if not common:
+            return 0
+    L = common // block_size * block_size
+    if not L or min(pads) + L < max(pads):  # a row's padding would have to be cached: no reuse
+        return 0
+    return L
+
+
+def prepass_shared_prefix(model, pool, rows_tokens, pads, *, namespace, block_size: int, cache_kw: dict) -> int:
+    """Compute the full blocks every row of a call starts with once, as a one-row prefill into ``pool``
+    (their blocks registered under ``namespace``, then cached free for the call's ``reuse_prefix``).
+
+    Returns the tokens computed (0: nothing shared, or already cached).
+    """
+    from kvmem.integrations.hf.cache import PagedKVCache
+    from kvmem.integrations.hf.compat import cache_kwarg
+
+    L = shared_prefix_len(rows_tokens, pads, block_size)
+    if not L:
+        return 0
+    prefix = [int(t) for t in rows_tokens[0][:L + 1]]  # + one token: reuse_prefix may then reach all L
+    cache = PagedKVCache(model.config, pool=pool, max_cache_len=L + 1, **cache_kw)
+    pool.live = cache
+    try:
+        cache._prompt_pads = [0]
+        start = cache.reuse_prefix([prefix], [0], namespace=namespace)
+        if start >= L:
+            return 0
+        base = model.base_model
+        device = next(model.parameters()).device
+        ids = torch.tensor([prefix[start:L]], device=device)
+        with torch.no_grad():
+            base(input_ids=ids, use_cache=True, **{cache_kwarg(base): cache})
+    finally:
+        cache.release()
+        pool.live = None
+    logger.debug("kvmem prefix cache: the batch's shared %d-token prefix computed once (%d rows)",
+                 L - start, len(rows_tokens))
+    return L - start

@@ -22,7 +22,7 @@ from kvmem.cache.sizing import bytes_per_block, parse_memory, size_groups
 from kvmem.integrations import families
 from kvmem.integrations.hf.attention import uses_kvmem
 from kvmem.integrations.hf.cache import PagedKVCache
-from kvmem.integrations.hf.chain import PrefixReport, check_budget, register_answers
+from kvmem.integrations.hf.chain import PrefixReport, check_budget, prepass_shared_prefix, register_answers
 from kvmem.integrations.hf.compat import cache_kwarg, generation_mixin, kwargs_cache
 from kvmem.integrations.hf.fingerprint import model_fingerprint
 from kvmem.integrations.hf.options import KvmemOptions, options_of
@@ -42,7 +42,9 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     pool is keyed by ``kvmem.model_fingerprint(model)`` (a model whose weights or config changed
     gets a new pool), and every row's block hash chain starts from the fingerprint (its namespace:
     no block is found across models or KV formats, even in a shared pool). A call that does not fit
-    evicts least recently used cached blocks (the allocator does, as it allocates); an auto-sized
+    evicts least recently used cached blocks (the allocator does, as it allocates); rows that all
+    start with the same uncached full blocks have them computed once by a one-row pre-pass first
+    (``kvmem.integrations.hf.chain.prepass_shared_prefix``); an auto-sized
     pool grows instead when the call itself needs more blocks than it has, keeping its cached blocks
     (``KVPool.grow``); under a user budget a call that cannot fit at all raises ``CacheFullError``
     first, with nothing changed (``kvmem.integrations.hf.chain.check_budget``).
@@ -60,11 +62,13 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     kv_scales = rank_kv_scales(options.kv_scales, model, kv_heads)
     rows = (max_batch_size or 1) * expand
     if not (options.prefix_cache or options.cuda_graph):
-        return PagedKVCache(model.config, num_blocks=options.num_blocks, memory=options.memory,
+        cache = PagedKVCache(model.config, num_blocks=options.num_blocks, memory=options.memory,
                             max_batch_size=rows, max_cache_len=max_cache_len, memory_bank=options.memory_bank,
                             kv_cache_dtype=options.kv_cache_dtype, kv_scales=kv_scales,
                             kv_scale_headroom=options.kv_scale_headroom, kv_center_keys=options.kv_center_keys,
                             **kw)
+        cache._cascade = options.cascade
+        return cache
     prompt = options.prompt
     rows_tokens, pads = _prompt_rows(prompt, max_batch_size, expand)
     dtype, device = options.kv_cache_dtype or model.dtype, model_layer_devices(model) or model.device
@@ -102,12 +106,18 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
                                      kv_center_keys=options.kv_center_keys)
     elif auto and not pool.fits(want):  # grow, keeping every cached block (a user budget never grows)
         pool.grow({k: max(v, pool.num_blocks[k]) for k, v in blocks.items()})
+    prepass = 0
+    if options.prefix_cache and rows_tokens:  # rows sharing a prefix: compute it once (kvmem.integrations.hf.chain)
+        prepass = prepass_shared_prefix(model, pool, rows_tokens, pads, namespace=fingerprint,
+                                        block_size=options.block_size, cache_kw=kw)
     cache = PagedKVCache(model.config, pool=pool, max_cache_len=max_cache_len, **kw)
     pool.live = cache
+    cache._cascade = options.cascade
     cache._prompt_pads = pads if rows_tokens else None
     if options.prefix_cache:
         report = options.prefix_report = PrefixReport(rows=len(rows_tokens or ()),
-                                                      prompt_tokens=sum(len(t) for t in rows_tokens or ()))
+                                                      prompt_tokens=sum(len(t) for t in rows_tokens or ()),
+                                                      prepass_tokens=prepass)
         if rows_tokens:
             cols = cache.reuse_prefix(rows_tokens, pads, namespace=fingerprint)
             report.reused_per_row = [max(0, cols - p) for p in pads]

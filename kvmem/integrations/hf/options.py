@@ -29,6 +29,8 @@ class KvmemOptions:
     kv_scales: a float8 cache's ``KVScales``, None = the default rule (``kvmem.cache.scales``)
     kv_scale_headroom: that rule's headroom
     kv_center_keys: a float8 cache's key centring (``kvmem.cache.scales``, "Key centring")
+    cascade: shared-prefix decode, ``"auto"`` / ``"on"`` / ``"off"``, None = ``KVMEM_CASCADE``
+        (``kvmem.integrations.hf.cascade.option``)
     pool: the ``KVPool`` kept across calls (``prefix_cache`` / ``cuda_graph``)
     prompt: ``(input_ids, attention_mask)`` of the ``generate()`` call in flight, set by the
         generate wrapper of a prefix-caching / CUDA-graph model for the cache hook (explicit
@@ -52,6 +54,7 @@ class KvmemOptions:
     kv_scales: Optional[KVScales] = field(default=None, repr=False)
     kv_scale_headroom: float = DEFAULT_HEADROOM
     kv_center_keys: bool = DEFAULT_CENTER_KEYS
+    cascade: Optional[str] = None
 
 
 def options_of(model) -> KvmemOptions:

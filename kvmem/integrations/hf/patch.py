@@ -23,6 +23,7 @@ from kvmem.integrations import families
 from kvmem.integrations.hf import compat, graphs
 from kvmem.integrations.hf.attention import ATTN_NAME, kvmem_attention_forward, kvmem_mask, uses_kvmem
 from kvmem.integrations.hf.cache import PagedKVCache
+from kvmem.integrations.hf.cascade import option as cascade_option
 from kvmem.integrations.hf.generate import capturing_generate, install_generate_hook, instance_generate_hook
 from kvmem.cache.scales import DEFAULT_CENTER_KEYS, DEFAULT_HEADROOM, center_keys_arg
 from kvmem.integrations.hf.options import KvmemOptions, check_args, check_kv_args
@@ -84,7 +85,7 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
           num_blocks: Union[None, int, Mapping] = None, memory: Union[None, int, str] = None,
           prefix_cache: bool = False, cuda_graph: bool = False, compile_decode: Union[None, bool, dict] = None,
           memory_bank=None, kv_cache_dtype=None, kv_scales=None, kv_scale_headroom: float = DEFAULT_HEADROOM,
-          kv_center_keys: bool = DEFAULT_CENTER_KEYS, banks=None):
+          kv_center_keys: bool = DEFAULT_CENTER_KEYS, banks=None, cascade: Union[None, bool, str] = None):
     """Run ``model``'s attention on kvmem's paged kernels and make ``generate()`` use a ``PagedKVCache``.
 
     Parameters
@@ -136,6 +137,10 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
         of another model, dtype, RoPE, mode or layout raises a ``ValueError`` naming it, before the
         model changes.
     kv_scale_headroom: the headroom of that default rule (default ``DEFAULT_HEADROOM`` = 2)
+    cascade: shared-prefix (cascade) decode when every row's block table starts with the same pages
+        (``prefix_cache=True`` shares a batch's common prompt blocks): ``"auto"`` (when the rows
+        share enough, ``kvmem.integrations.hf.cascade``), True (whenever they share a full page),
+        False (never); None (default) follows the environment's ``KVMEM_CASCADE`` (default auto)
     kv_center_keys: float8 caches only: each layer's first write also fixes its keys' mean ``mu`` per
         (KV head, channel) and the pages store ``k - mu`` (softmax ignores the per-query shift
         ``q . mu``: the output is unchanged in exact arithmetic, the keys' quantisation error smaller;
@@ -169,6 +174,7 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
     kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers,
                                         kv_heads if here == kv_heads else (kv_heads, here))
     center_keys_arg(kv_center_keys, "kvmem.patch")
+    cascade_how = cascade_option(cascade)
     bank = None
     if memory_bank is not None:
         from kvmem.integrations.hf.memory import bank_spec
@@ -203,7 +209,7 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
                                         memory=memory, prefix_cache=prefix_cache, cuda_graph=cuda_graph,
                                         compile_decode=compile_decode, memory_bank=bank, kv_cache_dtype=kv_dtype,
                                         kv_scales=kv_scales, kv_scale_headroom=float(kv_scale_headroom),
-                                        kv_center_keys=kv_center_keys)
+                                        kv_center_keys=kv_center_keys, cascade=cascade_how)
     if bank is not None:
         model._kvmem_memory_report = bank.report
     if cuda_graph or compile_decode:

@@ -330,7 +330,7 @@ class _StepMachine:
         step.plan, step.index, step.prev_lens = plan, index, prev
         bank = self._bank
         if index is None and bank is None:  # decode rows sharing leading pages: shared-prefix decode
-            cascade.plan_step(m, self.groups, self._seq_ids, plan, prev, nums)
+            cascade.plan_step(m, self.groups, self._seq_ids, plan, prev, nums, how=self._cascade)
         if bank is not None:  # the step's memory tables: host, once per step, shared by every memory layer
             full = self._bank_group
             tables = [m.block_table(s, full) for s in self._seq_ids]
