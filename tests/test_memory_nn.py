@@ -128,18 +128,21 @@ def test_kernels_attend_equals_the_reference(rot, q_lens, kv_lens):
 
 @pytest.mark.parametrize("summary", ["minmax", "box", "reps", "mean"])
 @pytest.mark.parametrize("group", [1, 3, 4])
-def test_batched_select_equals_the_reference(summary, group):
+@pytest.mark.parametrize("pages", [60, 20])
+def test_batched_select_equals_the_reference(summary, group, pages):
     """Batched selection (no host sync) = the reference (random scores: no near-ties), with
-    empty banks, rows that select nothing (query_index -1) and top_k beyond the bank."""
+    empty banks, rows that select nothing (query_index -1) and top_k beyond the bank. 60 pages >
+    4 rows x 12 bank slots: each row's summaries gathered; 20 pages: the whole pool scored once,
+    then gathered per row (both paths of ``batched.block_scores``)."""
     from kvmem.ops.memory_select import batched, reference as select_reference
 
     g = torch.Generator().manual_seed(group)
-    hkv, d, pages = 2, 32, 60
+    hkv, d = 2, 32
     summaries = select_reference.compute_summaries(torch.randn(pages, 16, hkv, d, generator=g),
                                                    torch.arange(pages), summary=summary)
     q = torch.randn(9, hkv * group, d, generator=g)
     cu = torch.tensor([0, 3, 4, 4, 9], dtype=torch.int32)
-    bank_table = torch.randperm(pages, generator=g)[:4 * 12].view(4, 12).to(torch.int32)
+    bank_table = torch.stack([torch.randperm(pages, generator=g)[:12] for _ in range(4)]).to(torch.int32)
     bank_lens = torch.tensor([12, 5, 3, 0], dtype=torch.int32)
     index = torch.tensor([1, 3, -1, 4], dtype=torch.int32)
     for top_k in (0, 4, 20):

@@ -42,22 +42,50 @@ def block_scores(q: torch.Tensor, summaries: torch.Tensor, bank_table: torch.Ten
     index = query_index.long()
     qg = q.index_select(0, index.clamp(min=0)).float().reshape(batch, num_kv_heads, group, head_dim)
     pages = bank_table.long().clamp(min=0, max=summaries.shape[0] - 1)
-    s = summaries.index_select(0, pages.reshape(-1)).float()
-    s = s.reshape(batch, max_bank, num_kv_heads, 2, head_dim).permute(0, 2, 3, 4, 1)  # [B, Hkv, 2, D, n]
-    low, high = s[:, :, 0], s[:, :, 1]  # [B, Hkv, D, n]
-    if summary == "minmax":
-        per_head = torch.matmul(qg.clamp(min=0), high) + torch.matmul(qg.clamp(max=0), low)  # [B, Hkv, G, n]
-    elif summary == "box":
-        per_head = torch.matmul(qg, low) + torch.matmul(qg.abs(), high)
-    elif summary == "reps":
-        per_head = torch.maximum(torch.matmul(qg, low), torch.matmul(qg, high))
-    elif summary == "mean":
-        per_head = torch.matmul(qg, low)
-    else:
+    if summary not in SUMMARY_KINDS:
         raise ValueError(f"memory_select: argument 'summary' must be one of {SUMMARY_KINDS}, got {summary!r}")
+    if summaries.shape[0] <= batch * max_bank:
+        # fewer pages in the pool than (row, bank position) pairs -- e.g. a prefill chunk's query
+        # sub-blocks, all rows of one sequence's bank: score every page once, then gather each
+        # row's bank (no [batch, max_bank] copy of the summaries)
+        per_head = _pool_scores(qg, summaries, summary).gather(
+            -1, pages[:, None, None, :].expand(batch, num_kv_heads, group, max_bank))
+    else:
+        per_head = _gathered_scores(qg, summaries, pages, summary)
     per_head = per_head.reshape(batch, num_heads, max_bank) * scale  # [B, Hq, n]
     valid = (torch.arange(max_bank, device=q.device)[None, :] < bank_lens.long()[:, None]) & (index[:, None] >= 0)
     return group_scores(per_head.masked_fill(~valid[:, None, :], -math.inf), num_kv_heads)
+
+
+def _pair(qg: torch.Tensor, low: torch.Tensor, high: torch.Tensor, summary: str) -> torch.Tensor:
+    """The per-query-head score of ``qg [..., G, D]`` against summaries ``low/high [..., D, n]``."""
+    if summary == "minmax":
+        return torch.matmul(qg.clamp(min=0), high) + torch.matmul(qg.clamp(max=0), low)
+    if summary == "box":
+        return torch.matmul(qg, low) + torch.matmul(qg.abs(), high)
+    if summary == "reps":
+        return torch.maximum(torch.matmul(qg, low), torch.matmul(qg, high))
+    return torch.matmul(qg, low)  # mean
+
+
+def _pool_scores(qg: torch.Tensor, summaries: torch.Tensor, summary: str) -> torch.Tensor:
+    """``[B, Hkv, G, num_pages]``: every page of the summary pool scored by every row's queries."""
+    batch, num_kv_heads, group, head_dim = qg.shape
+    s = summaries.float().permute(1, 2, 3, 0)  # [Hkv, 2, D, N]
+    low = s[:, 0]
+    high = low if summary == "mean" else s[:, 1]
+    q2 = qg.transpose(0, 1).reshape(num_kv_heads, batch * group, head_dim)  # one GEMM per KV head
+    out = _pair(q2, low, high, summary)  # [Hkv, B * G, N]
+    return out.reshape(num_kv_heads, batch, group, -1).transpose(0, 1)
+
+
+def _gathered_scores(qg: torch.Tensor, summaries: torch.Tensor, pages: torch.Tensor, summary: str) -> torch.Tensor:
+    """``[B, Hkv, G, max_bank]``: each row's bank summaries gathered, then scored."""
+    batch, max_bank = pages.shape
+    num_kv_heads, head_dim = summaries.shape[1], summaries.shape[3]
+    s = summaries.index_select(0, pages.reshape(-1)).float()
+    s = s.reshape(batch, max_bank, num_kv_heads, 2, head_dim).permute(0, 2, 3, 4, 1)  # [B, Hkv, 2, D, n]
+    return _pair(qg, s[:, :, 0], s[:, :, 1], summary)  # [B, Hkv, G, n]
 
 
 def memory_select(q: torch.Tensor, summaries: torch.Tensor, bank_table: torch.Tensor, bank_lens: torch.Tensor,
