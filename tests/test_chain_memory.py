@@ -331,3 +331,55 @@ def test_manager_dedup_register_tokens_and_grow():
     a.check_invariants()
     with pytest.raises(ValueError, match="must be >= 24"):
         m.grow(20)
+
+
+def test_smollm2_prefix_reuse_cases_match_no_reuse(smol):
+    """The issue's reuse cases on the real model (fp32 CPU), each against the same model without
+    kvmem: identical greedy tokens, logits within 1e-4. A repeated prompt; divergence inside a block
+    and at a block boundary; a batch of 4 sharing a prefix (first call: the pre-pass computes it
+    once, the rows store it once: block counts asserted); beams and num_return_sequences; LRU
+    eviction under a budget that cannot hold everything."""
+    _, m = smol
+    g = torch.Generator().manual_seed(11)
+    rand = lambda n: torch.randint(100, m.config.vocab_size, (n,), generator=g)  # noqa: E731
+    base = rand(70)
+    singles = [base, base, torch.cat([base[:40], rand(12)]), torch.cat([base[:48], rand(12)])]
+    prefix = rand(96)
+    batch = torch.stack([torch.cat([prefix, rand(10)]) for _ in range(4)])
+    beam_prompt = rand(37)[None]
+    refs = [gen(m, p[None], max_new_tokens=4) for p in singles]
+    ref_batch = gen(m, batch, max_new_tokens=4)
+    ref_beams = gen(m, beam_prompt, max_new_tokens=4, num_beams=3, num_return_sequences=2)
+    kvmem.patch(m, prefix_cache=True, block_size=16)
+    try:
+        reused = []
+        for p, ref in zip(singles, refs):
+            same(gen(m, p[None], max_new_tokens=4), ref)
+            reused.append(m._kvmem_prefix_report.reused_tokens)
+        assert reused == [0, 64, 32, 48]  # repeated: 4 blocks; mid-block 40 -> 2 blocks; boundary 48 -> 3
+        out = gen(m, batch, max_new_tokens=4)
+        same(out, ref_batch)
+        rep = m._kvmem_prefix_report
+        cache = output_cache(out)
+        tables = [cache.manager.block_table(s, "full") for s in cache._seq_ids]
+        assert rep.prepass_tokens == 96 and rep.reused_per_row == [96] * 4
+        assert all(t[:6] == tables[0][:6] for t in tables) and len({t[6] for t in tables}) == 4
+        assert rep.shared_blocks == 6
+        same(gen(m, beam_prompt, max_new_tokens=4, num_beams=3, num_return_sequences=2), ref_beams)
+        assert m._kvmem_prefix_report.prepass_tokens == 32  # 3 beams of one prompt: its 2 full blocks once
+    finally:
+        kvmem.unpatch(m)
+    a, b, c = base, rand(70), rand(70)
+    want = {id(x): gen(m, x[None], max_new_tokens=4) for x in (b, c)}
+    want[id(a)] = refs[0]
+    kvmem.patch(m, prefix_cache=True, block_size=16, num_blocks=12)  # one call (5 blocks) + a few cached
+    try:
+        got = []
+        for x in (a, b, a, c, a, b):  # c evicts b's least recently used blocks, not a's
+            same(gen(m, x[None], max_new_tokens=4), want[id(x)])
+            got.append(m._kvmem_prefix_report.reused_tokens)
+        pool = m._kvmem_options.pool
+    finally:
+        kvmem.unpatch(m)
+    assert got[:3] == [0, 0, 64] and got[4] == 64 and got[5] < 64
+    assert pool.num_blocks == {"full": 12}  # the budget: never grown
