@@ -70,10 +70,13 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half_table: bo
     cos, sin = _full_cos_sin(x, cos, sin, half_table)
     rot = cos.shape[-1]
     x_rot = x[..., :rot].float()
+    out = x_rot * cos  # in place from here: a 32k prompt's fp32 queries are ~75 MiB a copy
+    turned = rotate_half(x_rot).mul_(sin)
     if inverse:
-        out = (x_rot * cos - rotate_half(x_rot) * sin) / (cos * cos + sin * sin)
+        out.sub_(turned).div_(cos * cos + sin * sin)
     else:
-        out = x_rot * cos + rotate_half(x_rot) * sin
+        out.add_(turned)
+    del turned
     out = out.to(x.dtype)
     if rot == x.shape[-1]:
         return out
