@@ -141,6 +141,83 @@ def test_batch_sharing_a_prefix_computes_it_once():
         kvmem.unpatch(m)
 
 
+def left_padded(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):], mask[r, width - len(row):] = row, 1
+    return ids, mask
+
+
+def test_prepass_respects_the_budget_and_an_interrupted_prepass_leaves_nothing_reused():
+    """Unequal left padding: the pre-pass would cost a copy-on-write block per more-padded row,
+    so under a budget that fits only the call without it, it is skipped (the call still runs);
+    one block more and it runs. A pre-pass interrupted half-way (a layer raises) is rolled back:
+    the next identical call reuses nothing unwritten and matches the reference."""
+    m, ref = pair()
+    prefix = toks(64, 4)
+    ids, mask = left_padded([torch.cat([prefix, toks(5 + r, 10 + r)]) for r in range(2)])  # pads [1, 0]
+    want = gen(ref, ids, mask, max_new_tokens=2)
+    for budget, prepass in ((6, 0), (7, 64)):
+        kvmem.patch(m, prefix_cache=True, block_size=16, num_blocks=budget)
+        try:
+            same(gen(m, ids, mask, max_new_tokens=2), want)
+            assert m._kvmem_prefix_report.prepass_tokens == prepass, budget
+        finally:
+            kvmem.unpatch(m)
+    ids = torch.stack([torch.cat([prefix, toks(6, 20 + r)]) for r in range(2)])
+    want = gen(ref, ids, max_new_tokens=3)
+    layer = m.model.layers[1]
+    orig, armed = layer.forward, [True]
+
+    def interrupted(*a, **k):
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt("simulated")
+        return orig(*a, **k)
+
+    kvmem.patch(m, prefix_cache=True, block_size=16)
+    layer.forward = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gen(m, ids, max_new_tokens=3)  # the first forward is the pre-pass's
+        assert m._kvmem_options.pool.live is None
+        same(gen(m, ids, max_new_tokens=3), want)
+        assert m._kvmem_prefix_report.prepass_tokens == 64  # computed anew, not reused half-written
+    finally:
+        layer.forward = orig
+        kvmem.unpatch(m)
+
+
+def test_prepass_with_a_sliding_window_group_only_for_equal_padding():
+    """A sliding-window layer group drops the prefix's early blocks, so a more padded row could not
+    start inside the prefix: with unequal padding no pre-pass; with equal padding it runs and the
+    batch is fed only the suffix columns. Outputs equal unpatched HF either way."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                   pad_token_id=0, use_sliding_window=True, sliding_window=32, max_window_layers=1,
+                                   layer_types=["full_attention", "sliding_attention"])
+    ref = transformers.Qwen2ForCausalLM(cfg).eval()
+    m = transformers.Qwen2ForCausalLM(cfg).eval()
+    m.load_state_dict(ref.state_dict())
+    prefix = toks(96, 4)
+    for suffixes, prepass, first in (([6, 6], 96, (1, 96)), ([3, 6, 8], 0, (3, 104))):
+        ids, mask = left_padded([torch.cat([prefix, toks(n, 10 + r)]) for r, n in enumerate(suffixes)])
+        fed = []
+        hook = m.model.register_forward_pre_hook(lambda mod, a, kw: fed.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+        kvmem.patch(m, prefix_cache=True, block_size=16)
+        try:
+            out = gen(m, ids, mask, max_new_tokens=3)
+            assert m._kvmem_prefix_report.prepass_tokens == prepass and fed[0] == first
+        finally:
+            kvmem.unpatch(m)
+            hook.remove()
+        same(out, gen(ref, ids, mask, max_new_tokens=3))
+
+
 def test_beams_and_num_return_sequences():
     m, ref = pair()
     p = toks(30, 5)[None]

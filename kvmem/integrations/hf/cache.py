@@ -354,12 +354,13 @@ class PagedKVCache(_StepMachine, _RowOps, Cache):
         return key_states, value_states
 
     def reset(self) -> None:
-        """Drop every sequence (the pools stay allocated)."""
+        """Drop every sequence (the pools stay allocated). A step still in flight (interrupted
+        half-way) is rolled back first, so blocks registered for it are never reused unwritten."""
+        if self._step is not None:
+            self._finish_step()
         if self._manager is not None:
             for s in self._seq_ids:
                 self._manager.free_sequence(s)
-        if self._step is not None:
-            context.leave(self._step)
         self._seq_ids, self._seen, self._step = [], 0, None
         if self._bank is not None:
             self._bank.reset()

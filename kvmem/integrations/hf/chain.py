@@ -27,13 +27,19 @@ prefill fills them (``kvmem.cache.manager``, "Prefix reuse"):
   range to every row, so a batch with one unrelated row gets no compute dedup (storage dedup
   still holds its shared blocks once, ``kvmem.cache.prefix``). Left padding: the rows start at
   ``min(pads) + prefix`` columns, so a row with more padding recomputes up to ``pad - min(pads)``
-  of the prefix's last tokens (into a copy-on-write block).
+  of the prefix's last tokens (into a copy-on-write block). Skipped when it cannot pay or could
+  change what a call may do: under a user budget that the call plus those copy-on-write blocks
+  would exceed; with a sliding-window layer group and unequal padding (the window group no
+  longer holds the blocks a more padded row starts from); on a float8 pool whose scales the
+  first write would fix. An interrupted step (the pre-pass's or the call's) is rolled back when
+  its cache is released, so no half-written block is ever reused.
 * **Report** (``PrefixReport``, ``model._kvmem_prefix_report`` after each call).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -56,10 +62,13 @@ class PrefixReport:
     ----------
     rows: the call's cache rows (prompts x ``num_return_sequences`` / beams)
     prompt_tokens: real (unpadded) prompt tokens over the rows
-    reused_tokens: of those, the tokens started from cached blocks (not computed)
+    reused_tokens: of those, the tokens the call's prefill did not compute: its rows started from
+        cached blocks -- of earlier calls, or of this call's pre-pass (``prepass_tokens``). The
+        prompt tokens computed are ``prompt_tokens - reused_tokens + prepass_tokens``
     reused_per_row: [rows] the same per row
     prepass_tokens: tokens of the batch's shared prefix that the one-row pre-pass computed once
-        (``prepass_shared_prefix``; they count in every row's ``reused_tokens``)
+        (``prepass_shared_prefix``); a row with more left padding than the least padded one reuses
+        that many fewer of them (it starts inside the prefix)
     registered_tokens: tokens of the blocks registered once the call returned (its answers; 0 for
         beam search)
     shared_blocks: blocks of the full-attention group referenced by two rows or more (a prefix the
@@ -155,39 +164,58 @@ def register_answers(cache, sequences: torch.Tensor, report: Optional[PrefixRepo
     return new
 
 
-def shared_prefix_len(rows_tokens: Sequence[Sequence[int]], pads: Sequence[int], block_size: int) -> int:
+def shared_prefix_len(rows_tokens: Sequence[Sequence[int]], pads: Sequence[int], block_size: int, *,
+                      sliding: bool = False) -> int:
     """Tokens (whole blocks) that every row starts with and that a one-row pre-pass may compute for the
-    batch: at most ``min(len) - 1`` (each row's last prompt token is computed by the call itself),
-    0 for fewer than two rows or when the rows' padding differs by more than the prefix."""
+    batch: at most ``min(len) - 1`` (each row's last prompt token is computed by the call itself).
+    0 for fewer than two rows, when the rows' padding differs by more than the prefix, and -- with a
+    ``sliding`` window layer group -- when the padding differs at all (a row with more padding
+    would start inside the prefix, where the window group no longer holds the blocks it needs, and
+    recompute most of it)."""
     if len(rows_tokens) < 2 or not all(len(t) for t in rows_tokens):
         return 0
-    first, n = rows_tokens[0], min(len(t) for t in rows_tokens) - 1
-    common = n
-    for t in rows_tokens[1:]:
-        i = 0
-        while i < common and t[i] == first[i]:
-            i += 1
-        common = i
-        if not common:
-            return 0
+    if sliding and len(set(pads)) > 1:
+        return 0
+    n = min(len(t) for t in rows_tokens) - 1
+    common = len(os.path.commonprefix([list(t[:n]) for t in rows_tokens]))
     L = common // block_size * block_size
     if not L or min(pads) + L < max(pads):  # a row's padding would have to be cached: no reuse
         return 0
     return L
 
 
-def prepass_shared_prefix(model, pool, rows_tokens, pads, *, namespace, block_size: int, cache_kw: dict) -> int:
+def prepass_extra_blocks(pads: Sequence[int], block_size: int) -> int:
+    """Blocks the rows need beyond ``call_need`` after a pre-pass: a row with more padding than the
+    least padded one starts inside the prefix's last block and writes a copy-on-write copy of it."""
+    lo = min(pads, default=0)
+    return sum(1 for p in pads if (p - lo) % block_size)
+
+
+def prepass_shared_prefix(model, pool, rows_tokens, pads, *, namespace, block_size: int, cache_kw: dict,
+                          budget: Optional[Dict[str, int]] = None, max_cache_len: Optional[int] = None) -> int:
     """Compute the full blocks every row of a call starts with once, as a one-row prefill into ``pool``
     (their blocks registered under ``namespace``, then cached free for the call's ``reuse_prefix``).
 
-    Returns the tokens computed (0: nothing shared, or already cached).
+    ``budget``: a user budget (blocks per group): the pre-pass is skipped when the call's need plus
+    the copy-on-write blocks it causes (``prepass_extra_blocks``) would not fit, so a call that
+    fits without it still fits. Skipped too for a float8 pool whose scales the first write would
+    fix (``kvmem.cache.scales``): they stay fixed by the whole batch's prompt, not by the prefix.
+    Returns the tokens computed (0: nothing shared, already cached, or skipped).
     """
     from kvmem.integrations.hf.cache import PagedKVCache
     from kvmem.integrations.hf.compat import cache_kwarg
 
-    L = shared_prefix_len(rows_tokens, pads, block_size)
+    groups = pool.groups
+    L = shared_prefix_len(rows_tokens, pads, block_size, sliding=any(g.window is not None for g in groups))
     if not L:
         return 0
+    if not _scales_fixed(pool):
+        return 0
+    if budget is not None:
+        need = call_need(groups, block_size, rows_tokens, pads, max_cache_len)
+        extra = prepass_extra_blocks(pads, block_size)
+        if any(need.get(g.name, 0) + (extra if g.window is None else 0) > budget.get(g.name, 0) for g in groups):
+            return 0
     prefix = [int(t) for t in rows_tokens[0][:L + 1]]  # + one token: reuse_prefix may then reach all L
     cache = PagedKVCache(model.config, pool=pool, max_cache_len=L + 1, **cache_kw)
     pool.live = cache
@@ -207,3 +235,9 @@ def prepass_shared_prefix(model, pool, rows_tokens, pads, *, namespace, block_si
     logger.debug("kvmem prefix cache: the batch's shared %d-token prefix computed once (%d rows)",
                  L - start, len(rows_tokens))
     return L - start
+
+
+def _scales_fixed(pool) -> bool:
+    """Whether every layer's float8 scales in ``pool`` are fixed already (given, or by an earlier write)."""
+    scales = pool.scales
+    return scales is None or all(scales.is_fixed(layer) for layer in range(pool.num_layers))

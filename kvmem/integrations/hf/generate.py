@@ -42,12 +42,12 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     pool is keyed by ``kvmem.model_fingerprint(model)`` (a model whose weights or config changed
     gets a new pool), and every row's block hash chain starts from the fingerprint (its namespace:
     no block is found across models or KV formats, even in a shared pool). A call that does not fit
-    evicts least recently used cached blocks (the allocator does, as it allocates); rows that all
-    start with the same uncached full blocks have them computed once by a one-row pre-pass first
-    (``kvmem.integrations.hf.chain.prepass_shared_prefix``); an auto-sized
+    evicts least recently used cached blocks (the allocator does, as it allocates); an auto-sized
     pool grows instead when the call itself needs more blocks than it has, keeping its cached blocks
     (``KVPool.grow``); under a user budget a call that cannot fit at all raises ``CacheFullError``
-    first, with nothing changed (``kvmem.integrations.hf.chain.check_budget``).
+    first, with nothing changed (``kvmem.integrations.hf.chain.check_budget``). Rows that all start
+    with the same uncached full blocks have them computed once by a one-row pre-pass before the
+    call (``kvmem.integrations.hf.chain.prepass_shared_prefix``).
     ``options.prefix_report`` (a ``PrefixReport``) records the reuse.
     With ``cuda_graph`` it lives in a kept ``KVPool`` too, so that the pools and the static
     decode buffers (``KVPool.static``) -- the memory captured CUDA graphs point at -- outlive
@@ -109,7 +109,8 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     prepass = 0
     if options.prefix_cache and rows_tokens:  # rows sharing a prefix: compute it once (kvmem.integrations.hf.chain)
         prepass = prepass_shared_prefix(model, pool, rows_tokens, pads, namespace=fingerprint,
-                                        block_size=options.block_size, cache_kw=kw)
+                                        block_size=options.block_size, cache_kw=kw,
+                                        budget=None if auto else want, max_cache_len=max_cache_len)
     cache = PagedKVCache(model.config, pool=pool, max_cache_len=max_cache_len, **kw)
     pool.live = cache
     cache._cascade = options.cascade

@@ -44,10 +44,12 @@ def block_scores(q: torch.Tensor, summaries: torch.Tensor, bank_table: torch.Ten
     pages = bank_table.long().clamp(min=0, max=summaries.shape[0] - 1)
     if summary not in SUMMARY_KINDS:
         raise ValueError(f"memory_select: argument 'summary' must be one of {SUMMARY_KINDS}, got {summary!r}")
-    if summaries.shape[0] <= batch * max_bank:
+    if summaries.shape[0] <= min(batch, 16) * max_bank:
         # fewer pages in the pool than (row, bank position) pairs -- e.g. a prefill chunk's query
         # sub-blocks, all rows of one sequence's bank: score every page once, then gather each
-        # row's bank (no [batch, max_bank] copy of the summaries)
+        # row's bank (no [batch, max_bank] copy of the summaries). Scoring a page costs a few
+        # FLOPs per query head where gathering it copies 2 x Hkv x D floats, so up to 16x the
+        # bank's pages this is still the cheaper path (rows with banks of their own: decode)
         per_head = _pool_scores(qg, summaries, summary).gather(
             -1, pages[:, None, None, :].expand(batch, num_kv_heads, group, max_bank))
     else:
