@@ -114,12 +114,14 @@ def call_need(groups, block_size: int, rows_tokens: Sequence[Sequence[int]], pad
     return {g.name: len(distinct) + (tails if g.window is not None else grown) for g in groups}
 
 
-def check_budget(groups, block_size: int, rows_tokens, pads, max_cache_len, budget: Dict[str, int]) -> None:
-    """Raise ``CacheFullError`` (nothing changed) if the call cannot fit in ``budget`` blocks."""
+def check_budget(groups, block_size: int, rows_tokens, pads, max_cache_len, budget: Dict[str, int]) -> Dict[str, int]:
+    """Raise ``CacheFullError`` (nothing changed) if the call cannot fit in ``budget`` blocks; else
+    return its need (``call_need``)."""
     need = call_need(groups, block_size, rows_tokens, pads, max_cache_len)
     for g, n in need.items():
         if n > budget.get(g, 0):
             raise CacheFullError(n, budget.get(g, 0), group=g, num_blocks=budget.get(g, 0))
+    return need
 
 
 def register_answers(cache, sequences: torch.Tensor, report: Optional[PrefixReport] = None) -> int:
@@ -192,11 +194,12 @@ def prepass_extra_blocks(pads: Sequence[int], block_size: int) -> int:
 
 
 def prepass_shared_prefix(model, pool, rows_tokens, pads, *, namespace, block_size: int, cache_kw: dict,
-                          budget: Optional[Dict[str, int]] = None, max_cache_len: Optional[int] = None) -> int:
+                          budget: Optional[Dict[str, int]] = None, need: Optional[Dict[str, int]] = None) -> int:
     """Compute the full blocks every row of a call starts with once, as a one-row prefill into ``pool``
     (their blocks registered under ``namespace``, then cached free for the call's ``reuse_prefix``).
 
-    ``budget``: a user budget (blocks per group): the pre-pass is skipped when the call's need plus
+    ``budget``: a user budget (blocks per group), with ``need`` the call's (``check_budget``): the
+    pre-pass is skipped when that need plus
     the copy-on-write blocks it causes (``prepass_extra_blocks``) would not fit, so a call that
     fits without it still fits. Skipped too for a float8 pool whose scales the first write would
     fix (``kvmem.cache.scales``): they stay fixed by the whole batch's prompt, not by the prefix.
@@ -212,7 +215,6 @@ def prepass_shared_prefix(model, pool, rows_tokens, pads, *, namespace, block_si
     if not _scales_fixed(pool):
         return 0
     if budget is not None:
-        need = call_need(groups, block_size, rows_tokens, pads, max_cache_len)
         extra = prepass_extra_blocks(pads, block_size)
         if any(need.get(g.name, 0) + (extra if g.window is None else 0) > budget.get(g.name, 0) for g in groups):
             return 0

@@ -89,8 +89,9 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
                                      kv_scales=scales_key(dtype, options.kv_scales, options.kv_scale_headroom,
                                                           options.kv_center_keys))
                    if options.prefix_cache else None)
+    need = None
     if rows_tokens and not auto and options.prefix_cache:  # a call too large for the user's budget: before any change
-        check_budget(groups, options.block_size, rows_tokens, pads, max_cache_len, want)
+        need = check_budget(groups, options.block_size, rows_tokens, pads, max_cache_len, want)
     pool = options.pool
     if pool is not None and pool.live is not None:
         pool.live.release()
@@ -110,7 +111,7 @@ def make_cache(options: KvmemOptions, model, *, max_batch_size: Optional[int] = 
     if options.prefix_cache and rows_tokens:  # rows sharing a prefix: compute it once (kvmem.integrations.hf.chain)
         prepass = prepass_shared_prefix(model, pool, rows_tokens, pads, namespace=fingerprint,
                                         block_size=options.block_size, cache_kw=kw,
-                                        budget=None if auto else want, max_cache_len=max_cache_len)
+                                        budget=None if need is None else want, need=need)
     cache = PagedKVCache(model.config, pool=pool, max_cache_len=max_cache_len, **kw)
     pool.live = cache
     cache._cascade = options.cascade
