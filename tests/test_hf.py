@@ -451,7 +451,13 @@ def test_cache_full_raises_before_mutating():
 def test_patch_twice_and_unpatch_unpatched_are_noops():
     m = tiny_llama()
     assert unpatch(m) is m and m.config._attn_implementation == "sdpa" and not is_patched(m)
-    assert patch(m) is m and patch(m, block_size=8) is m
+    assert patch(m) is m and patch(m) is m  # the same arguments again: a no-op
+    opts = m._kvmem_options
+    # other arguments would be silently dropped by a no-op: a named error, the patch unchanged
+    with pytest.raises(ValueError, match="already patched with other block_size, memory; call kvmem.unpatch"):
+        patch(m, block_size=8, memory="1GiB")
+    assert m._kvmem_options is opts and opts.block_size == 16
+    assert patch(m, block_size=None, memory=None) is m  # the defaults, spelled out: the same arguments
     assert m.config._attn_implementation == "kvmem" and is_patched(m)
     unpatch(m)
     assert m.config._attn_implementation == "sdpa" and not is_patched(m)

@@ -218,6 +218,13 @@ def test_set_banks_swaps_and_detaches_without_repatching():
     try:
         kvmem.set_banks(m, [bank])
         assert torch.equal(gen(m, **g).sequences, with_bank.sequences)
+        with pytest.raises(TypeError, match="'banks' must be a list of kvmem.MemoryBank, got MemoryBank"):
+            kvmem.set_banks(m, bank)
+        assert patch(m, memory_bank=cfg(), banks=[bank]) is m  # what it holds now: a no-op
+        with pytest.raises(ValueError, match="already patched with other memory_bank"):
+            patch(m, memory_bank=kvmem.MemoryConfig(mode="extend", sink_tokens=16, window=64, block_size=16, top_k=1),
+                  banks=[bank])
+        assert torch.equal(gen(m, **g).sequences, with_bank.sequences)  # unchanged
         kvmem.set_banks(m, [])
         assert torch.equal(gen(m, **g).sequences, without.sequences)
     finally:
@@ -330,6 +337,17 @@ def test_bad_files_are_named_errors_and_saving_is_atomic(tmp_path, monkeypatch):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     other.save(path)  # a completed save replaces it
     assert kvmem.MemoryBank.load(path).num_blocks == other.num_blocks
+    # permissions: a new bank gets what open() would give it (0666 less the umask), not mkstemp's
+    # 0600; a save over a bank keeps that file's own
+    mask = os.umask(0o022)
+    try:
+        bank.save(tmp_path / "new.kvbank")
+        assert (tmp_path / "new.kvbank").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
+    path.chmod(0o640)
+    bank.save(path)
+    assert path.stat().st_mode & 0o777 == 0o640
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)

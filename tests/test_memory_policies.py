@@ -151,13 +151,17 @@ def test_cache_bank_applies_the_eviction_policy_between_steps_and_rolls_it_back(
     g = torch.Generator().manual_seed(0)
     bank.page_mass = torch.rand(41, generator=g)
     bank.finish(type("S", (), {"memory": None, "q_len": 1})())
+    mass_before = bank.page_mass.clone()
     bank.plan(tables, [44, 36], [1, 1], "cpu")
     mass = bank.page_mass.tolist()
     for row, pages in enumerate(before):
         want = sorted(sorted(range(len(pages)), key=lambda j: (-mass[pages[j]], j))[:3])
         assert bank.banks.pages[row][:3] == [pages[j] for j in want]
+    # a step that fails after some layers added attention mass: the rollback drops that mass too
+    bank.page_mass += 1.0
     bank.rollback()
     assert bank.banks.pages == before
+    assert torch.equal(bank.page_mass, mass_before)
 
 
 def test_row_banks_retain_drops_for_good_and_checks_every_row_first():
@@ -215,13 +219,15 @@ def test_block_mass_on_the_paged_kernels_equals_the_reference(rot, q_lens, kv_le
                             sink_logits=True, kv_scale=rot is None, seed=4)
     kw = case.kwargs
     want_mass = torch.full((len(q_lens), 2, case.bank_table.shape[1]), math.nan)
-    want, _ = reference.memory_attention(*case.args(), **case.memory_kwargs(), block_mass=want_mass)
+    want, want_lse = reference.memory_attention(*case.args(), **case.memory_kwargs(), block_mass=want_mass)
     mass = torch.full_like(want_mass, math.nan)
+    lse = torch.full((sum(q_lens), 6), math.nan)  # the caller's lse is written beside block_mass
     got = kernels.attend(*case.args(), sink_blocks=case.sink_blocks, window_start=case.window_start,
                          bank_table=case.bank_table, selected=case.selected, scale=1 / math.sqrt(64),
                          softcap=kw["softcap"], sink_logits=kw["sink_logits"], rope_cos_sin=kw.get("rope_cos_sin"),
-                         k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"), block_mass=mass)
+                         k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"), block_mass=mass, lse=lse)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(mass, want_mass, atol=2e-5, rtol=2e-5)
     assert (mass > 0).sum() == (case.selected >= 0).sum()  # every selected block got mass, nothing else
 
@@ -277,6 +283,16 @@ class UserMeanKey(SelectionPolicy):
         return policies.top_k_positions(s, top_k)
 
 
+class TrustedShuffled(UserMeanKey):
+    """A trusted policy (no checks) returning its positions in another order, padding first: "any
+    order" holds for it too."""
+
+    validate = False
+
+    def select(self, q, summaries, bank_table, bank_lens, query_index, top_k, **kw):
+        return super().select(q, summaries, bank_table, bank_lens, query_index, top_k, **kw).flip(-1).contiguous()
+
+
 def _generate(m, cfg, **g):
     patch(m, memory_bank=cfg)
     try:
@@ -294,6 +310,10 @@ def test_user_policy_equals_the_built_in_through_generate(mode):
     out, bank = _generate(m, kvmem.MemoryConfig(mode=mode, selection=UserMeanKey(), **SIZES), **g)
     assert torch.equal(out.sequences, ref.sequences)
     assert max(bank.banks.bank_lens().tolist()) > SIZES["top_k"]  # the selection prunes
+    shuffled, _ = _generate(m, kvmem.MemoryConfig(mode=mode, selection=TrustedShuffled(), **SIZES), **g)
+    assert torch.equal(shuffled.sequences, ref.sequences)
+    for a, b in zip(shuffled.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_streaming_llm_policy_equals_top_k_zero_through_generate():

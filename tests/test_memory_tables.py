@@ -60,6 +60,28 @@ def test_row_banks_bookkeeping():
         banks.evict(0, [20, -1, -1, -1], 100)
 
 
+
+@pytest.mark.parametrize("bad", ["bank_width", "pad_summarise_to", "page_id"])
+def test_a_failed_step_plan_leaves_the_banks_unchanged(bad):
+    """plan_memory_step evicts while it plans; an argument it rejects afterwards (a too narrow bank
+    table, too short a summarise pad, a missing page id of a later row) must not leave blocks banked
+    that were never summarised: the banks are as before, and the retried plan summarises them."""
+    from kvmem.memory.step import plan_memory_step
+
+    banks = RowBanks(sink_blocks=1, window=32, block_size=16, batch=2)
+    tables = [[10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24, 25, 26]]
+    kw = dict(top_k=2, chunk_size=16)
+    plan_memory_step(banks, tables, [40, 40], [1, 1], **kw)
+    before = banks.snapshot()
+    bad_tables = [tables[0], [20, -1, -1, -1, 24, 25, 26]] if bad == "page_id" else tables
+    bad_kw = {"bank_width": {"bank_width": 1}, "pad_summarise_to": {"pad_summarise_to": 1}, "page_id": {}}[bad]
+    with pytest.raises(ValueError, match={"bank_width": "'width'", "pad_summarise_to": "'pad_summarise_to'",
+                                          "page_id": "'block_table_row'"}[bad]):
+        plan_memory_step(banks, bad_tables, [100, 100], [1, 1], **kw, **bad_kw)
+    assert banks.snapshot() == before
+    ms = plan_memory_step(banks, tables, [100, 100], [1, 1], **kw)
+    assert sorted(ms.summarise.tolist()) == [11, 12, 13, 21, 22, 23]  # every banked block is summarised
+
 class StepLoop:
     """A batch through chunked prefill and decode with the memory stages, beside full attention."""
 

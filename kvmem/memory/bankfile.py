@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from typing import Dict, Tuple
 
@@ -74,6 +75,7 @@ def write_bank_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
     os.close(fd)
     try:
         save_file(cpu, tmp, metadata={_KEY: text})
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes it 0600; a bank is built once to be shared
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -90,6 +92,16 @@ def write_bank_file(path, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
     except OSError:
         pass
 
+
+def _file_mode(path: str) -> int:
+    """The permissions the saved file gets: those of the file it replaces, else what ``open()`` would
+    give a new file (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
 
 def read_bank_file(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     """``(tensors on the CPU, meta)`` of a file written by ``write_bank_file``.

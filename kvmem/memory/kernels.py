@@ -68,7 +68,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     with each bank block's mass, from the paged kernels' ``lse`` (``paged.selected_block_mass``:
     torch ops, no host sync)."""
     if block_mass is not None:
-        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+        if lse is None:  # the mass needs it; a caller's own lse is written as documented
+            lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
         out = attend(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
                      sink_blocks=sink_blocks, window_start=window_start, bank_table=bank_table, selected=selected,
                      scale=scale, softcap=softcap, sink_logits=sink_logits, rope_cos_sin=rope_cos_sin, out=out,

@@ -51,8 +51,8 @@ from kvmem.memory import kernels
 from kvmem.ops.memory_select.reference import SUMMARY_KINDS as SUMMARIES, top_k_positions
 
 __all__ = ["PolicyError", "SelectionPolicy", "EvictionPolicy", "SummaryTopK", "MeanKey", "QuestMinMax", "InfLLMReps",
-           "BoxScore", "StreamingLLM", "HeavyHitters", "selection_policy", "validate_selected", "validate_keep",
-           "bank_mass", "add_block_mass", "block_scores", "top_k_positions", "SELECTION_NAMES"]
+           "BoxScore", "StreamingLLM", "HeavyHitters", "selection_policy", "sort_selected", "validate_selected",
+           "validate_keep", "bank_mass", "add_block_mass", "block_scores", "top_k_positions", "SELECTION_NAMES"]
 
 
 class PolicyError(ValueError):
@@ -235,6 +235,16 @@ def _fail(policy, what: str):
     raise PolicyError(f"memory policy {policy.name}: {what}")
 
 
+def sort_selected(selected: torch.Tensor) -> torch.Tensor:
+    """A selection in the order the memory-attention op takes it: ascending, -1 (empty) last. No
+    host sync; run on every policy's output, checked (``validate``) or not."""
+    if selected.shape[-1] == 0:
+        return selected
+    big = torch.iinfo(torch.int32).max
+    ordered = torch.sort(torch.where(selected < 0, torch.full_like(selected, big), selected), dim=-1).values
+    return torch.where(ordered == big, torch.full_like(ordered, -1), ordered)
+
+
 def validate_selected(policy, selected, bank_lens: torch.Tensor, query_index: torch.Tensor, top_k: int,
                       num_kv_heads: int) -> torch.Tensor:
     """Check a selection policy's output and return it sorted (ascending, -1 last), or raise
@@ -251,9 +261,7 @@ def validate_selected(policy, selected, bank_lens: torch.Tensor, query_index: to
         _fail(policy, f"select must return a tensor on {bank_lens.device}, got {selected.device}")
     if top_k == 0:
         return selected
-    big = torch.iinfo(torch.int32).max
-    ordered = torch.sort(torch.where(selected < 0, torch.full_like(selected, big), selected), dim=-1).values
-    ordered = torch.where(ordered == big, torch.full_like(ordered, -1), ordered)
+    ordered = sort_selected(selected)
     lens = bank_lens.long()[:, None, None]
     want = torch.where(query_index >= 0, bank_lens.long().clamp(max=top_k), 0)[:, None]  # [n, 1]
     filled = (ordered >= 0).sum(-1)  # [n, Hkv]

@@ -84,6 +84,8 @@ def select(step: LayerStep) -> None:
         if policy.validate:
             selected = policies.validate_selected(policy, selected, g.bank_lens, g.query_index, cfg.top_k,
                                                   mem.summaries.shape[1])
+        else:  # trusted (no checks, no host sync), but "any order" holds: the op takes them ascending
+            selected = policies.sort_selected(selected)
         chosen.append((bank_table, selected))
     step.context.selections = chosen
 

@@ -115,7 +115,22 @@ def plan_memory_step(banks: RowBanks, page_tables: Sequence[Sequence[int]], seq_
     bank_width: fixed ``bank_table`` width (default: the longest bank, at least 1)
     pad_summarise_to: pad ``summarise`` with -1 (the summary pool's scratch row) to this length
         (static shapes: a decode step evicts at most one block per row)
+
+    Raises
+    ------
+    ValueError: a bad argument (``banks`` is then unchanged: no block moved)
     """
+    saved = banks.snapshot()
+    try:
+        return _plan(banks, page_tables, seq_lens_before, q_lens, top_k, chunk_size, device, extra_summarise,
+                     bank_width, pad_summarise_to)
+    except BaseException:
+        banks.restore(saved)
+        raise
+
+
+def _plan(banks, page_tables, seq_lens_before, q_lens, top_k, chunk_size, device, extra_summarise, bank_width,
+          pad_summarise_to) -> MemoryStep:
     bs, sink_blocks = banks.block_size, banks.sink_blocks
     segs = []  # (row, t_start, t_end, seq_len, w0, bank_len, in_window)
     evicted = [int(p) for p in extra_summarise]

@@ -115,6 +115,15 @@ class RowBanks:
         """Put pages (e.g. a document bank's) in front of the row's bank."""
         self.pages[row][:0] = [int(p) for p in page_ids]
 
+    def snapshot(self):
+        """The rows' state (pages, banked columns), for ``restore``: a step that fails half-way
+        leaves the banks as they were."""
+        return [list(p) for p in self.pages], list(self.banked_until)
+
+    def restore(self, state) -> None:
+        pages, banked_until = state
+        self.pages, self.banked_until = [list(p) for p in pages], list(banked_until)
+
     def window_start(self, row: int, seq_len_before: int) -> int:
         return max(self.sink_blocks, (seq_len_before - self.window) // self.block_size)
 

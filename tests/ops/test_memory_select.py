@@ -155,6 +155,21 @@ def test_scores_and_padding(backend):
     assert memory_select(q, summaries, bank_table, lens, cu, 0).shape == (3, 2, 0)  # StreamingLLM
 
 
+
+def test_strided_tables_equal_contiguous_ones(backend):
+    """Views with non-unit strides (a column-strided bank table, every other element of the lengths
+    and query indices) select exactly what their contiguous copies do."""
+    q, _, summaries, bank_table, lens, cu = _bank([6, 3, 5], q_lens=[2, 1, 3], seed=11)
+    wide = torch.full((bank_table.shape[0], 2 * bank_table.shape[1]), -7, dtype=torch.int32)
+    wide[:, ::2] = bank_table
+    lens2 = torch.stack([lens, torch.full_like(lens, 99)], 1).reshape(-1)[::2]
+    qi = cu[:-1].clone()
+    qi2 = torch.stack([qi, torch.full_like(qi, -5)], 1).reshape(-1)[::2]
+    assert wide[:, ::2].stride(1) == 2 and lens2.stride(0) == 2 and qi2.stride(0) == 2
+    want = memory_select(q, summaries, bank_table, lens, cu, 3, query_index=qi)
+    got = memory_select(q, summaries, wide[:, ::2], lens2, cu, 3, query_index=qi2)
+    assert torch.equal(got, want)
+
 def test_ties_take_the_lower_position(backend):
     q, k_cache, summaries, bank_table, lens, cu = _bank([6], seed=5)
     page = bank_table[0, 4]

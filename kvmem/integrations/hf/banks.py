@@ -268,5 +268,11 @@ def set_banks(model, banks: Sequence[MemoryBank]) -> None:
     spec = opts.memory_bank
     if spec is None:
         raise ValueError("kvmem.set_banks: argument 'model' must be patched with memory_bank=kvmem.MemoryConfig(...)")
+    if isinstance(banks, MemoryBank) or not isinstance(banks, (list, tuple)):
+        raise TypeError(f"kvmem.set_banks: argument 'banks' must be a list of kvmem.MemoryBank, got "
+                        f"{type(banks).__name__}")
     spec.attached = check_banks(model, spec, list(banks), opts.kv_cache_dtype)
+    state = getattr(model, "_kvmem_state", None)
+    if state is not None and "banks" in state.args:  # patch() again with these banks stays a no-op
+        state.args["banks"] = list(banks) or None
 

@@ -153,7 +153,7 @@ class CacheBank:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.banks: Optional[RowBanks] = None
         self.summaries: Dict[int, torch.Tensor] = {}
-        self._saved = None  # the RowBanks state before the step in flight (rollback)
+        self._saved = None  # the RowBanks state and page mass before the step in flight (rollback)
         self._report: Dict[int, torch.Tensor] = {}
         self.page_mass: Optional[torch.Tensor] = None  # [num_pages + 1] fp32 (a policy reads attention mass)
         #: the attached banks of this cache (fixed for its life) and the pool pages holding them
@@ -217,7 +217,7 @@ class CacheBank:
                          "banks (only queries past the sinks select); use a longer prompt or fewer sink_tokens",
                          cfg.sink_tokens)
         b = self.banks
-        self._saved = ([list(p) for p in b.pages], list(b.banked_until))
+        self._saved = (b.snapshot(), None if self.page_mass is None else self.page_mass.clone())
         self._report = {}
         self._apply_eviction(device)
         ms = plan_memory_step(b, page_tables, prev, q_lens, top_k=cfg.top_k, chunk_size=cfg.chunk_size,
@@ -250,7 +250,9 @@ class CacheBank:
     def rollback(self) -> None:
         """Undo the evictions of a step that did not complete."""
         if self._saved is not None and self.banks is not None:
-            self.banks.pages, self.banks.banked_until = self._saved
+            state, mass = self._saved
+            self.banks.restore(state)
+            self.page_mass = mass  # the mass the step's layers added before it failed is not kept
         self._saved = None
 
     def finish(self, step) -> None:

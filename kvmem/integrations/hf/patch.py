@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import torch
+
 from kvmem.integrations import families
 from kvmem.integrations.hf import compat, graphs
 from kvmem.integrations.hf.attention import ATTN_NAME, kvmem_attention_forward, kvmem_mask, uses_kvmem
@@ -54,6 +56,35 @@ class _PatchState:
     instance_hook: bool
     modules: list  # attention modules given a _kvmem_ops attribute
     hooks: list = field(default_factory=list)  # handles of the position-embedding pre-hooks
+    args: dict = field(default_factory=dict)  # the keyword arguments of the patch() call
+
+
+def _same(a, b) -> bool:
+    """Whether two ``patch()`` arguments are the same (tensors by value, banks by identity)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            bool(torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _check_repatch(model, args: dict) -> None:
+    """Patching a patched model again is a no-op with the same arguments; with other ones it would
+    silently keep the old, so it raises."""
+    old = model._kvmem_state.args
+    differ = [k for k in args if k in old and not _same(args[k], old[k])]
+    if differ:
+        raise ValueError(f"kvmem.patch: the model is already patched with other {', '.join(differ)}; "
+                         f"call kvmem.unpatch(model) first (attached banks swap without re-patching: "
+                         f"kvmem.set_banks(model, banks))")
 
 
 def is_patched(model) -> bool:
@@ -150,14 +181,21 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
 
     Returns
     -------
-    the same ``model`` (patched in place). Patching a patched model is a no-op.
+    the same ``model`` (patched in place). Patching a patched model again is a no-op with the
+    same arguments and a ``ValueError`` with others (``kvmem.unpatch`` first).
 
     Raises
     ------
     kvmem.integrations.families.UnsupportedModelError
         naming the unsupported model type / feature and the supported families.
     """
+    args = dict(backend=backend, block_size=block_size, num_blocks=num_blocks, memory=memory,
+                prefix_cache=prefix_cache, cuda_graph=cuda_graph, compile_decode=compile_decode,
+                memory_bank=memory_bank, kv_cache_dtype=kv_cache_dtype, kv_scales=kv_scales,
+                kv_scale_headroom=kv_scale_headroom, kv_center_keys=kv_center_keys,
+                banks=(list(banks) or None) if isinstance(banks, (list, tuple)) else banks, cascade=cascade)
     if is_patched(model):
+        _check_repatch(model, args)
         return model
     page_size = block_size
     if memory_bank is not None:
@@ -217,7 +255,7 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
     if prefix_cache or cuda_graph:
         model.generate = types.MethodType(capturing_generate, model)
     model._kvmem_state = _PatchState(attn=saved, instance_hook=instance_generate_hook(model), modules=modules,
-                                     hooks=hooks)
+                                     hooks=hooks, args=args)
     return model
 
 

@@ -43,6 +43,10 @@ class MemorySelectParams:
         """From the public arguments (already validated): default scale, output allocated."""
         selected = torch.empty((bank_table.shape[0], summaries.shape[1], top_k), dtype=torch.int32, device=q.device)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        # the kernels index the tables by row with unit column / element strides: a strided view
+        # (e.g. ``wide[:, ::2]``) is copied here (a no-op for the contiguous tensors of the layer path)
+        bank_table, bank_lens, cu_seqlens_q = bank_table.contiguous(), bank_lens.contiguous(), cu_seqlens_q.contiguous()
+        query_index = None if query_index is None else query_index.contiguous()
         return cls(selected, q, summaries, bank_table, bank_lens, cu_seqlens_q, scale, query_index, summary)
 
     @property
