@@ -115,6 +115,19 @@ def needle_recall(model, trial):
         return None
 
 
+def key_margin(tok, key, scores):
+    """How close the first answer step came to starting the key: the first token of ``" " + key``
+    (how the model writes it after "The pass key is"; for SmolLM2 the lone space before the digits,
+    so this is the digits-or-words decision), scored at the greedy completion's first step.
+    ``key_first_prob``: its softmax probability; ``key_first_rank``: 0 when it was the argmax. A
+    graded companion of right/wrong: a near miss and a distant one differ."""
+    target = tok.encode(" " + key, add_special_tokens=False)[0]
+    logits = scores[0][0].float()
+    prob = torch.softmax(logits, dim=-1)[target].item()
+    rank = int((logits > logits[target]).sum().item())
+    return {"key_first_token": int(target), "key_first_prob": prob, "key_first_rank": rank}
+
+
 def run_document_trial(model, tok, haystack_ids, method, length, seed, max_new_tokens=8, overrides=None):
     """``document``: the document (``length`` tokens) into a ``kvmem.MemoryBank``, asked by a short
     prompt without it; ``hf-document``: the same document in the prompt, before the same question,
@@ -135,8 +148,9 @@ def run_document_trial(model, tok, haystack_ids, method, length, seed, max_new_t
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.eos_token_id)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.eos_token_id, output_scores=True,
+                                 return_dict_in_generate=True)
     finally:
         if method == "document":
             kvmem.set_banks(model, [])
@@ -145,11 +159,12 @@ def run_document_trial(model, tok, haystack_ids, method, length, seed, max_new_t
         bs = bank.block_size
         recall = model._kvmem_memory_report.attached_recall(
             range(trial.needle_span[0] // bs, (trial.needle_span[1] - 1) // bs + 1))
+    out = gen.sequences
     answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return {"method": method, "length": len(trial.document), "target_length": length, "seed": seed,
             "multi": False, "depth": trial.depth, "key": trial.key, "answer": answer,
             "correct": passkey.is_correct(answer, trial.key), "needle_span": list(trial.needle_span),
-            "needle_recall": recall, "seconds": seconds + (build or 0.0), "answer_seconds": seconds,
+            "needle_recall": recall, **key_margin(tok, trial.key, gen.scores), "seconds": seconds + (build or 0.0), "answer_seconds": seconds,
             "build_seconds": build, "bank_bytes": bank_bytes, "prompt_tokens": int(ids.shape[1]),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "overrides": dict(overrides or {})}
 
@@ -163,14 +178,16 @@ def run_trial(model, tok, haystack_ids, method, length, seed, multi, max_new_tok
     ids = torch.tensor([trial.input_ids])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.eos_token_id)
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.eos_token_id, output_scores=True,
+                             return_dict_in_generate=True)
     seconds = time.perf_counter() - t0
+    out = gen.sequences
     answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return {"method": method, "length": len(trial.input_ids), "target_length": length, "seed": seed,
             "multi": multi, "depth": trial.depth, "key": trial.key, "answer": answer,
             "correct": passkey.is_correct(answer, trial.key), "needle_span": list(trial.needle_span),
-            "needle_recall": needle_recall(model, trial), "seconds": seconds,
+            "needle_recall": needle_recall(model, trial), **key_margin(tok, trial.key, gen.scores), "seconds": seconds,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "overrides": dict(overrides or {})}
 
 
@@ -201,6 +218,15 @@ def summary(out_dir, tuning=False):
             mib = sum(r["bank_bytes"] / r["length"] for r in built) / len(built) * 1000 / 2**20
             lines.append(f"\n{method} {length}: bank build {per:.2f} s and {mib:.1f} MiB (in memory) per 1k document "
                          f"tokens, answer {sum(r['answer_seconds'] for r in built) / len(built):.1f} s")
+        margin = [r for r in rs if r.get("key_first_prob") is not None]
+        if margin:
+            def med(xs):
+                xs = sorted(xs)
+                return f"{xs[len(xs) // 2]:.2f}" if xs else "-"
+            right = [r["key_first_prob"] for r in margin if r["correct"]]
+            wrong = [r["key_first_prob"] for r in margin if not r["correct"]]
+            lines.append(f"\n{method} {length}: p(key's first token) at the first answer step, median over "
+                         f"{len(margin)} trials: right {med(right)} ({len(right)}), wrong {med(wrong)} ({len(wrong)})")
     return "\n".join(lines)
 
 
