@@ -181,6 +181,13 @@ def test_bad_input_named_errors_and_model_unchanged():
                  memory_bank=kvmem.MemoryConfig(mode="extend"))
     finally:
         m.config.rope_parameters = saved
+    # a model spread over devices (from_pretrained(device_map=...)): one device per bank, named up front
+    m.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
+    try:
+        rejected(ValueError, r"memory_bank needs the model on one device.*\['0', '1'\]",
+                 memory_bank=kvmem.MemoryConfig(mode="extend"))
+    finally:
+        del m.hf_device_map
     out = gen(m, **g)  # still the original model
     assert torch.equal(out.sequences, ref.sequences)
 
@@ -193,6 +200,28 @@ def test_extend_mode_without_recorded_position_embeddings_is_a_named_error():
             h.remove()
         with pytest.raises(ValueError, match="position embeddings.*layer 0.*mode='exact'"):
             gen(m, input_ids=prompt(20), max_new_tokens=2)
+    finally:
+        unpatch(m)
+
+    # a record is used once: a decode step whose module recorded nothing never reuses the (cos, sin)
+    # of the step before (same shape, the previous position)
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class DropHooksAfter(LogitsProcessor):
+        def __init__(self, n):
+            self.n, self.calls = n, 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == self.n:
+                for h in m._kvmem_state.hooks:
+                    h.remove()
+            return scores
+
+    patch(m, memory_bank=kvmem.MemoryConfig(mode="extend", sink_tokens=16, window=32, top_k=4, chunk_size=32))
+    try:
+        with pytest.raises(ValueError, match="position embeddings.*layer 0.*its 1 new tokens"):
+            gen(m, input_ids=prompt(70), max_new_tokens=4, logits_processor=LogitsProcessorList([DropHooksAfter(2)]))
     finally:
         unpatch(m)
 

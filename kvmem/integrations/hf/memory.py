@@ -293,6 +293,8 @@ class CacheBank:
             self.summaries[layer_idx] = summaries
         self._fill(layer_idx, k_cache, v_cache, summaries)
         ctx = step.layer_context(layer_idx)
+        if self.spec.rope_table is not None:  # used: a later step of this layer must record its own
+            step.position_embeddings.pop(layer_idx, None)
         ctx.memory = LayerMemory(self.config, step.memory, summaries, self.spec.rope_on(k_cache.device),
                                  self._mass_for(k_cache))
         out = run_layer(ops, q, k, v, k_cache, v_cache, md, attention, ctx, stages=MEMORY_STAGES, k_scale=ks,

@@ -207,6 +207,10 @@ def patch(model, *, backend: str = "auto", block_size: Optional[int] = None,
             f"kvmem.patch: expected a transformers PreTrainedModel, got {type(model).__name__}. "
             f"{families.supported_list()}.")
     families.resolve(model.config, model)
+    spread = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
+    if memory_bank is not None and len(spread) > 1:
+        raise ValueError(f"kvmem.patch: memory_bank needs the model on one device (a step's bank tables and "
+                         f"attention mass are shared by every layer); its device_map spreads it over {spread}")
     num_layers, kv_heads, _ = families.kv_dims(model.config)
     here = rank_kv_heads(model)  # an already sharded model (tensor parallelism) must keep whole KV heads per rank
     kv_dtype, kv_scales = check_kv_args(kv_cache_dtype, kv_scales, kv_scale_headroom, num_layers,

@@ -76,7 +76,7 @@ def memory_select(
     scale: score scale, default ``1/sqrt(head_dim)`` (a positive factor: the order does not change)
     query_index: [batch] int32, the token of q each row selects with (default its segment's first;
         -1: select nothing)
-    summary: how ``summaries`` were made: ``"minmax"`` or ``"box"``
+    summary: how ``summaries`` were made: ``"minmax"``, ``"box"``, ``"reps"`` or ``"mean"`` (``SUMMARY_KINDS``)
     check: validate values too (one device->host sync)
 
     Returns
