@@ -103,6 +103,7 @@ def _file_mode(path: str) -> int:
         os.umask(mask)
         return 0o666 & ~mask
 
+
 def read_bank_file(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     """``(tensors on the CPU, meta)`` of a file written by ``write_bank_file``.
 

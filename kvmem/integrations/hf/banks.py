@@ -243,7 +243,7 @@ def check_banks(model, spec, banks, kv_dtype) -> tuple:
     returns them as a tuple. Errors name the argument and leave everything unchanged."""
     if banks is None:
         return ()
-    if isinstance(banks, MemoryBank) or not isinstance(banks, (list, tuple)):
+    if not isinstance(banks, (list, tuple)):
         raise TypeError(f"kvmem: argument 'banks' must be a list of kvmem.MemoryBank, got {type(banks).__name__}")
     if banks and spec is None:
         raise ValueError("kvmem: argument 'banks' needs memory_bank=kvmem.MemoryConfig(...) (banks are attached to "
@@ -268,11 +268,11 @@ def set_banks(model, banks: Sequence[MemoryBank]) -> None:
     spec = opts.memory_bank
     if spec is None:
         raise ValueError("kvmem.set_banks: argument 'model' must be patched with memory_bank=kvmem.MemoryConfig(...)")
-    if isinstance(banks, MemoryBank) or not isinstance(banks, (list, tuple)):
+    if not isinstance(banks, (list, tuple)):
         raise TypeError(f"kvmem.set_banks: argument 'banks' must be a list of kvmem.MemoryBank, got "
                         f"{type(banks).__name__}")
     spec.attached = check_banks(model, spec, list(banks), opts.kv_cache_dtype)
     state = getattr(model, "_kvmem_state", None)
-    if state is not None and "banks" in state.args:  # patch() again with these banks stays a no-op
+    if state is not None:  # patch() again with these banks stays a no-op
         state.args["banks"] = list(banks) or None
 
