@@ -24,6 +24,7 @@ import argparse
 import glob
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -164,7 +165,8 @@ def run_document_trial(model, tok, haystack_ids, method, length, seed, max_new_t
     return {"method": method, "length": len(trial.document), "target_length": length, "seed": seed,
             "multi": False, "depth": trial.depth, "key": trial.key, "answer": answer,
             "correct": passkey.is_correct(answer, trial.key), "needle_span": list(trial.needle_span),
-            "needle_recall": recall, **key_margin(tok, trial.key, gen.scores), "seconds": seconds + (build or 0.0), "answer_seconds": seconds,
+            "needle_recall": recall, **key_margin(tok, trial.key, gen.scores),
+            "seconds": seconds + (build or 0.0), "answer_seconds": seconds,
             "build_seconds": build, "bank_bytes": bank_bytes, "prompt_tokens": int(ids.shape[1]),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "overrides": dict(overrides or {})}
 
@@ -187,8 +189,13 @@ def run_trial(model, tok, haystack_ids, method, length, seed, multi, max_new_tok
     return {"method": method, "length": len(trial.input_ids), "target_length": length, "seed": seed,
             "multi": multi, "depth": trial.depth, "key": trial.key, "answer": answer,
             "correct": passkey.is_correct(answer, trial.key), "needle_span": list(trial.needle_span),
-            "needle_recall": needle_recall(model, trial), **key_margin(tok, trial.key, gen.scores), "seconds": seconds,
+            "needle_recall": needle_recall(model, trial), **key_margin(tok, trial.key, gen.scores),
+            "seconds": seconds,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "overrides": dict(overrides or {})}
+
+
+def _median(xs):
+    return f"{statistics.median(xs):.2f}" if xs else "-"
 
 
 def summary(out_dir, tuning=False):
@@ -220,13 +227,11 @@ def summary(out_dir, tuning=False):
                          f"tokens, answer {sum(r['answer_seconds'] for r in built) / len(built):.1f} s")
         margin = [r for r in rs if r.get("key_first_prob") is not None]
         if margin:
-            def med(xs):
-                xs = sorted(xs)
-                return f"{xs[len(xs) // 2]:.2f}" if xs else "-"
             right = [r["key_first_prob"] for r in margin if r["correct"]]
             wrong = [r["key_first_prob"] for r in margin if not r["correct"]]
             lines.append(f"\n{method} {length}: p(key's first token) at the first answer step, median over "
-                         f"{len(margin)} trials: right {med(right)} ({len(right)}), wrong {med(wrong)} ({len(wrong)})")
+                         f"{len(margin)} trials: right {_median(right)} ({len(right)}), "
+                         f"wrong {_median(wrong)} ({len(wrong)})")
     return "\n".join(lines)
 
 
